@@ -1,0 +1,142 @@
+"""Plain-PyTorch reference ops: the oracle every fast backend is tested against.
+
+Each function reads a candidate's slice of a packed parameter, ``weight[row_offset :
+row_offset + out_rows, :in_width]``, as a view: nothing is copied here, and autograd routes
+the gradient of the slice into the full packed parameter.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "ACTIVATIONS",
+    "sliced_conv2d",
+    "sliced_batch_norm",
+    "sliced_linear",
+    "channel_stats",
+    "apply_activation",
+]
+
+ACTIVATIONS = ("none", "relu", "prelu")
+
+
+def _check_rows(weight: torch.Tensor, out_rows: int, row_offset: int, what: str) -> None:
+    if out_rows < 1 or row_offset < 0 or row_offset + out_rows > weight.shape[0]:
+        raise ValueError(
+            f"{what}: rows [{row_offset}, {row_offset + out_rows}) out of range for a packed weight "
+            f"with {weight.shape[0]} rows"
+        )
+
+
+def apply_activation(y: torch.Tensor, activation: str, prelu_slope: torch.Tensor | None = None) -> torch.Tensor:
+    """``none``, ``relu``, or ``prelu`` with one slope (a 1-element tensor) for all channels."""
+    if activation == "none":
+        return y
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "prelu":
+        if prelu_slope is None:
+            raise ValueError("activation 'prelu' needs prelu_slope")
+        return F.prelu(y, prelu_slope.reshape(1))
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def sliced_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out_rows: int,
+    *,
+    row_offset: int = 0,
+    stride: int = 1,
+    padding: int = 0,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    activation: str = "none",
+    prelu_slope: torch.Tensor | None = None,
+    stats: bool = False,
+):
+    """Convolve ``x`` (N, a, H, W) with ``weight[row_offset:row_offset+out_rows, :a]``.
+
+    Epilogue, in order: ``y * scale + shift`` per channel (folded BN), ``+ residual``, activation.
+    With ``stats=True`` also returns the per-channel sum and sum of squares (float64) of the
+    conv output before the epilogue.
+    """
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"sliced_conv2d expects 4-D x and weight, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    a = x.shape[1]
+    if a > weight.shape[1]:
+        raise ValueError(f"sliced_conv2d: input has {a} channels, packed weight only {weight.shape[1]} columns")
+    _check_rows(weight, out_rows, row_offset, "sliced_conv2d")
+    y = F.conv2d(x, weight[row_offset : row_offset + out_rows, :a], stride=stride, padding=padding)
+    sums = channel_stats(y) if stats else None
+    if scale is not None:
+        y = y * scale.view(1, -1, 1, 1)
+    if shift is not None:
+        y = y + shift.view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual
+    y = apply_activation(y, activation, prelu_slope)
+    if stats:
+        return y, sums[0], sums[1]
+    return y
+
+
+def sliced_batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    *,
+    row_offset: int = 0,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """BatchNorm over the channels ``[row_offset, row_offset + C)`` of packed BN tensors.
+
+    In training mode the running statistics of that slice are updated in place
+    (``momentum=None``: cumulative average, which needs ``num_batches_tracked``).
+    """
+    c = x.shape[1]
+    sl = slice(row_offset, row_offset + c)
+    if row_offset < 0 or row_offset + c > weight.shape[0]:
+        raise ValueError(f"sliced_batch_norm: channels [{row_offset}, {row_offset + c}) out of {weight.shape[0]}")
+    if training and momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("sliced_batch_norm: momentum=None (cumulative average) needs num_batches_tracked")
+        num_batches_tracked.add_(1)
+        momentum = 1.0 / float(num_batches_tracked.item())
+    return F.batch_norm(
+        x,
+        running_mean[sl],
+        running_var[sl],
+        weight[sl],
+        bias[sl],
+        training=training,
+        momentum=0.0 if momentum is None else momentum,
+        eps=eps,
+    )
+
+
+def sliced_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out_rows: int, *, row_offset: int = 0
+) -> torch.Tensor:
+    """``x @ weight[row_offset:row_offset+out_rows, :a].T + bias[row_offset:row_offset+out_rows]``."""
+    a = x.shape[1]
+    if a > weight.shape[1]:
+        raise ValueError(f"sliced_linear: input has {a} features, packed weight only {weight.shape[1]} columns")
+    _check_rows(weight, out_rows, row_offset, "sliced_linear")
+    sl = slice(row_offset, row_offset + out_rows)
+    return F.linear(x, weight[sl, :a], bias[sl])
+
+
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel sum and sum of squares of an (N, C, H, W) tensor, accumulated in float64."""
+    if x.dim() != 4:
+        raise ValueError(f"channel_stats expects (N, C, H, W), got shape {tuple(x.shape)}")
+    x64 = x.detach().to(torch.float64)
+    return x64.sum(dim=(0, 2, 3)), (x64 * x64).sum(dim=(0, 2, 3))
