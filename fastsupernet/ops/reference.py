@@ -105,10 +105,11 @@ def sliced_batch_norm(
     sl = slice(row_offset, row_offset + c)
     if row_offset < 0 or row_offset + c > weight.shape[0]:
         raise ValueError(f"sliced_batch_norm: channels [{row_offset}, {row_offset + c}) out of {weight.shape[0]}")
+    if training and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
     if training and momentum is None:
         if num_batches_tracked is None:
             raise ValueError("sliced_batch_norm: momentum=None (cumulative average) needs num_batches_tracked")
-        num_batches_tracked.add_(1)
         momentum = 1.0 / float(num_batches_tracked.item())
     return F.batch_norm(
         x,
