@@ -12,6 +12,8 @@ positions, which are validated but do not change the network (Track 1 has one).
 from __future__ import annotations
 
 import random
+
+import numpy as np
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -279,47 +281,58 @@ class ChannelSpace:
             out.append((L, cin, cout, h_out))
         return out
 
-    def macs(
+    def costs(
         self,
-        arch: str | Arch,
+        archs: Sequence[str | Arch],
         *,
         resolution: int = 32,
         in_channels: int = 3,
         num_classes: int = 100,
         shortcut: str = "all",
         width_map: Mapping[int, int] | None = None,
-    ) -> int:
-        """Multiply-adds of one image through convs and classifier (BN, activations, pooling excluded)."""
-        total = 0
-        for L, cin, cout, h in self.layer_shapes(
-            arch, resolution=resolution, in_channels=in_channels, shortcut=shortcut, width_map=width_map
-        ):
-            total += cin * cout * L.kernel * L.kernel * h * h
-        a = self.parse(arch)
-        total += self._run_widths(a, width_map)[self.last_position] * num_classes
-        return total
-
-    def params(
-        self,
-        arch: str | Arch,
-        *,
-        in_channels: int = 3,
-        num_classes: int = 100,
-        shortcut: str = "all",
-        width_map: Mapping[int, int] | None = None,
         residual_activation: str = "relu",
-    ) -> int:
-        """Learnable parameters of the static network: conv weights, BN affine, classifier, PReLU slopes."""
-        total = 0
-        for L, cin, cout, _ in self.layer_shapes(
-            arch, resolution=32, in_channels=in_channels, shortcut=shortcut, width_map=width_map
-        ):
-            total += cin * cout * L.kernel * L.kernel + 2 * cout
-        a = self.parse(arch)
-        total += (self._run_widths(a, width_map)[self.last_position] + 1) * num_classes
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Multiply-adds and parameter counts of many architectures at once (int64 arrays).
+
+        Multiply-adds: one image through the convs and the classifier (BN, activations and
+        pooling excluded). Parameters: conv weights, BN affine, classifier, PReLU slopes.
+        """
+        if shortcut not in ("all", "projection"):
+            raise ValueError(f"shortcut must be 'all' or 'projection', got {shortcut!r}")
+        m = dict(width_map or {})
+        n = len(archs)
+        w = np.array([[m.get(v, v) for v in self.parse(a).widths] for a in archs], dtype=np.int64)
+        w = w.reshape(n, self.num_network_positions)
+        macs = np.zeros(n, dtype=np.int64)
+        params = np.zeros(n, dtype=np.int64)
+        res: dict[int | None, int] = {None: resolution}
+        for L in self.layers:
+            h = (res[L.in_position] + 2 * (L.kernel // 2) - L.kernel) // L.stride + 1
+            res.setdefault(L.position, h)
+            cin = np.full(n, in_channels, dtype=np.int64) if L.in_position is None else w[:, L.in_position]
+            cout = w[:, L.position]
+            keep = np.ones(n, dtype=bool)
+            if L.kind == "shortcut" and shortcut == "projection" and L.stride == 1:
+                keep = cin != cout  # identity shortcut where the width is kept
+            kk = L.kernel * L.kernel
+            macs += np.where(keep, cin * cout * kk * h * h, 0)
+            params += np.where(keep, cin * cout * kk + 2 * cout, 0)
+        last = w[:, self.last_position]
+        macs += last * num_classes
+        params += (last + 1) * num_classes
         if residual_activation == "prelu":
-            total += sum(st.blocks for st in self.stages)
-        return total
+            params += sum(st.blocks for st in self.stages)
+        return macs, params
+
+    def macs(self, arch: str | Arch, **kw) -> int:
+        """Multiply-adds of one image (see :meth:`costs` for the options)."""
+        kw.pop("residual_activation", None)
+        return int(self.costs([arch], **kw)[0][0])
+
+    def params(self, arch: str | Arch, **kw) -> int:
+        """Learnable parameters of the static network (see :meth:`costs` for the options)."""
+        kw.pop("resolution", None)
+        return int(self.costs([arch], **kw)[1][0])
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict:

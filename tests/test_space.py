@@ -136,3 +136,15 @@ def test_custom_space_and_dict_round_trip():
     with pytest.raises(ValueError, match="stride"):
         StageSpec(1, 3, (4,))
     assert isinstance(a, Arch)
+
+
+@pytest.mark.parametrize("shortcut", ["all", "projection"])
+@pytest.mark.parametrize("width_map", [None, {4: 5, 8: 9}])
+def test_costs_vectorised_match_layer_shapes(space, shortcut, width_map):
+    archs = space.sample_many(200, seed=5) + [space.smallest(), space.largest()]
+    macs, params = space.costs(archs, resolution=28, in_channels=1, num_classes=10, shortcut=shortcut, width_map=width_map)
+    for i, a in enumerate(archs):
+        shapes = space.layer_shapes(a, resolution=28, in_channels=1, shortcut=shortcut, width_map=width_map)
+        last = (width_map or {}).get(a.widths[-1], a.widths[-1])
+        assert macs[i] == sum(ci * co * L.kernel**2 * h * h for L, ci, co, h in shapes) + last * 10
+        assert params[i] == sum(ci * co * L.kernel**2 + 2 * co for L, ci, co, _ in shapes) + (last + 1) * 10

@@ -1,0 +1,7 @@
+"""``python -m fastsupernet``: see :mod:`fastsupernet.cli`."""
+import sys
+
+from fastsupernet.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Command-line interface: ``python -m fastsupernet COMMAND ...``.
+
+Each command is one ``_add_<name>`` function that registers its subparser and one
+``cmd_<name>(args) -> int`` that runs it; :data:`COMMANDS` lists the registrars in help order.
+Bad input ends with a one-line ``error: ...`` on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import io as fio
+from .space import Arch, ChannelSpace, get_space
+
+__all__ = ["main", "build_parser", "CLIError", "COMMANDS"]
+
+EXIT_BAD_INPUT = 2
+
+_DATA_HELP = (
+    "a JSON (or .json.gz) challenge file; the literal 'official' names the bundled 50,000 official "
+    "Track-1 candidates and 'gt1000' the bundled ground truth of arch1..arch1000 "
+    "(write ./official for a file of that name)"
+)
+
+
+class CLIError(Exception):
+    """Bad input detected by a command; reported as ``error: ...`` with exit status 2."""
+
+
+def _print_json(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------- evaluate
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="rank correlation of predicted accuracies with the ground truth",
+        description=(
+            "Compare predicted accuracies with ground-truth accuracies over the ids both files hold "
+            "with the same architecture, and print one JSON object: kendall_tau (tau-b), spearman, "
+            "pearson, top10_overlap, n (ids scored), missing (ground-truth ids absent from the "
+            "prediction) and mismatched (ids whose architecture strings differ). "
+            "Accuracies in percent are recognised and converted."
+        ),
+    )
+    p.add_argument("pred", metavar="PRED.json", help="predictions {id: {arch, acc}}; " + _DATA_HELP)
+    p.add_argument("gt", metavar="GT.json", help="ground truth {id: {arch, acc}}; " + _DATA_HELP)
+    p.add_argument("--k", type=int, default=10, help="also report top{k}_overlap when k is not 10 (default 10)")
+    p.add_argument("--space", default="track1", help="search space of the architectures (default track1)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .metrics import evaluate
+
+    if args.k < 1:
+        raise CLIError(f"--k must be >= 1, got {args.k}")
+    space = get_space(args.space)
+    pred = fio.read_scores(fio.resolve_data_path(args.pred), space)
+    gt = fio.read_scores(fio.resolve_data_path(args.gt), space)
+    _print_json(evaluate(pred, gt, k=args.k).to_json_dict())
+    return 0
+
+
+# ---------------------------------------------------------------------------- space
+def _add_space(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "space",
+        help="count and cost statistics of a list of architectures",
+        description=(
+            "Parse every architecture of a challenge file and print one JSON object: count, "
+            "unique_networks (distinct network widths, trailing positions ignored), and the min, "
+            "mean and max of MACs and parameters. Defaults are Track-1 CIFAR-100 shapes (32x32 "
+            "input, 3 channels, 100 classes) with a 1x1 shortcut conv in every block."
+        ),
+    )
+    p.add_argument("archs", metavar="ARCHS.json", help="architectures {id: {arch, ...}}; " + _DATA_HELP)
+    p.add_argument("--space", default="track1", help="search space (default track1)")
+    p.add_argument("--resolution", type=int, default=32, help="input height and width (default 32)")
+    p.add_argument("--in-channels", type=int, default=3, help="input channels (default 3)")
+    p.add_argument("--num-classes", type=int, default=100, help="classifier outputs (default 100)")
+    p.add_argument(
+        "--shortcut",
+        choices=("all", "projection"),
+        default="all",
+        help="'all': a 1x1 conv shortcut in every block (default); 'projection': only where the "
+        "stride or width changes",
+    )
+    p.set_defaults(func=cmd_space)
+
+
+def cmd_space(args: argparse.Namespace) -> int:
+    for name in ("resolution", "in_channels", "num_classes"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    space = get_space(args.space)
+    archs = list(fio.read_candidates(fio.resolve_data_path(args.archs), space).values())
+    if not archs:
+        raise CLIError(f"{fio.resolve_data_path(args.archs)}: holds no architectures")
+    macs, params = space.costs(
+        archs,
+        resolution=args.resolution,
+        in_channels=args.in_channels,
+        num_classes=args.num_classes,
+        shortcut=args.shortcut,
+    )
+    _print_json(
+        {
+            "count": len(archs),
+            "unique_networks": len({a.widths for a in archs}),
+            "macs_min": int(macs.min()),
+            "macs_mean": float(macs.mean()),
+            "macs_max": int(macs.max()),
+            "params_min": int(params.min()),
+            "params_mean": float(params.mean()),
+            "params_max": int(params.max()),
+        }
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------- proxy
+def _add_proxy(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "proxy",
+        help="score architectures with a zero-training proxy (channels, params, macs)",
+        description=(
+            "Write a submission that predicts each architecture's accuracy from its size alone: the "
+            "sum of its widths, its parameter count or its multiply-adds (Track-1 CIFAR-100 shapes by "
+            "default). 'acc' holds the proxy scaled linearly into [0, 1], which keeps Kendall tau, "
+            "Spearman and Pearson unchanged; _meta records the proxy and its range. These are the "
+            "baselines a supernet ranking has to beat."
+        ),
+    )
+    p.add_argument("archs", metavar="ARCHS.json", help="architectures {id: {arch, ...}}; " + _DATA_HELP)
+    p.add_argument("--by", choices=("channels", "params", "macs"), default="params", help="the proxy (default params)")
+    p.add_argument("--out", required=True, metavar="OUT.json", help="submission to write (atomically)")
+    p.add_argument("--space", default="track1", help="search space (default track1)")
+    p.add_argument("--resolution", type=int, default=32, help="input height and width (default 32)")
+    p.add_argument("--in-channels", type=int, default=3, help="input channels (default 3)")
+    p.add_argument("--num-classes", type=int, default=100, help="classifier outputs (default 100)")
+    p.set_defaults(func=cmd_proxy)
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    from .metrics import proxy_scores
+
+    space = get_space(args.space)
+    path = fio.resolve_data_path(args.archs)
+    cands = fio.read_candidates(path, space)
+    if not cands:
+        raise CLIError(f"{path}: holds no architectures")
+    raw = proxy_scores(
+        list(cands.values()), args.by, space, resolution=args.resolution, in_channels=args.in_channels,
+        num_classes=args.num_classes,
+    )
+    lo, hi = float(raw.min()), float(raw.max())
+    scaled = (raw - lo) / (hi - lo) if hi > lo else np.full_like(raw, 0.5)
+    scores = {k: {"arch": str(a), "acc": float(v)} for (k, a), v in zip(cands.items(), scaled)}
+    meta = {
+        "proxy": args.by,
+        "acc": "proxy scaled linearly into [0, 1]: (value - min) / (max - min)",
+        "min": lo,
+        "max": hi,
+        "shape": {"resolution": args.resolution, "in_channels": args.in_channels, "num_classes": args.num_classes},
+        "source": str(path),
+    }
+    fio.write_submission(args.out, scores, meta=meta, space=space)
+    _print_json({"out": str(args.out), "count": len(scores), "proxy": args.by})
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_evaluate, _add_space, _add_proxy]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit status 2
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per command."""
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    parser = _Parser(
+        prog="fastsupernet" if script == "fastsupernet" else "python -m fastsupernet",
+        description="One-shot channel-width NAS for the CVPR 2021 Lightweight NAS Challenge, Track 1.",
+        epilog=(
+            "Wherever a command takes a challenge file, the literal 'official' names the bundled "
+            "50,000 official Track-1 candidates and 'gt1000' the bundled ground truth (stand-alone "
+            "CIFAR-100 accuracies of arch1..arch1000); write ./official for a file of that name. "
+            "Files may be gzip-compressed. Exit status: 0 success, 2 bad input "
+            "(a one-line 'error: ...' on stderr). 'COMMAND --help' describes each command."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for register in COMMANDS:
+        register(sub)
+    return parser
+
+
+def _one_line(msg: object) -> str:
+    return " ".join(str(msg).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 bad input)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_BAD_INPUT)
+    try:
+        return int(args.func(args))
+    except (CLIError, ValueError) as e:  # ChallengeFileError is a ValueError
+        sys.stderr.write(f"error: {_one_line(e)}\n")
+        return EXIT_BAD_INPUT
+    except OSError as e:
+        sys.stderr.write(f"error: {_one_line(e)}\n")
+        return EXIT_BAD_INPUT
