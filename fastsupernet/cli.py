@@ -69,6 +69,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_shape_args(p: argparse.ArgumentParser) -> None:
+    """Space and network shape options shared by the commands that count costs."""
+    p.add_argument("--space", default="track1", help="search space (default track1)")
+    p.add_argument("--resolution", type=int, default=32, help="input height and width (default 32)")
+    p.add_argument("--in-channels", type=int, default=3, help="input channels (default 3)")
+    p.add_argument("--num-classes", type=int, default=100, help="classifier outputs (default 100)")
+
+
+def _read_archs(args: argparse.Namespace) -> tuple[ChannelSpace, dict[str, Arch]]:
+    """Check the shape options, then read the command's ARCHS file (never empty)."""
+    for name in ("resolution", "in_channels", "num_classes"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    space = get_space(args.space)
+    path = fio.resolve_data_path(args.archs)
+    archs = fio.read_candidates(path, space)
+    if not archs:
+        raise CLIError(f"{path}: holds no architectures")
+    return space, archs
+
+
 # ---------------------------------------------------------------------------- space
 def _add_space(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -82,10 +103,7 @@ def _add_space(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("archs", metavar="ARCHS.json", help="architectures {id: {arch, ...}}; " + _DATA_HELP)
-    p.add_argument("--space", default="track1", help="search space (default track1)")
-    p.add_argument("--resolution", type=int, default=32, help="input height and width (default 32)")
-    p.add_argument("--in-channels", type=int, default=3, help="input channels (default 3)")
-    p.add_argument("--num-classes", type=int, default=100, help="classifier outputs (default 100)")
+    _add_shape_args(p)
     p.add_argument(
         "--shortcut",
         choices=("all", "projection"),
@@ -97,13 +115,8 @@ def _add_space(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_space(args: argparse.Namespace) -> int:
-    for name in ("resolution", "in_channels", "num_classes"):
-        if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    space = get_space(args.space)
-    archs = list(fio.read_candidates(fio.resolve_data_path(args.archs), space).values())
-    if not archs:
-        raise CLIError(f"{fio.resolve_data_path(args.archs)}: holds no architectures")
+    space, cands = _read_archs(args)
+    archs = list(cands.values())
     macs, params = space.costs(
         archs,
         resolution=args.resolution,
@@ -142,21 +155,14 @@ def _add_proxy(sub: argparse._SubParsersAction) -> None:
     p.add_argument("archs", metavar="ARCHS.json", help="architectures {id: {arch, ...}}; " + _DATA_HELP)
     p.add_argument("--by", choices=("channels", "params", "macs"), default="params", help="the proxy (default params)")
     p.add_argument("--out", required=True, metavar="OUT.json", help="submission to write (atomically)")
-    p.add_argument("--space", default="track1", help="search space (default track1)")
-    p.add_argument("--resolution", type=int, default=32, help="input height and width (default 32)")
-    p.add_argument("--in-channels", type=int, default=3, help="input channels (default 3)")
-    p.add_argument("--num-classes", type=int, default=100, help="classifier outputs (default 100)")
+    _add_shape_args(p)
     p.set_defaults(func=cmd_proxy)
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
     from .metrics import proxy_scores
 
-    space = get_space(args.space)
-    path = fio.resolve_data_path(args.archs)
-    cands = fio.read_candidates(path, space)
-    if not cands:
-        raise CLIError(f"{path}: holds no architectures")
+    space, cands = _read_archs(args)
     raw = proxy_scores(
         list(cands.values()), args.by, space, resolution=args.resolution, in_channels=args.in_channels,
         num_classes=args.num_classes,
@@ -170,7 +176,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         "min": lo,
         "max": hi,
         "shape": {"resolution": args.resolution, "in_channels": args.in_channels, "num_classes": args.num_classes},
-        "source": str(path),
+        "source": str(fio.resolve_data_path(args.archs)),
     }
     fio.write_submission(args.out, scores, meta=meta, space=space)
     _print_json({"out": str(args.out), "count": len(scores), "proxy": args.by})
