@@ -3,8 +3,8 @@
 //
 // Each schema is defined exactly once, here. Backends add kernels elsewhere with
 // TORCH_LIBRARY_IMPL(fastsupernet, <DispatchKey>, m):
-//   csrc/cpu/channel_stats.cpp           -> CPU
-//   csrc/cuda/channel_stats_binding.cpp  -> CUDA (only built when torch has CUDA)
+//   csrc/cpu/channel_stats.cpp, csrc/cpu/conv.cpp              -> CPU
+//   csrc/cuda/channel_stats_binding.cpp, csrc/cuda/conv_binding.cpp  -> CUDA (only built when torch has CUDA)
 //
 // The module itself exports nothing to Python: importing it runs the static registrations
 // below, after which the ops live under torch.ops.fastsupernet. Because nothing here
@@ -33,4 +33,23 @@ TORCH_LIBRARY(fastsupernet, m) {
   // Per-channel sum and sum of squares of an (N, C, H, W) tensor, accumulated and returned
   // in float64 (shape (C,) each). Statistics only: the op has no autograd formula.
   m.def("channel_stats(Tensor x) -> (Tensor sum, Tensor sumsq)");
+
+  // K candidate convolutions in one call (forward only; autograd is registered in Python).
+  // Candidate k reads input channels [in_offsets[k], in_offsets[k] + in_widths[k]) of x
+  // (N, C_in, H, W), uses weight[row_offsets[k] : row_offsets[k] + out_widths[k], :in_widths[k]]
+  // of the packed (R, C_max, kh, kw) weight in place, and writes its out_widths[k] channels to
+  // the packed output (N, sum(out_widths), H', W') at the prefix-sum channel offset.
+  // Epilogue per output channel c, in order: y * scale[c] + shift[c], + residual, activation
+  // ("none" | "relu" | "prelu" with slope prelu_slope[k] of the channel's candidate).
+  // With stats, sum/sumsq are the float64 per-channel sum and sum of squares of the conv
+  // output before the epilogue; otherwise they are empty float64 tensors.
+  m.def(
+      "multi_conv2d(Tensor x, Tensor weight, int[] in_offsets, int[] in_widths, int[] out_widths, "
+      "int[] row_offsets, int stride, int padding, Tensor? scale, Tensor? shift, Tensor? residual, "
+      "str activation, Tensor? prelu_slope, bool stats) -> (Tensor out, Tensor sum, Tensor sumsq)");
+  // One candidate (K = 1, input offset 0, in_width = x.size(1)); prelu_slope has one element.
+  m.def(
+      "sliced_conv2d(Tensor x, Tensor weight, int out_rows, int row_offset, int stride, int padding, "
+      "Tensor? scale, Tensor? shift, Tensor? residual, str activation, Tensor? prelu_slope, bool stats) "
+      "-> (Tensor out, Tensor sum, Tensor sumsq)");
 }
