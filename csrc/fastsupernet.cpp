@@ -29,6 +29,7 @@ PyObject* PyInit__C(void) {
 }
 }
 
+// Full op semantics (argument meaning, epilogue order, statistics, validation): csrc/README.md
 TORCH_LIBRARY(fastsupernet, m) {
   // Per-channel sum and sum of squares of an (N, C, H, W) tensor, accumulated and returned
   // in float64 (shape (C,) each). Statistics only: the op has no autograd formula.

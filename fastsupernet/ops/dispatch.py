@@ -59,6 +59,16 @@ def _triton_channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return channel_stats_triton(x)
 
 
+def _conv_impl(name: str) -> Callable[..., Any]:
+    def call(*args: Any) -> Any:
+        from . import conv
+
+        return getattr(conv, name)(*args)
+
+    call.__name__ = name
+    return call
+
+
 # op -> backend -> implementation (a constant table)
 _IMPLS: dict[str, dict[str, Callable[..., Any]]] = {
     "channel_stats": {
@@ -66,6 +76,18 @@ _IMPLS: dict[str, dict[str, Callable[..., Any]]] = {
         "cpp": _compiled_op("channel_stats"),
         "cuda": _compiled_op("channel_stats"),
         "triton": _triton_channel_stats,
+    },
+    "multi_conv2d": {
+        "reference": _conv_impl("_run_reference"),
+        "cpp": _conv_impl("_run_compiled"),
+        "cuda": _conv_impl("_run_compiled"),
+        "triton": _conv_impl("_run_triton"),
+    },
+    "sliced_conv2d": {
+        "reference": _conv_impl("_run_reference"),
+        "cpp": _conv_impl("_run_compiled_sliced"),
+        "cuda": _conv_impl("_run_compiled_sliced"),
+        "triton": _conv_impl("_run_triton"),
     },
 }
 

@@ -6,12 +6,15 @@ the gradient of the slice into the full packed parameter.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "ACTIVATIONS",
     "sliced_conv2d",
+    "multi_conv2d",
     "sliced_batch_norm",
     "sliced_linear",
     "channel_stats",
@@ -78,6 +81,64 @@ def sliced_conv2d(
     if residual is not None:
         y = y + residual
     y = apply_activation(y, activation, prelu_slope)
+    if stats:
+        return y, sums[0], sums[1]
+    return y
+
+
+def multi_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    in_offsets: Sequence[int],
+    in_widths: Sequence[int],
+    out_widths: Sequence[int],
+    row_offsets: Sequence[int],
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    activation: str = "none",
+    prelu_slope: torch.Tensor | None = None,
+    stats: bool = False,
+):
+    """K candidate convolutions, outputs packed on channels in candidate order.
+
+    Candidate k convolves ``x[:, in_offsets[k] : in_offsets[k] + in_widths[k]]`` with
+    ``weight[row_offsets[k] : row_offsets[k] + out_widths[k], :in_widths[k]]``. ``scale``,
+    ``shift`` (and the statistics) are packed per output channel, ``residual`` has the output's
+    shape and ``prelu_slope`` holds one slope per candidate. Epilogue as in :func:`sliced_conv2d`.
+    """
+    k = len(out_widths)
+    if not (len(in_offsets) == len(in_widths) == len(row_offsets) == k) or k == 0:
+        raise ValueError(
+            f"multi_conv2d: in_offsets, in_widths, out_widths, row_offsets must have one entry per candidate "
+            f"(got {len(in_offsets)}, {len(in_widths)}, {k}, {len(row_offsets)})"
+        )
+    ys = []
+    for io, iw, ow, ro in zip(in_offsets, in_widths, out_widths, row_offsets):
+        if io < 0 or iw < 1 or io + iw > x.shape[1]:
+            raise ValueError(f"multi_conv2d: input channels [{io}, {io + iw}) out of range for x with {x.shape[1]}")
+        if iw > weight.shape[1]:
+            raise ValueError(f"multi_conv2d: in_width {iw} exceeds the packed weight's {weight.shape[1]} columns")
+        _check_rows(weight, ow, ro, "multi_conv2d")
+        ys.append(F.conv2d(x[:, io : io + iw], weight[ro : ro + ow, :iw], stride=stride, padding=padding))
+    y = torch.cat(ys, 1) if k > 1 else ys[0]
+    sums = channel_stats(y) if stats else None
+    if scale is not None:
+        y = y * scale.view(1, -1, 1, 1)
+    if shift is not None:
+        y = y + shift.view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual
+    if activation == "prelu":
+        if prelu_slope is None or prelu_slope.numel() != k:
+            raise ValueError(f"multi_conv2d: activation 'prelu' needs prelu_slope with one value per candidate ({k})")
+        counts = torch.tensor(list(out_widths), device=prelu_slope.device)
+        y = F.prelu(y, prelu_slope.reshape(k).repeat_interleave(counts))
+    else:
+        y = apply_activation(y, activation)
     if stats:
         return y, sums[0], sums[1]
     return y

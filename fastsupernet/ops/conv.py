@@ -1,0 +1,318 @@
+"""Sliced and multi-candidate convolutions with fused epilogues, on every backend, with autograd.
+
+``multi_conv2d`` runs K candidate convolutions in one call: candidate k reads its input
+channels ``[in_offsets[k], in_offsets[k] + in_widths[k])`` of ``x`` and its weight
+``weight[row_offsets[k] : row_offsets[k] + out_widths[k], :in_widths[k]]`` in place, and its
+outputs land in a packed (N, sum(out_widths), H', W') tensor at the prefix-sum channel
+offset. ``sliced_conv2d`` is the one-candidate case. The full semantics are in
+``csrc/README.md``; :mod:`fastsupernet.ops.reference` is the plain-PyTorch oracle.
+
+Backends (see :mod:`fastsupernet.ops.dispatch`): ``reference`` (PyTorch autograd), ``cpp`` and
+``cuda`` (``torch.ops.fastsupernet.*``, compiled), ``triton`` (``torch.ops.fastsupernet.
+multi_conv2d_triton``). The compiled and Triton kernels are forward-only; the backward below is
+registered for them: aten's convolution backward on each candidate's slices, so the weight
+gradient has the packed weight's full shape and is zero outside the rows/columns the call read
+(autograd accumulates it into the shared parameter). Statistics outputs are not differentiable.
+
+Memory formats: every backend accepts NCHW, channels_last and strided (e.g. channel-slice)
+inputs; the compiled CPU kernel returns NCHW; the GPU kernels document theirs. Values never
+depend on the format.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from . import dispatch, reference
+
+__all__ = ["multi_conv2d", "sliced_conv2d", "conv_backward"]
+
+_EMPTY_STATS_SHAPE = (0,)
+
+
+def _ints(v: Sequence[int] | torch.Tensor, name: str) -> list[int]:
+    if isinstance(v, torch.Tensor):
+        if v.dtype not in (torch.int32, torch.int64) or v.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D int32/int64 tensor or a list of ints, got {v.dtype} {tuple(v.shape)}")
+        return [int(i) for i in v.tolist()]
+    out = [int(i) for i in v]
+    return out
+
+
+def _out_hw(h: int, w: int, kernel: int, stride: int, padding: int) -> tuple[int, int]:
+    return (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
+
+
+# --------------------------------------------------------------------------- autograd
+def conv_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor,
+    meta: tuple[list[int], list[int], list[int], list[int]],
+    stride: int,
+    padding: int,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    activation: str,
+    prelu_slope: torch.Tensor | None,
+    needs: tuple[bool, ...],
+) -> tuple[Any, ...]:
+    """Gradients of multi_conv2d w.r.t. (x, weight, scale, shift, residual, prelu_slope).
+
+    ``needs`` flags which of the six are wanted. The conv output ``y`` before the epilogue is
+    recomputed only where the epilogue's derivative needs it (a scale gradient or PReLU).
+    """
+    in_offsets, in_widths, out_widths, row_offsets = meta
+    need_x, need_w, need_scale, need_shift, need_res, need_slope = needs
+    y = None
+    if (scale is not None and need_scale) or activation == "prelu":
+        with torch.no_grad():
+            y = reference.multi_conv2d(
+                x, weight, in_offsets, in_widths, out_widths, row_offsets, stride=stride, padding=padding
+            )
+    g = grad_out
+    grad_slope = None
+    if activation == "relu":
+        g = g * (out > 0)
+    elif activation == "prelu":
+        z = y
+        if scale is not None:
+            z = z * scale.view(1, -1, 1, 1)
+        if shift is not None:
+            z = z + shift.view(1, -1, 1, 1)
+        if residual is not None:
+            z = z + residual
+        k = len(out_widths)
+        counts = torch.tensor(out_widths, device=g.device)
+        slope_c = prelu_slope.reshape(k).repeat_interleave(counts).view(1, -1, 1, 1).to(g.dtype)
+        neg = z <= 0
+        if need_slope:
+            per_channel = (g * z * neg).sum(dim=(0, 2, 3))
+            grad_slope = torch.zeros(k, dtype=per_channel.dtype, device=g.device)
+            grad_slope.index_add_(0, torch.arange(k, device=g.device).repeat_interleave(counts), per_channel)
+            grad_slope = grad_slope.reshape(prelu_slope.shape).to(prelu_slope.dtype)
+        g = torch.where(neg, g * slope_c, g)
+    grad_res = g if (residual is not None and need_res) else None
+    grad_shift = g.sum(dim=(0, 2, 3)) if (shift is not None and need_shift) else None
+    grad_scale = (g * y).sum(dim=(0, 2, 3)) if (scale is not None and need_scale) else None
+    if scale is not None:
+        g = g * scale.view(1, -1, 1, 1)
+    grad_x = torch.zeros_like(x, memory_format=torch.contiguous_format) if need_x else None
+    grad_w = torch.zeros_like(weight) if need_w else None
+    if need_x or need_w:
+        o = 0
+        for io, iw, ow, ro in zip(in_offsets, in_widths, out_widths, row_offsets):
+            gx, gw, _ = torch.ops.aten.convolution_backward(
+                g[:, o : o + ow],
+                x[:, io : io + iw],
+                weight[ro : ro + ow, :iw],
+                None,
+                [stride, stride],
+                [padding, padding],
+                [1, 1],
+                False,
+                [0, 0],
+                1,
+                [need_x, need_w, False],
+            )
+            if need_x:
+                grad_x[:, io : io + iw] += gx
+            if need_w:
+                grad_w[ro : ro + ow, :iw] += gw
+            o += ow
+    return grad_x, grad_w, grad_scale, grad_shift, grad_res, grad_slope
+
+
+def _setup_multi(ctx, inputs, output) -> None:
+    (x, weight, in_offsets, in_widths, out_widths, row_offsets, stride, padding, scale, shift, residual,
+     activation, prelu_slope, _stats) = inputs
+    ctx.meta = (list(in_offsets), list(in_widths), list(out_widths), list(row_offsets))
+    ctx.stride, ctx.padding, ctx.activation = stride, padding, activation
+    ctx.save_for_backward(x, weight, scale, shift, residual, prelu_slope, output[0])
+
+
+def _backward_multi(ctx, grad_out, _grad_sum, _grad_sumsq):
+    x, weight, scale, shift, residual, prelu_slope, out = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = (n[0], n[1], n[8], n[9], n[10], n[12])
+    if grad_out is None:
+        return (None,) * 14
+    gx, gw, gsc, gsh, gr, gsl = conv_backward(
+        grad_out, x, weight, out, ctx.meta, ctx.stride, ctx.padding, scale, shift, residual, ctx.activation,
+        prelu_slope, needs,
+    )
+    return gx, gw, None, None, None, None, None, None, gsc, gsh, gr, None, gsl, None
+
+
+def _setup_sliced(ctx, inputs, output) -> None:
+    (x, weight, out_rows, row_offset, stride, padding, scale, shift, residual, activation, prelu_slope,
+     _stats) = inputs
+    ctx.meta = ([0], [x.shape[1]], [out_rows], [row_offset])
+    ctx.stride, ctx.padding, ctx.activation = stride, padding, activation
+    ctx.save_for_backward(x, weight, scale, shift, residual, prelu_slope, output[0])
+
+
+def _backward_sliced(ctx, grad_out, _grad_sum, _grad_sumsq):
+    x, weight, scale, shift, residual, prelu_slope, out = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = (n[0], n[1], n[6], n[7], n[8], n[10])
+    if grad_out is None:
+        return (None,) * 12
+    gx, gw, gsc, gsh, gr, gsl = conv_backward(
+        grad_out, x, weight, out, ctx.meta, ctx.stride, ctx.padding, scale, shift, residual, ctx.activation,
+        prelu_slope, needs,
+    )
+    return gx, gw, None, None, None, None, gsc, gsh, gr, None, gsl, None
+
+
+def fake_multi(x, weight, in_offsets, in_widths, out_widths, row_offsets, stride, padding, scale, shift, residual,
+               activation, prelu_slope, stats):
+    """Output shapes of multi_conv2d without running it (FakeTensor / torch.compile)."""
+    torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "multi_conv2d expects 4-D x and weight")
+    ho, wo = _out_hw(x.shape[2], x.shape[3], weight.shape[2], stride, padding)
+    c = sum(out_widths)
+    out = x.new_empty((x.shape[0], c, ho, wo))
+    n = c if stats else 0
+    return out, x.new_empty((n,), dtype=torch.float64), x.new_empty((n,), dtype=torch.float64)
+
+
+def fake_sliced(x, weight, out_rows, row_offset, stride, padding, scale, shift, residual, activation, prelu_slope,
+                stats):
+    return fake_multi(x, weight, [0], [x.shape[1]], [out_rows], [row_offset], stride, padding, scale, shift,
+                      residual, activation, prelu_slope, stats)
+
+
+def register_compiled() -> None:
+    """Fake kernels and autograd of the compiled ops (called once, when the extension loads)."""
+    for name, fake, backward, setup in (
+        ("multi_conv2d", fake_multi, _backward_multi, _setup_multi),
+        ("sliced_conv2d", fake_sliced, _backward_sliced, _setup_sliced),
+    ):
+        if not hasattr(torch.ops.fastsupernet, name):  # an extension built before the op existed
+            continue
+        torch.library.register_fake(f"fastsupernet::{name}")(fake)
+        torch.library.register_autograd(f"fastsupernet::{name}", backward, setup_context=setup)
+
+
+# --------------------------------------------------------------------------- Triton as an op
+@torch.library.custom_op("fastsupernet::multi_conv2d_triton", mutates_args=())
+def _multi_conv2d_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    in_offsets: list[int],
+    in_widths: list[int],
+    out_widths: list[int],
+    row_offsets: list[int],
+    stride: int,
+    padding: int,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    activation: str,
+    prelu_slope: torch.Tensor | None,
+    stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .triton_conv import multi_conv2d_triton
+
+    return multi_conv2d_triton(x, weight, in_offsets, in_widths, out_widths, row_offsets, stride, padding, scale,
+                               shift, residual, activation, prelu_slope, stats)
+
+
+_multi_conv2d_triton.register_fake(fake_multi)
+_multi_conv2d_triton.register_autograd(_backward_multi, setup_context=_setup_multi)
+
+
+# --------------------------------------------------------------------------- dispatch
+def _run_reference(x, weight, io, iw, ow, ro, stride, padding, scale, shift, residual, activation, slope, stats):
+    r = reference.multi_conv2d(x, weight, io, iw, ow, ro, stride=stride, padding=padding, scale=scale, shift=shift,
+                               residual=residual, activation=activation, prelu_slope=slope, stats=stats)
+    if stats:
+        return r
+    empty = x.new_empty(_EMPTY_STATS_SHAPE, dtype=torch.float64)
+    return r, empty, empty
+
+
+def _run_compiled(*args):
+    from . import _extension
+
+    _extension.require()
+    return torch.ops.fastsupernet.multi_conv2d.default(*args)
+
+
+def _run_triton(*args):
+    return torch.ops.fastsupernet.multi_conv2d_triton.default(*args)
+
+
+def _run_compiled_sliced(x, weight, io, iw, ow, ro, *rest):
+    from . import _extension
+
+    _extension.require()
+    stride, padding, scale, shift, residual, activation, slope, stats = rest
+    return torch.ops.fastsupernet.sliced_conv2d.default(
+        x, weight, ow[0], ro[0], stride, padding, scale, shift, residual, activation, slope, stats
+    )
+
+
+def multi_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    in_offsets: Sequence[int] | torch.Tensor,
+    in_widths: Sequence[int] | torch.Tensor,
+    out_widths: Sequence[int] | torch.Tensor,
+    row_offsets: Sequence[int] | torch.Tensor,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    activation: str = "none",
+    prelu_slope: torch.Tensor | None = None,
+    stats: bool = False,
+    backend: str | None = None,
+):
+    """K candidate convolutions in one call; returns the packed output (and, with ``stats``,
+    the float64 per-channel sum and sum of squares of the conv output before the epilogue).
+
+    The integer vectors may be lists or 1-D int32/int64 tensors (host-side metadata).
+    """
+    meta = [_ints(v, n) for v, n in ((in_offsets, "in_offsets"), (in_widths, "in_widths"),
+                                      (out_widths, "out_widths"), (row_offsets, "row_offsets"))]
+    if activation not in reference.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
+    if activation == "prelu" and prelu_slope is None:
+        raise ValueError("activation 'prelu' needs prelu_slope (one value per candidate)")
+    op = "sliced_conv2d" if len(meta[2]) == 1 and meta[0] == [0] and meta[1] == [x.shape[1]] else "multi_conv2d"
+    out, s, q = dispatch.run(op, x, weight, *meta, int(stride), int(padding), scale, shift, residual,
+                             activation, prelu_slope, bool(stats), backend=backend)
+    return (out, s, q) if stats else out
+
+
+def sliced_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out_rows: int,
+    *,
+    row_offset: int = 0,
+    stride: int = 1,
+    padding: int = 0,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    activation: str = "none",
+    prelu_slope: torch.Tensor | None = None,
+    stats: bool = False,
+    backend: str | None = None,
+):
+    """Convolve ``x`` (N, a, H, W) with ``weight[row_offset : row_offset + out_rows, :a]`` read in
+    place, then the fused epilogue: ``* scale + shift`` (folded BN), ``+ residual``, activation."""
+    if prelu_slope is not None and prelu_slope.numel() != 1:
+        raise ValueError(f"sliced_conv2d: prelu_slope must hold one value, got {prelu_slope.numel()}")
+    return multi_conv2d(
+        x, weight, [0], [x.shape[1]], [int(out_rows)], [int(row_offset)], stride=stride, padding=padding,
+        scale=scale, shift=shift, residual=residual, activation=activation, prelu_slope=prelu_slope, stats=stats,
+        backend=backend,
+    )
