@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# GPU check of fastsupernet in one command, on a machine with a CUDA GPU, from the repository root:
+#
+#     bash benchmarks/gpu_check.sh
+#
+# Sections ("# --- section: NAME") run in order and stop at the first failure: the card, the
+# build of the CUDA extension, the GPU kernel tests and the kernel benchmark table. Every step
+# has its own time limit, and all steps together at most GPU_CHECK_LIMIT_S seconds (default 240).
+#
+# Environment: PYTHON (default python, else python3), MAX_JOBS (default: all cores),
+# TORCH_CUDA_ARCH_LIST (default 9.0: H100/H200), GPU_CHECK_LIMIT_S, GPU_CHECK_LOG_DIR (build
+# log; default a fresh temporary directory).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON=${PYTHON:-$(command -v python || command -v python3 || echo python)}
+TOTAL_LIMIT_S=${GPU_CHECK_LIMIT_S:-240}
+DEADLINE=$((SECONDS + TOTAL_LIMIT_S))
+LOG_DIR=${GPU_CHECK_LOG_DIR:-$(mktemp -d)}
+SECTION=start
+TIMES=()
+
+trap 'echo "gpu_check: FAILED in section ${SECTION} (exit $?) after ${SECONDS} s" >&2' ERR
+
+section() {
+  [[ ${SECTION} == start ]] || TIMES+=("${SECTION}: $((SECONDS - SECTION_T0)) s")
+  SECTION=$1
+  SECTION_T0=${SECONDS}
+  echo
+  echo "=== ${SECTION} (${SECONDS} s elapsed of ${TOTAL_LIMIT_S})"
+}
+
+# step CAP CMD...: run CMD with the smaller of CAP seconds and the time left.
+step() {
+  local cap=$1 left
+  shift
+  left=$((DEADLINE - SECONDS))
+  if ((left < 5)); then
+    echo "gpu_check: out of time (${TOTAL_LIMIT_S} s in all) before: $*" >&2
+    return 124
+  fi
+  ((cap < left)) || cap=${left}
+  echo "+ $* (limit ${cap} s)"
+  local rc=0
+  timeout --kill-after=10 "${cap}" "$@" || rc=$?
+  if ((rc == 124 || rc == 137)); then
+    echo "gpu_check: timed out after ${cap} s: $*" >&2
+  fi
+  return "${rc}"
+}
+
+# --- section: device
+section device
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  echo "gpu_check: nvidia-smi not found: no NVIDIA driver on this machine, so no GPU to check" >&2
+  exit 2
+fi
+if ! step 30 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; then
+  echo "gpu_check: nvidia-smi sees no GPU" >&2
+  exit 2
+fi
+step 60 "${PYTHON}" - <<'EOF'
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    sys.exit(f"gpu_check: torch {torch.__version__} sees no CUDA GPU (torch.version.cuda={torch.version.cuda})")
+p = torch.cuda.get_device_properties(0)
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}): {torch.cuda.get_device_name(0)}, "
+      f"sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB")
+EOF
+
+# --- section: build
+section build
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+echo "MAX_JOBS=${MAX_JOBS} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST} nvcc: $(command -v nvcc || echo 'not on PATH')"
+BUILD_LOG=${LOG_DIR}/build.log
+if ! step 150 "${PYTHON}" -m pip install --no-build-isolation --no-deps -e . >"${BUILD_LOG}" 2>&1; then
+  tail -n 60 "${BUILD_LOG}" >&2
+  echo "gpu_check: the build failed (full log: ${BUILD_LOG})" >&2
+  exit 1
+fi
+echo "built (log: ${BUILD_LOG})"
+step 60 "${PYTHON}" - <<'EOF'
+import sys
+
+import fastsupernet._C as C
+from fastsupernet.ops import _extension
+
+ops = ("channel_stats", "multi_conv2d", "sliced_conv2d")
+missing = [op for op in ops if not _extension.has_kernel(op, "CUDA")]
+if missing:
+    sys.exit(f"gpu_check: {C.__file__} has no CUDA kernel for {', '.join(missing)} (a CPU-only build?)")
+print(f"{C.__file__}: CUDA kernels of {', '.join(ops)} registered")
+EOF
+
+# --- section: kernels
+section kernels
+conv_tests=(tests/test_conv_cuda.py)
+[[ -f tests/test_conv_triton.py ]] && conv_tests+=(tests/test_conv_triton.py)
+# (the compile-only Triton check is for machines without a GPU; here the kernels really run)
+step 90 "${PYTHON}" -m pytest -q -p no:cacheprovider "${conv_tests[@]}" -k "not compiles_for_hopper"
+step 45 "${PYTHON}" -m pytest -q -p no:cacheprovider tests/test_ops.py -k "cuda or gpu or triton"
+step 90 "${PYTHON}" benchmarks/gpu_kernels.py
+
+section done
+printf '%s\n' "${TIMES[@]}"
+echo "gpu_check: all sections passed in ${SECONDS} s"

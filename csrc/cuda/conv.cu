@@ -1,0 +1,564 @@
+// CUDA kernels of multi_conv2d (and sliced_conv2d, its K = 1 case): K candidate convolutions
+// of one layer in a single launch, with the fused epilogue and per-channel statistics.
+// Needs only the CUDA runtime (see kernels.h); op semantics in csrc/README.md.
+//
+// Work split. The output is cut into pixel tiles of 64 output pixels, a TH x TW rectangle
+// (TH * TW = 64, TW a power of two picked per shape) of one image, and channel tiles of at
+// most 16 consecutive output channels of ONE candidate (a candidate of width o has
+// ceil(o / 16) tiles; the host lists the tiles in the metadata array). Block (pixel tile,
+// channel tile) is one warp: lane l computes output pixels l and l + 32 of the tile for every
+// channel of the tile. The block walks the candidate's input channels in chunks of CK (8 for
+// 3x3, 32 for 1x1); per chunk it stages the input patch under the tile (with its halo, zero
+// padded) and the weights of the chunk in shared memory, then every lane accumulates
+// 2 x NC outputs with fp32 (fp64) FMAs, NC = the tile's width rounded up to 4 (a block-uniform
+// switch picks the specialisation, so narrow candidates do not pay for 16 channels).
+// Weights are read in place from the packed (R, C_max, k, k) tensor (row stride C_max * k * k).
+//
+// Layout. x is read through its four element strides: contiguous NCHW is the fast path
+// (coalesced patch rows); channels_last and other strided views are read correctly with less
+// coalesced loads. out is contiguous NCHW. residual is read through its strides.
+//
+// Statistics. With stats, the fp32 (fp64) conv value of every valid output (before the
+// epilogue, the same value the epilogue starts from) is widened to double; a block adds its
+// 64 pixels per channel in double with a fixed shuffle tree and writes one partial per
+// (channel, pixel tile) to the workspace; a second kernel adds each channel's partials in
+// double in a fixed order. No atomics: results are bitwise reproducible for a shape.
+//
+// Error bound (float32). An output is a sequential FMA chain over R = in_width * k * k (576 at 64x3x3)
+// products in (input channel, ky, kx) order, so |y - y_exact| <= gamma_R * sum |w * x| with
+// gamma_R = R u / (1 - R u), u = 2^-24 (about 3.4e-5 * sum |w * x| at R = 576; rounding errors
+// are random in practice, typically sqrt(R) u times the partial sums). The epilogue adds at
+// most three roundings of the epilogue's own size (scale FMA, residual add, prelu product).
+// The statistics widen the fp32 conv values to double (their squares are exact there) and add
+// them with at most 6 + ceil(P / 256) + 8 roundings per term (P = pixel tiles): an error below
+// (14 + P / 256) * 2^-53 * sum |y|, i.e. exact sums of the float32 conv outputs for all
+// practical purposes. The float64 instantiation has the same bounds with u = 2^-53.
+
+#include "kernels.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+namespace fastsupernet {
+namespace cuda {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kTilePixels = 64;   // output pixels per pixel tile (2 per lane)
+constexpr int kTileChannels = 16; // most output channels per channel tile
+constexpr int kWeightStride = 20; // shared-memory row of one reduction index: 16 channels + pad
+constexpr int kCandidateInts = 5; // in_offset, in_width, out_width, row_offset, out_channel_offset
+constexpr int kTileInts = 2;      // candidate index, first channel within the candidate
+constexpr int kMinBlocksPerSM = 20; // caps registers at 96 (float: no spills)
+constexpr int kReduceThreads = 256;
+constexpr int kMaxGridY = 65535;
+constexpr size_t kDefaultSharedBytes = 48 * 1024;
+
+inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <int KS>
+struct ChunkOf {
+  static constexpr int value = KS == 1 ? 32 : 8;  // input channels per shared-memory chunk
+};
+
+// Four consecutive weights from shared memory as vector loads (one 16-byte load for float,
+// two for double; the weight rows are 16-byte aligned).
+__device__ __forceinline__ void load4(const float* p, float (&w)[4]) {
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  w[0] = v.x;
+  w[1] = v.y;
+  w[2] = v.z;
+  w[3] = v.w;
+}
+__device__ __forceinline__ void load4(const double* p, double (&w)[4]) {
+  const double2 a = *reinterpret_cast<const double2*>(p);
+  const double2 b = *reinterpret_cast<const double2*>(p + 2);
+  w[0] = a.x;
+  w[1] = a.y;
+  w[2] = b.x;
+  w[3] = b.y;
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename T>
+struct ConvParams {
+  const T* x;
+  const T* weight;
+  const int32_t* meta;
+  const T* scale;
+  const T* shift;
+  const T* residual;
+  const T* prelu_slope;
+  T* out;
+  double* part_s;  // (out_channels, pixel_tiles), only with stats
+  double* part_q;
+  int64_t x_sn, x_sc, x_sh, x_sw;
+  int64_t r_sn, r_sc, r_sh, r_sw;
+  int64_t weight_row;  // elements between weight rows: C_max * k * k
+  int64_t out_channels;
+  int64_t pixel_tiles;
+  int H, W, Ho, Wo;
+  int stride, padding;
+  int num_candidates;
+  int tile_base;  // channel tile of blockIdx.y == 0
+  int tile_w_log2, tiles_w, tiles_per_image;
+  int patch_h, patch_w, patch_elems;  // staged input patch of one channel
+  int step_c, step_h, step_w;         // 32 = step_c * patch_elems + step_h * patch_w + step_w
+  int activation;
+  int stats;
+};
+
+// One (pixel tile, channel tile) block with NC (multiple of 4, >= the tile's nc) channels.
+template <typename T, int KS, int NC>
+__device__ __forceinline__ void conv_tile(const ConvParams<T>& p, T* __restrict__ ws,
+                                          T* __restrict__ xs, int64_t ptile, int k, int c0, int nc) {
+  constexpr int KK = KS * KS;
+  constexpr int CK = ChunkOf<KS>::value;
+  constexpr int RK = CK * KK;  // reduction indices per chunk
+  const int lane = threadIdx.x;
+
+  const int32_t* cand = p.meta + static_cast<int64_t>(k) * kCandidateInts;
+  const int in_offset = cand[0];
+  const int in_width = cand[1];
+  const int row0 = cand[3] + c0;
+  const int oc0 = cand[4] + c0;
+
+  // Tile position.
+  const int64_t n = ptile / p.tiles_per_image;
+  const int t = static_cast<int>(ptile - n * p.tiles_per_image);
+  const int th = t / p.tiles_w;
+  const int tw = t - th * p.tiles_w;
+  const int tile_w = 1 << p.tile_w_log2;
+  const int tile_h = kTilePixels >> p.tile_w_log2;
+  const int oh_t = th * tile_h;
+  const int ow_t = tw * tile_w;
+  // Input coordinates of patch element (0, 0); a patch step is `pstep` input pixels (the
+  // 1x1 patch holds exactly the sampled pixels, the 3x3 patch the dense window).
+  const int ih_base = oh_t * p.stride - p.padding;
+  const int iw_base = ow_t * p.stride - p.padding;
+  const int pstep = KS == 1 ? p.stride : 1;
+  const int cstep = KS == 1 ? 1 : p.stride;  // patch elements between neighbouring outputs
+
+  // This lane's two output pixels within the tile, and their patch positions.
+  const int oh_a = lane >> p.tile_w_log2;
+  const int ow_a = lane & (tile_w - 1);
+  const int oh_b = (lane + kWarp) >> p.tile_w_log2;
+  const int ow_b = (lane + kWarp) & (tile_w - 1);
+  const int base_a = oh_a * cstep * p.patch_w + ow_a * cstep;
+  const int base_b = oh_b * cstep * p.patch_w + ow_b * cstep;
+
+  // This lane's first patch element (channel, row, column) in the staging walk.
+  const int e_c = lane / p.patch_elems;
+  const int e_rem = lane - e_c * p.patch_elems;
+  const int e_h = e_rem / p.patch_w;
+  const int e_w = e_rem - e_h * p.patch_w;
+
+  const T* x_n = p.x + n * p.x_sn + static_cast<int64_t>(in_offset) * p.x_sc;
+  const T* w_rows = p.weight + static_cast<int64_t>(row0) * p.weight_row;
+
+  T acc_a[NC];
+  T acc_b[NC];
+#pragma unroll
+  for (int c = 0; c < NC; ++c) {
+    acc_a[c] = T(0);
+    acc_b[c] = T(0);
+  }
+
+  for (int ci0 = 0; ci0 < in_width; ci0 += CK) {
+    const int ckv = min(CK, in_width - ci0);
+    __syncthreads();  // the previous chunk is consumed
+
+    // Weights of the chunk: ws[r * kWeightStride + c] = weight[row0 + c, ci0 + r / KK, tap r % KK],
+    // zero for channels beyond the tile or inputs beyond the candidate.
+    const int rkv = ckv * KK;
+    const T* w_chunk = w_rows + static_cast<int64_t>(ci0) * KK;
+#pragma unroll 4
+    for (int i = lane; i < NC * RK; i += kWarp) {
+      const int c = i / RK;
+      const int r = i - c * RK;
+      T v = T(0);
+      if (c < nc && r < rkv) v = w_chunk[static_cast<int64_t>(c) * p.weight_row + r];
+      ws[r * kWeightStride + c] = v;
+    }
+
+    // Input patch of the chunk, xs[cc * patch_elems + h * patch_w + w], zero outside the image.
+    {
+      const int total = ckv * p.patch_elems;
+      const T* x_chunk = x_n + static_cast<int64_t>(ci0) * p.x_sc;
+      int cc = e_c, h = e_h, w = e_w;
+      for (int i = lane; i < total; i += kWarp) {
+        const int ih = ih_base + h * pstep;
+        const int iw = iw_base + w * pstep;
+        T v = T(0);
+        if (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W) {
+          v = x_chunk[cc * p.x_sc + static_cast<int64_t>(ih) * p.x_sh + static_cast<int64_t>(iw) * p.x_sw];
+        }
+        xs[i] = v;
+        w += p.step_w;
+        if (w >= p.patch_w) {
+          w -= p.patch_w;
+          ++h;
+        }
+        h += p.step_h;
+        if (h >= p.patch_h) {
+          h -= p.patch_h;
+          ++cc;
+        }
+        cc += p.step_c;
+      }
+    }
+    __syncthreads();
+
+    for (int cc = 0; cc < ckv; ++cc) {
+      const T* xc = xs + cc * p.patch_elems;
+      const T* wc = ws + cc * KK * kWeightStride;
+#pragma unroll
+      for (int ky = 0; ky < KS; ++ky) {
+#pragma unroll
+        for (int kx = 0; kx < KS; ++kx) {
+          const int off = ky * p.patch_w + kx;
+          const T a = xc[base_a + off];
+          const T b = xc[base_b + off];
+          const T* wr = wc + (ky * KS + kx) * kWeightStride;
+#pragma unroll
+          for (int c = 0; c < NC; c += 4) {
+            T w4[4];
+            load4(wr + c, w4);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              acc_a[c + j] = fma(a, w4[j], acc_a[c + j]);
+              acc_b[c + j] = fma(b, w4[j], acc_b[c + j]);
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // Epilogue.
+  const int oh_pa = oh_t + oh_a, ow_pa = ow_t + ow_a;
+  const int oh_pb = oh_t + oh_b, ow_pb = ow_t + ow_b;
+  const bool valid_a = oh_pa < p.Ho && ow_pa < p.Wo;
+  const bool valid_b = oh_pb < p.Ho && ow_pb < p.Wo;
+  const T slope = p.activation == static_cast<int>(Activation::kPRelu) ? p.prelu_slope[k] : T(0);
+  const int64_t plane = static_cast<int64_t>(p.Ho) * p.Wo;
+  const int64_t pix_a = static_cast<int64_t>(oh_pa) * p.Wo + ow_pa;
+  const int64_t pix_b = static_cast<int64_t>(oh_pb) * p.Wo + ow_pb;
+  const int64_t res_a = static_cast<int64_t>(oh_pa) * p.r_sh + static_cast<int64_t>(ow_pa) * p.r_sw;
+  const int64_t res_b = static_cast<int64_t>(oh_pb) * p.r_sh + static_cast<int64_t>(ow_pb) * p.r_sw;
+
+#pragma unroll
+  for (int c = 0; c < NC; ++c) {
+    if (c < nc) {
+      const int64_t oc = oc0 + c;
+      if (p.stats) {
+        const double ya = valid_a ? static_cast<double>(acc_a[c]) : 0.0;
+        const double yb = valid_b ? static_cast<double>(acc_b[c]) : 0.0;
+        const double s = warp_sum(ya + yb);
+        const double q = warp_sum(ya * ya + yb * yb);
+        if (lane == 0) {
+          p.part_s[oc * p.pixel_tiles + ptile] = s;
+          p.part_q[oc * p.pixel_tiles + ptile] = q;
+        }
+      }
+      const T sc = p.scale != nullptr ? p.scale[oc] : T(1);
+      const T sh = p.shift != nullptr ? p.shift[oc] : T(0);
+      T* out_c = p.out + (n * p.out_channels + oc) * plane;
+      const T* res_c = p.residual != nullptr ? p.residual + n * p.r_sn + oc * p.r_sc : nullptr;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const bool valid = j == 0 ? valid_a : valid_b;
+        if (!valid) continue;
+        T y = j == 0 ? acc_a[c] : acc_b[c];
+        if (p.scale != nullptr) y = y * sc;
+        if (p.shift != nullptr) y = y + sh;
+        if (res_c != nullptr) y = y + res_c[j == 0 ? res_a : res_b];
+        if (p.activation == static_cast<int>(Activation::kRelu)) {
+          y = y < T(0) ? T(0) : y;  // NaN passes through, as torch.relu
+        } else if (p.activation == static_cast<int>(Activation::kPRelu)) {
+          y = y > T(0) ? y : slope * y;
+        }
+        out_c[j == 0 ? pix_a : pix_b] = y;
+      }
+    }
+  }
+}
+
+// Grid (pixel tiles, channel tiles of this launch), one warp per block.
+template <typename T, int KS>
+__global__ void __launch_bounds__(kWarp, kMinBlocksPerSM) multi_conv2d_kernel(const ConvParams<T> p) {
+  extern __shared__ __align__(16) unsigned char conv_shared[];
+  constexpr int CK = ChunkOf<KS>::value;
+  T* ws = reinterpret_cast<T*>(conv_shared);
+  T* xs = ws + CK * KS * KS * kWeightStride;
+
+  const int64_t ptile = blockIdx.x;
+  const int tile = p.tile_base + static_cast<int>(blockIdx.y);
+  const int32_t* entry = p.meta + static_cast<int64_t>(p.num_candidates) * kCandidateInts +
+                         static_cast<int64_t>(tile) * kTileInts;
+  const int k = entry[0];
+  const int c0 = entry[1];
+  const int out_width = p.meta[static_cast<int64_t>(k) * kCandidateInts + 2];
+  const int nc = min(kTileChannels, out_width - c0);
+  // Block-uniform: the whole block takes one branch.
+  if (nc <= 4) {
+    conv_tile<T, KS, 4>(p, ws, xs, ptile, k, c0, nc);
+  } else if (nc <= 8) {
+    conv_tile<T, KS, 8>(p, ws, xs, ptile, k, c0, nc);
+  } else if (nc <= 12) {
+    conv_tile<T, KS, 12>(p, ws, xs, ptile, k, c0, nc);
+  } else {
+    conv_tile<T, KS, 16>(p, ws, xs, ptile, k, c0, nc);
+  }
+}
+
+// sum[c] = sum over tiles t of part_s[c * P + t] (and the same for squares): thread i adds
+// t = i, i + 256, ... in order, then a fixed tree over the block.
+__global__ void __launch_bounds__(kReduceThreads)
+    reduce_partials_kernel(const double* __restrict__ part_s, const double* __restrict__ part_q,
+                           int64_t P, double* __restrict__ sum, double* __restrict__ sumsq) {
+  __shared__ double shared_s[kReduceThreads];
+  __shared__ double shared_q[kReduceThreads];
+  const int64_t c = blockIdx.x;
+  const int tid = threadIdx.x;
+  double s = 0.0, q = 0.0;
+  for (int64_t t = tid; t < P; t += kReduceThreads) {
+    s += part_s[c * P + t];
+    q += part_q[c * P + t];
+  }
+  shared_s[tid] = s;
+  shared_q[tid] = q;
+  __syncthreads();
+  for (int half = kReduceThreads / 2; half > 0; half >>= 1) {
+    if (tid < half) {
+      shared_s[tid] += shared_s[tid + half];
+      shared_q[tid] += shared_q[tid + half];
+    }
+    __syncthreads();
+  }
+  if (tid == 0) {
+    sum[c] = shared_s[0];
+    sumsq[c] = shared_q[0];
+  }
+}
+
+struct Geometry {
+  int64_t h_out, w_out;
+  int tile_w_log2;
+  int64_t tiles_h, tiles_w, pixel_tiles;
+  int patch_h, patch_w;
+};
+
+bool valid_problem(const MultiConv2dProblem& pr) {
+  return pr.n >= 0 && pr.c_in >= 0 && pr.h >= 0 && pr.w >= 0 && (pr.kernel == 1 || pr.kernel == 3) &&
+         pr.stride >= 1 && pr.padding >= 0 && pr.num_candidates >= 1 && pr.channel_tiles >= 1 &&
+         pr.out_channels >= 1 && pr.weight_rows >= 1 && pr.weight_cols >= 1 &&
+         static_cast<int>(pr.activation) >= 0 && static_cast<int>(pr.activation) <= 2;
+}
+
+// Tile shape of minimal staged input (tiles x patch elements; fewer tiles of the same cost
+// win, then the widest tile).
+Geometry make_geometry(const MultiConv2dProblem& pr) {
+  Geometry g{};
+  g.h_out = multi_conv2d_out_size(pr.h, pr.kernel, pr.stride, pr.padding);
+  g.w_out = multi_conv2d_out_size(pr.w, pr.kernel, pr.stride, pr.padding);
+  int64_t best = -1;
+  for (int lw = 6; lw >= 0; --lw) {
+    const int tw = 1 << lw;
+    const int th = kTilePixels >> lw;
+    const int64_t tiles = div_up(std::max<int64_t>(g.h_out, 1), th) * div_up(std::max<int64_t>(g.w_out, 1), tw);
+    const int ph = pr.kernel == 1 ? th : (th - 1) * pr.stride + pr.kernel;
+    const int pw = pr.kernel == 1 ? tw : (tw - 1) * pr.stride + pr.kernel;
+    const int64_t cost = tiles * ph * pw;
+    if (best < 0 || cost < best) {
+      best = cost;
+      g.tile_w_log2 = lw;
+      g.patch_h = ph;
+      g.patch_w = pw;
+    }
+  }
+  g.tiles_h = div_up(g.h_out, kTilePixels >> g.tile_w_log2);
+  g.tiles_w = div_up(g.w_out, int64_t{1} << g.tile_w_log2);
+  g.pixel_tiles = pr.n * g.tiles_h * g.tiles_w;
+  return g;
+}
+
+size_t shared_bytes(int kernel, const Geometry& g, size_t elem) {
+  const int ck = kernel == 1 ? ChunkOf<1>::value : ChunkOf<3>::value;
+  return (static_cast<size_t>(ck) * kernel * kernel * kWeightStride +
+          static_cast<size_t>(ck) * g.patch_h * g.patch_w) *
+         elem;
+}
+
+template <typename T, int KS>
+cudaError_t launch_conv(ConvParams<T> p, const Geometry& g, int64_t channel_tiles, size_t smem,
+                        cudaStream_t stream) {
+  if (smem > kDefaultSharedBytes) {
+    cudaError_t err = cudaFuncSetAttribute(multi_conv2d_kernel<T, KS>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  for (int64_t t0 = 0; t0 < channel_tiles; t0 += kMaxGridY) {
+    p.tile_base = static_cast<int>(t0);
+    const dim3 grid(static_cast<unsigned>(g.pixel_tiles),
+                    static_cast<unsigned>(std::min<int64_t>(kMaxGridY, channel_tiles - t0)));
+    multi_conv2d_kernel<T, KS><<<grid, kWarp, smem, stream>>>(p);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t launch_impl(const MultiConv2dProblem& pr, const T* x, const T* weight, const int32_t* meta,
+                        const T* scale, const T* shift, const T* residual, const T* prelu_slope, T* out,
+                        double* sum, double* sumsq, void* workspace, size_t workspace_bytes,
+                        cudaStream_t stream) {
+  if (!valid_problem(pr)) return cudaErrorInvalidValue;
+  const Geometry g = make_geometry(pr);
+  if (g.h_out < 1 || g.w_out < 1) return cudaErrorInvalidValue;
+  if (pr.activation == Activation::kPRelu && prelu_slope == nullptr) return cudaErrorInvalidValue;
+  if (pr.h > 0x7fffffffLL || pr.w > 0x7fffffffLL || pr.channel_tiles > 0x7fffffffLL ||
+      pr.num_candidates > 0x7fffffff || g.pixel_tiles > 0x7fffffffLL ||
+      pr.weight_cols * pr.kernel * pr.kernel > 0x7fffffffLL) {
+    return cudaErrorInvalidValue;
+  }
+  if (pr.n == 0) {
+    if (!pr.stats) return cudaSuccess;
+    cudaError_t err = cudaMemsetAsync(sum, 0, sizeof(double) * pr.out_channels, stream);
+    if (err != cudaSuccess) return err;
+    return cudaMemsetAsync(sumsq, 0, sizeof(double) * pr.out_channels, stream);
+  }
+  if (pr.stats && (workspace == nullptr || workspace_bytes < multi_conv2d_workspace_bytes(pr))) {
+    return cudaErrorInvalidValue;
+  }
+
+  const size_t smem = shared_bytes(pr.kernel, g, sizeof(T));
+  int device = 0;
+  int max_smem = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  if (smem > static_cast<size_t>(max_smem)) return cudaErrorInvalidConfiguration;  // stride too large
+
+  ConvParams<T> p{};
+  p.x = x;
+  p.weight = weight;
+  p.meta = meta;
+  p.scale = scale;
+  p.shift = shift;
+  p.residual = residual;
+  p.prelu_slope = prelu_slope;
+  p.out = out;
+  p.part_s = pr.stats ? static_cast<double*>(workspace) : nullptr;
+  p.part_q = pr.stats ? p.part_s + pr.out_channels * g.pixel_tiles : nullptr;
+  p.x_sn = pr.x_strides[0];
+  p.x_sc = pr.x_strides[1];
+  p.x_sh = pr.x_strides[2];
+  p.x_sw = pr.x_strides[3];
+  p.r_sn = pr.residual_strides[0];
+  p.r_sc = pr.residual_strides[1];
+  p.r_sh = pr.residual_strides[2];
+  p.r_sw = pr.residual_strides[3];
+  p.weight_row = pr.weight_cols * pr.kernel * pr.kernel;
+  p.out_channels = pr.out_channels;
+  p.pixel_tiles = g.pixel_tiles;
+  p.H = static_cast<int>(pr.h);
+  p.W = static_cast<int>(pr.w);
+  p.Ho = static_cast<int>(g.h_out);
+  p.Wo = static_cast<int>(g.w_out);
+  p.stride = pr.stride;
+  p.padding = pr.padding;
+  p.num_candidates = pr.num_candidates;
+  p.tile_base = 0;
+  p.tile_w_log2 = g.tile_w_log2;
+  p.tiles_w = static_cast<int>(g.tiles_w);
+  p.tiles_per_image = static_cast<int>(g.tiles_h * g.tiles_w);
+  p.patch_h = g.patch_h;
+  p.patch_w = g.patch_w;
+  p.patch_elems = g.patch_h * g.patch_w;
+  p.step_c = kWarp / p.patch_elems;
+  p.step_h = (kWarp - p.step_c * p.patch_elems) / p.patch_w;
+  p.step_w = kWarp - p.step_c * p.patch_elems - p.step_h * p.patch_w;
+  p.activation = static_cast<int>(pr.activation);
+  p.stats = pr.stats ? 1 : 0;
+
+  err = pr.kernel == 1 ? launch_conv<T, 1>(p, g, pr.channel_tiles, smem, stream)
+                       : launch_conv<T, 3>(p, g, pr.channel_tiles, smem, stream);
+  if (err != cudaSuccess || !pr.stats) return err;
+
+  reduce_partials_kernel<<<static_cast<unsigned>(pr.out_channels), kReduceThreads, 0, stream>>>(
+      p.part_s, p.part_q, g.pixel_tiles, sum, sumsq);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int64_t multi_conv2d_out_size(int64_t size, int kernel, int stride, int padding) {
+  if (stride < 1) return 0;
+  const int64_t span = size + 2 * static_cast<int64_t>(padding) - kernel;
+  return span < 0 ? 0 : span / stride + 1;
+}
+
+int64_t multi_conv2d_meta_size(int num_candidates, const int64_t* out_widths) {
+  int64_t tiles = 0;
+  for (int k = 0; k < num_candidates; ++k) tiles += div_up(std::max<int64_t>(out_widths[k], 0), kTileChannels);
+  return static_cast<int64_t>(num_candidates) * kCandidateInts + tiles * kTileInts;
+}
+
+int64_t multi_conv2d_fill_meta(int num_candidates, const int64_t* in_offsets, const int64_t* in_widths,
+                               const int64_t* out_widths, const int64_t* row_offsets, int32_t* meta) {
+  int64_t out_offset = 0;
+  int32_t* tiles = meta + static_cast<int64_t>(num_candidates) * kCandidateInts;
+  int64_t t = 0;
+  for (int k = 0; k < num_candidates; ++k) {
+    int32_t* c = meta + static_cast<int64_t>(k) * kCandidateInts;
+    c[0] = static_cast<int32_t>(in_offsets[k]);
+    c[1] = static_cast<int32_t>(in_widths[k]);
+    c[2] = static_cast<int32_t>(out_widths[k]);
+    c[3] = static_cast<int32_t>(row_offsets[k]);
+    c[4] = static_cast<int32_t>(out_offset);
+    for (int64_t c0 = 0; c0 < out_widths[k]; c0 += kTileChannels) {
+      tiles[t * kTileInts] = k;
+      tiles[t * kTileInts + 1] = static_cast<int32_t>(c0);
+      ++t;
+    }
+    out_offset += out_widths[k];
+  }
+  return t;
+}
+
+size_t multi_conv2d_workspace_bytes(const MultiConv2dProblem& problem) {
+  if (!problem.stats || !valid_problem(problem)) return 0;
+  const Geometry g = make_geometry(problem);
+  return static_cast<size_t>(2 * problem.out_channels * g.pixel_tiles) * sizeof(double);
+}
+
+cudaError_t launch_multi_conv2d_f32(const MultiConv2dProblem& problem, const float* x, const float* weight,
+                                    const int32_t* meta, const float* scale, const float* shift,
+                                    const float* residual, const float* prelu_slope, float* out, double* sum,
+                                    double* sumsq, void* workspace, size_t workspace_bytes,
+                                    cudaStream_t stream) {
+  return launch_impl<float>(problem, x, weight, meta, scale, shift, residual, prelu_slope, out, sum, sumsq,
+                            workspace, workspace_bytes, stream);
+}
+
+cudaError_t launch_multi_conv2d_f64(const MultiConv2dProblem& problem, const double* x, const double* weight,
+                                    const int32_t* meta, const double* scale, const double* shift,
+                                    const double* residual, const double* prelu_slope, double* out,
+                                    double* sum, double* sumsq, void* workspace, size_t workspace_bytes,
+                                    cudaStream_t stream) {
+  return launch_impl<double>(problem, x, weight, meta, scale, shift, residual, prelu_slope, out, sum, sumsq,
+                             workspace, workspace_bytes, stream);
+}
+
+}  // namespace cuda
+}  // namespace fastsupernet
