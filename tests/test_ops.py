@@ -307,6 +307,8 @@ def test_import_does_not_import_triton():
 def test_reference_reexports():
     from fastsupernet.ops import reference
 
-    assert ops.sliced_conv2d is reference.sliced_conv2d
+    from fastsupernet.ops import conv
+
+    assert ops.sliced_conv2d is conv.sliced_conv2d and ops.multi_conv2d is conv.multi_conv2d  # dispatched
     assert ops.sliced_batch_norm is reference.sliced_batch_norm
     assert ops.sliced_linear is reference.sliced_linear

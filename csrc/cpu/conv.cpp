@@ -1,0 +1,501 @@
+// CPU kernels of fastsupernet::multi_conv2d and fastsupernet::sliced_conv2d (float32, float64).
+//
+// Semantics (schemas in csrc/fastsupernet.cpp): candidate k convolves input channels
+// [in_offsets[k], + in_widths[k]) of x with weight[row_offsets[k] : + out_widths[k],
+// :in_widths[k]] (any strides; packed per call, see below), zero padding, one stride for both axes, no
+// dilation or groups, no bias; its out_widths[k] channels go to the packed output at the
+// prefix-sum offset. Epilogue per output channel c, in order: y * scale[c] + shift[c]
+// (either may be absent), + residual, activation ("none", "relu", or "prelu" with the slope
+// prelu_slope[k] of the channel's candidate). With stats, sum/sumsq are the float64
+// per-channel sums of the conv output before the epilogue (shape (M,)); otherwise empty
+// float64 tensors. sliced_conv2d is the case K = 1, offset 0, in_width = x.size(1).
+//
+// Layouts. x may have any strides (NCHW, channels_last, a channel-slice view, ...). The
+// output is always a new NCHW-contiguous (N, M, H', W') tensor, whatever x's layout; residual
+// must have that shape (any layout; a non-contiguous one is copied). scale, shift (1-D, M
+// values), prelu_slope and residual of another floating dtype are converted to x's dtype.
+// Bad arguments raise ValueError, bad dtypes TypeError.
+//
+// Algorithm: an implicit GEMM per image, C[row, pixel] = sum_k A[row, k] * B[k, pixel],
+// k = (ci, i, j) running over the candidate's in_width * kh * kw taps.
+//  * B is never materialised (no im2col). Per image, the channels a group of candidates
+//    reads are copied once into a zero-padded scratch in which stride phases are split
+//    (column c of a padded row sits at (c % stride) * phase_len + c / stride). Then the input
+//    of tap k for kLanes consecutive output pixels of one output row is a contiguous vector
+//    at (vector base + tap offset): both tables are built once per call, and one loop serves
+//    3x3/1x1 (any kh x kw), stride 1/2 (any), any padding. A 1x1 stride-1 unpadded conv on
+//    rows of unit stride reads x in place (no copy). The copy prefetches its source rows
+//    ahead, into the next image too.
+//  * A is packed per call into panels of kRows rows x depth (the weights are tiny next to the
+//    activations: this is the only copy of them). Consecutive candidates with the same input
+//    offset form a segment and share the scratch; their rows are blocked together, a block's
+//    depth being its widest row's, zero-padded for the narrower rows. So K children of one
+//    prefix-tree node (one input, different widths) cost one input copy per image and run
+//    as one tall GEMM.
+//  * Micro-kernel (conv_kernel.h): kRows x kVecs register tile (4 x 3 vectors of 8 floats or
+//    4 doubles with AVX2+FMA: 12 accumulators, 3 input loads + 4 weight broadcasts per 12
+//    FMAs; it runs at ~90 GFLOP/s on one core of the development VM, about the FMA peak).
+//    The epilogue (scale/shift FMA, residual, ReLU/PReLU), the statistics (widened to float64
+//    in registers) and the store are applied to the registers: the output is written once.
+//  * Loop order per image and segment: groups of blocks whose packed weights fit in L2
+//    (kPanelKiB), then pixel blocks (kVecs vectors; their input stays in L1), then the
+//    group's blocks.
+//  * Threads: at::parallel_for over items = (image, range of blocks); ranges of blocks only
+//    when there are fewer images than 4 per thread. Every output value is computed by one
+//    tile in one fixed order, and the statistics are accumulated per (image, channel) in a
+//    fixed order and added over images in order: results are bitwise identical for any
+//    number of threads. (The AVX2 and the portable version differ: FMA vs multiply-add.)
+//  * Outputs of >= 8 MiB are madvise(MADV_HUGEPAGE)d before the first write: a fresh output
+//    of hundreds of MiB otherwise spends more time in page faults than in the convolution.
+//  * ISA: conv_avx2.cpp (target attribute, chosen at run time when the CPU has AVX2 and
+//    FMA) and conv_generic.cpp (portable) compile the same kernel (conv_kernel.h).
+//    FASTSUPERNET_CPU_KERNEL=generic forces the portable one.
+//
+// Error bounds (u = 2^-24 for float32, 2^-53 for float64; d = in_width * kh * kw of the
+// element's candidate; A = sum over the d taps of |w| |x|):
+//  * conv output before the epilogue: one sequential chain of d fused multiply-adds from 0,
+//    |y - exact| <= d u A / (1 - d u) (2 d u A for the portable version, which rounds the
+//    product and the sum). Zero-padded weights of a merged block add exact zeros.
+//  * epilogue: at most 3 more roundings (scale/shift as one FMA, or two roundings in the
+//    portable version and on the last short vector of a row; + residual; PReLU product),
+//    each relative to the value at that point.
+//  * statistics: the float32 (or float64) outputs before the epilogue, widened to float64
+//    (squares of float32 values are exact), added in a fixed order; for n = N H' W' values
+//    per channel the float64 sums are within (n + 8) 2^-53 sum|y| (and sum y^2) of the
+//    exact sums of those values; relative to the exact conv they inherit sum_i |y_i - exact|.
+// For Track-1 shapes (d <= 576) the float32 output is within ~3.5e-5 A of the exact value in
+// the worst case, typically ~1e-6 A; tests/test_conv_cpu.py checks these bounds per element.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cpu/conv_plan.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace fastsupernet {
+namespace {
+
+using conv::Block;
+using conv::Blocking;
+using conv::ConvJob;
+using conv::Segment;
+
+// Below this many multiply-adds the whole call runs on the calling thread.
+constexpr int64_t kParallelMinMacs = int64_t{1} << 21;
+// Work items per thread wanted when there are fewer images than that (rows are split then).
+constexpr int64_t kItemsPerThread = 4;
+
+inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Packed weights of one group of blocks (see conv_kernel.h): well inside a 512 KiB L2.
+constexpr int64_t kPanelKiB = 128;
+// Outputs of at least this many bytes are backed by transparent huge pages where possible.
+constexpr int64_t kHugePageMinBytes = int64_t{8} << 20;
+
+// A fresh output of hundreds of MiB comes straight from mmap, and first-touch page faults
+// then cost several times the writes themselves (measured: 537 MiB, fresh + fill 475 ms,
+// refill 100 ms, on the development VM). Asking for transparent huge pages on the 2 MiB
+// aligned interior cuts that to about 140 ms. Advisory only: no effect where THP is
+// disabled, and memory the allocator recycles is already mapped.
+void advise_huge_pages(void* data, int64_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (nbytes < kHugePageMinBytes) return;
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(nbytes)) & ~(kHuge - 1);
+  if (end > begin) {
+    (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#else
+  (void)data;
+  (void)nbytes;
+#endif
+}
+
+int parse_activation(const char* op, c10::string_view activation) {
+  if (activation == "none") return conv::kActNone;
+  if (activation == "relu") return conv::kActRelu;
+  if (activation == "prelu") return conv::kActPrelu;
+  TORCH_CHECK_VALUE(false, op, "activation must be 'none', 'relu' or 'prelu', got '",
+                    std::string(activation.data(), activation.size()), "'");
+  return conv::kActNone;
+}
+
+// FASTSUPERNET_CPU_KERNEL=generic forces the portable kernel (read at every call).
+bool use_avx2() {
+  static const bool cpu_ok = conv::cpu_has_avx2_fma();
+  if (!cpu_ok) return false;
+  const char* env = std::getenv("FASTSUPERNET_CPU_KERNEL");
+  return env == nullptr || std::strcmp(env, "generic") != 0;
+}
+
+// A 1-D per-row tensor (scale, shift) as a contiguous tensor of the compute dtype.
+at::Tensor per_row(const char* op, const c10::optional<at::Tensor>& t, const char* name, int64_t M,
+                   at::ScalarType dtype) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == M, op, name, " must have shape (", M,
+                    ",) (one value per output channel), got ", t->sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, name, " must be a floating-point tensor, got ",
+                   t->scalar_type());
+  TORCH_CHECK_VALUE(t->device().is_cpu(), op, name, " must be a CPU tensor");
+  return t->to(dtype).contiguous();
+}
+
+template <typename T>
+void run_job(const ConvJob<T>& job, int64_t items, int64_t max_width, int64_t macs) {
+  const int64_t scratch_n = conv::scratch_elements(job, max_width);
+  const int64_t lanes_n = conv::lane_elements(job);
+  const bool avx2 = use_avx2();
+  auto body = [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(static_cast<size_t>(scratch_n));
+    std::vector<double> lanes(static_cast<size_t>(lanes_n));
+    if (!(avx2 && conv::run_items_avx2(job, begin, end, scratch.data(), lanes.data()))) {
+      conv::run_items_generic(job, begin, end, scratch.data(), lanes.data());
+    }
+  };
+  if (macs < kParallelMinMacs || items == 1) {
+    body(0, items);
+  } else {
+    at::parallel_for(0, items, 1, body);
+  }
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_impl(
+    const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef in_offsets, at::IntArrayRef in_widths,
+    at::IntArrayRef out_widths, at::IntArrayRef row_offsets, int64_t stride, int64_t padding,
+    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& residual, int activation,
+    const c10::optional<at::Tensor>& prelu_slope, bool stats, int64_t Ho, int64_t Wo) {
+  constexpr int L = Blocking<T>::kLanes;
+  constexpr int MR = Blocking<T>::kRows;
+  const int64_t K = static_cast<int64_t>(in_offsets.size());
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
+  const int64_t kh = weight.size(2), kw = weight.size(3), taps = kh * kw;
+
+  // Rows of each candidate in the packed output.
+  std::vector<int64_t> row_start(static_cast<size_t>(K + 1), 0);
+  for (int64_t k = 0; k < K; ++k) row_start[k + 1] = row_start[k] + out_widths[k];
+  const int64_t M = row_start[K];
+
+  at::Tensor out = at::empty({N, M, Ho, Wo}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor sum, sumsq;
+  if (stats) {
+    sum = at::zeros({M}, x.options().dtype(at::kDouble));
+    sumsq = at::zeros({M}, x.options().dtype(at::kDouble));
+  } else {
+    sum = at::empty({0}, x.options().dtype(at::kDouble));
+    sumsq = at::empty({0}, x.options().dtype(at::kDouble));
+  }
+  if (N == 0) return {out, sum, sumsq};
+  advise_huge_pages(out.mutable_data_ptr(), out.numel() * static_cast<int64_t>(sizeof(T)));
+
+  ConvJob<T> job;
+  job.N = N;
+  job.M = M;
+  job.out_plane = Ho * Wo;
+  job.out = out.mutable_data_ptr<T>();
+  at::Tensor res;
+  if (residual.defined()) {
+    res = residual.to(x.scalar_type()).contiguous();
+    job.residual = res.const_data_ptr<T>();
+  }
+
+  // Input addressing.
+  job.x = x.const_data_ptr<T>();
+  job.x_sN = x.stride(0);
+  job.x_sC = x.stride(1);
+  job.x_sH = x.stride(2);
+  job.x_sW = x.stride(3);
+  job.H = H;
+  job.W = W;
+  job.kh = kh;
+  job.kw = kw;
+  job.stride = stride;
+  job.pad = padding;
+  job.direct = kh == 1 && kw == 1 && stride == 1 && padding == 0 && x.stride(3) == 1 && Wo % L == 0;
+  std::vector<int64_t> copy_rows;
+  std::vector<conv::PhaseRun> phase_runs;
+  if (!job.direct) {
+    const int64_t Wp = W + 2 * padding;
+    job.phase_len = div_up(Wp, stride);
+    job.row_len = job.phase_len * stride;
+    job.scratch_rows = stride * (Ho - 1) + kh;
+    job.scratch_plane = job.scratch_rows * job.row_len;
+    // padded row r holds input row r - padding; output rows read rows stride * oh + i, i < kh
+    for (int64_t r = padding; r < std::min(padding + H, job.scratch_rows); ++r) {
+      if (r % stride < kh) copy_rows.push_back(r);
+    }
+    // phase ph (read by the taps j with j % stride == ph) holds the padded columns
+    // ph + stride * q, i.e. the input columns iw = ph + stride * q - padding
+    for (int64_t ph = 0; ph < std::min(stride, kw); ++ph) {
+      const int64_t q0 = padding > ph ? div_up(padding - ph, stride) : 0;
+      const int64_t iw0 = ph + stride * q0 - padding;
+      if (iw0 >= W) continue;
+      phase_runs.push_back(conv::PhaseRun{ph * job.phase_len + q0, iw0, (W - 1 - iw0) / stride + 1});
+    }
+    job.num_copy_rows = static_cast<int64_t>(copy_rows.size());
+    job.copy_rows = copy_rows.data();
+    job.num_phase_runs = static_cast<int64_t>(phase_runs.size());
+    job.phase_runs = phase_runs.data();
+  }
+
+  // Segments: runs of consecutive candidates with one input offset.
+  std::vector<Segment> segments;
+  std::vector<int64_t> seg_row_end;
+  int64_t max_width = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    if (k == 0 || in_offsets[k] != in_offsets[k - 1]) {
+      segments.push_back(Segment{in_offsets[k], 0, 0, 0});
+      seg_row_end.push_back(row_start[k]);
+    }
+    segments.back().width = std::max(segments.back().width, in_widths[k]);
+    seg_row_end.back() = row_start[k + 1];
+    max_width = std::max(max_width, in_widths[k]);
+  }
+
+  // Candidate of every row.
+  std::vector<int64_t> cand(static_cast<size_t>(M));
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t r = row_start[k]; r < row_start[k + 1]; ++r) cand[r] = k;
+  }
+
+  // Blocks of up to MR rows inside each segment, and their packed weights: panel
+  // a[a_off + k * rows + r] = weight[row_offsets[c] + (row - row_start[c]), tap k] for the
+  // candidate c of row0 + r, zero beyond its depth in_widths[c] * kh * kw.
+  std::vector<Block> blocks;
+  int64_t a_total = 0;
+  {
+    int64_t row = 0;
+    for (size_t s = 0; s < segments.size(); ++s) {
+      segments[s].block_begin = static_cast<int64_t>(blocks.size());
+      for (; row < seg_row_end[s]; row += MR) {
+        Block b;
+        b.row0 = row;
+        b.rows = static_cast<int32_t>(std::min<int64_t>(MR, seg_row_end[s] - row));
+        b.depth = 0;
+        for (int r = 0; r < b.rows; ++r) b.depth = std::max(b.depth, in_widths[cand[row + r]] * taps);
+        b.a_off = a_total;
+        a_total += b.depth * b.rows;
+        blocks.push_back(b);
+      }
+      row = seg_row_end[s];
+      segments[s].block_end = static_cast<int64_t>(blocks.size());
+    }
+  }
+  std::vector<T> a(static_cast<size_t>(a_total), T(0));
+  {
+    const T* w = weight.const_data_ptr<T>();
+    const int64_t s0 = weight.stride(0), s1 = weight.stride(1), s2 = weight.stride(2), s3 = weight.stride(3);
+    for (const Block& b : blocks) {
+      T* panel = a.data() + b.a_off;
+      for (int r = 0; r < b.rows; ++r) {
+        const int64_t row = b.row0 + r, c = cand[row];
+        const T* wrow = w + (row_offsets[c] + row - row_start[c]) * s0;
+        int64_t k = 0;
+        for (int64_t ci = 0; ci < in_widths[c]; ++ci) {
+          for (int64_t i = 0; i < kh; ++i) {
+            for (int64_t j = 0; j < kw; ++j, ++k) panel[k * b.rows + r] = wrow[ci * s1 + i * s2 + j * s3];
+          }
+        }
+      }
+    }
+  }
+  job.num_segments = static_cast<int64_t>(segments.size());
+  job.segments = segments.data();
+  job.num_blocks = static_cast<int64_t>(blocks.size());
+  job.blocks = blocks.data();
+  job.a = a.data();
+  job.panel_values = kPanelKiB * 1024 / static_cast<int64_t>(sizeof(T));
+
+  // Taps: offset of (ci, i, j) in the source planes relative to the tap (0, 0, 0) of a vector.
+  std::vector<int64_t> tap_off(static_cast<size_t>(max_width * taps));
+  for (int64_t ci = 0; ci < max_width; ++ci) {
+    for (int64_t i = 0; i < kh; ++i) {
+      for (int64_t j = 0; j < kw; ++j) {
+        tap_off[(ci * kh + i) * kw + j] =
+            job.direct ? ci * job.x_sC
+                       : ci * job.scratch_plane + i * job.row_len + (j % stride) * job.phase_len + j / stride;
+      }
+    }
+  }
+  job.tap_off = tap_off.data();
+
+  // Output vectors of one image.
+  std::vector<int64_t> vec_src, vec_dst;
+  std::vector<int32_t> vec_len;
+  for (int64_t oh = 0; oh < Ho; ++oh) {
+    for (int64_t ow = 0; ow < Wo; ow += L) {
+      vec_src.push_back(job.direct ? oh * job.x_sH + ow : stride * oh * job.row_len + ow);
+      vec_dst.push_back(oh * Wo + ow);
+      vec_len.push_back(static_cast<int32_t>(std::min<int64_t>(L, Wo - ow)));
+    }
+  }
+  job.num_vecs = static_cast<int64_t>(vec_src.size());
+  job.vec_src = vec_src.data();
+  job.vec_dst = vec_dst.data();
+  job.vec_len = vec_len.data();
+  job.all_vecs_full = Wo % L == 0;
+
+  // Epilogue.
+  job.scale = scale.defined() ? scale.const_data_ptr<T>() : nullptr;
+  job.shift = shift.defined() ? shift.const_data_ptr<T>() : nullptr;
+  job.activation = activation;
+  std::vector<T> slope;
+  if (activation == conv::kActPrelu) {
+    const at::Tensor ps = prelu_slope->to(at::kDouble).contiguous();
+    const double* p = ps.const_data_ptr<double>();
+    slope.resize(static_cast<size_t>(M));
+    for (int64_t r = 0; r < M; ++r) slope[r] = static_cast<T>(p[cand[r]]);
+    job.slope = slope.data();
+  }
+
+  std::vector<double> part_sum, part_sq;
+  if (stats) {
+    part_sum.assign(static_cast<size_t>(N * M), 0.0);
+    part_sq.assign(static_cast<size_t>(N * M), 0.0);
+    job.part_sum = part_sum.data();
+    job.part_sq = part_sq.data();
+  }
+
+  // Work items: images, and when there are fewer images than wanted, ranges of blocks too.
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t want = threads * kItemsPerThread;
+  const int64_t chunks = N >= want ? 1 : std::min<int64_t>(job.num_blocks, div_up(want, N));
+  job.blocks_per_chunk = div_up(job.num_blocks, chunks);
+  job.block_chunks = div_up(job.num_blocks, job.blocks_per_chunk);
+  const int64_t items = N * job.block_chunks;
+
+  int64_t macs_per_pixel = 0;
+  for (const Block& b : blocks) macs_per_pixel += b.depth * b.rows;
+  run_job(job, items, max_width, macs_per_pixel * N * Ho * Wo);
+
+  if (stats) {
+    double* s = sum.mutable_data_ptr<double>();
+    double* q = sumsq.mutable_data_ptr<double>();
+    for (int64_t n = 0; n < N; ++n) {
+      const double* ps = part_sum.data() + n * M;
+      const double* pq = part_sq.data() + n * M;
+      for (int64_t r = 0; r < M; ++r) {
+        s[r] += ps[r];
+        q[r] += pq[r];
+      }
+    }
+  }
+  return {out, sum, sumsq};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_checked(
+    const char* op, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef in_offsets,
+    at::IntArrayRef in_widths, at::IntArrayRef out_widths, at::IntArrayRef row_offsets, int64_t stride,
+    int64_t padding, const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+    const c10::optional<at::Tensor>& residual, c10::string_view activation,
+    const c10::optional<at::Tensor>& prelu_slope, bool stats) {
+  TORCH_CHECK_VALUE(x.dim() == 4, op, "x must be (N, C, H, W), got ", x.dim(), " dimensions");
+  TORCH_CHECK_VALUE(weight.dim() == 4, op, "weight must be (R, C_max, kh, kw), got ", weight.dim(), " dimensions");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+                   "x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, "weight dtype ", weight.scalar_type(),
+                   " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK_VALUE(weight.device().is_cpu(), op, "weight must be a CPU tensor");
+  const int64_t K = static_cast<int64_t>(in_offsets.size());
+  TORCH_CHECK_VALUE(K >= 1, op, "at least one candidate is needed");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(in_widths.size()) == K && static_cast<int64_t>(out_widths.size()) == K &&
+                        static_cast<int64_t>(row_offsets.size()) == K,
+                    op, "in_offsets, in_widths, out_widths and row_offsets must have one entry per candidate, got ",
+                    K, ", ", in_widths.size(), ", ", out_widths.size(), " and ", row_offsets.size());
+  TORCH_CHECK_VALUE(stride >= 1, op, "stride must be >= 1, got ", stride);
+  TORCH_CHECK_VALUE(padding >= 0, op, "padding must be >= 0, got ", padding);
+  const int64_t C = x.size(1), R = weight.size(0), Cmax = weight.size(1);
+  const int64_t kh = weight.size(2), kw = weight.size(3);
+  TORCH_CHECK_VALUE(kh >= 1 && kw >= 1, op, "empty kernel ", weight.sizes());
+  int64_t M = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    TORCH_CHECK_VALUE(in_widths[k] >= 1 && in_offsets[k] >= 0 && in_offsets[k] + in_widths[k] <= C, op,
+                      "candidate ", k, " reads input channels [", in_offsets[k], ", ", in_offsets[k] + in_widths[k],
+                      ") of an input with ", C, " channels");
+    TORCH_CHECK_VALUE(in_widths[k] <= Cmax, op, "candidate ", k, " reads ", in_widths[k],
+                      " input channels, the packed weight has only ", Cmax, " columns");
+    TORCH_CHECK_VALUE(out_widths[k] >= 1 && row_offsets[k] >= 0 && row_offsets[k] + out_widths[k] <= R, op,
+                      "candidate ", k, " uses weight rows [", row_offsets[k], ", ", row_offsets[k] + out_widths[k],
+                      ") of a packed weight with ", R, " rows");
+    M += out_widths[k];
+  }
+  const int64_t Hp = x.size(2) + 2 * padding, Wp = x.size(3) + 2 * padding;
+  TORCH_CHECK_VALUE(Hp >= kh && Wp >= kw, op, "kernel ", kh, "x", kw, " larger than the padded input ", Hp, "x", Wp);
+  const int64_t Ho = (Hp - kh) / stride + 1, Wo = (Wp - kw) / stride + 1;
+
+  const int act = parse_activation(op, activation);
+  if (act == conv::kActPrelu) {
+    TORCH_CHECK_VALUE(prelu_slope.has_value() && prelu_slope->defined(), op, "activation 'prelu' needs prelu_slope");
+    TORCH_CHECK_VALUE(prelu_slope->numel() == K, op, "prelu_slope must have one value per candidate (", K,
+                      "), got ", prelu_slope->numel());
+    TORCH_CHECK_TYPE(at::isFloatingType(prelu_slope->scalar_type()), op, "prelu_slope must be floating point");
+  }
+  const at::Tensor sc = per_row(op, scale, "scale", M, x.scalar_type());
+  const at::Tensor sh = per_row(op, shift, "shift", M, x.scalar_type());
+  at::Tensor res;
+  if (residual.has_value() && residual->defined()) {
+    res = *residual;
+    TORCH_CHECK_VALUE(res.dim() == 4 && res.size(0) == x.size(0) && res.size(1) == M && res.size(2) == Ho &&
+                          res.size(3) == Wo,
+                      op, "residual must have the output shape (", x.size(0), ", ", M, ", ", Ho, ", ", Wo,
+                      "), got ", res.sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(res.scalar_type()), op, "residual must be floating point");
+    TORCH_CHECK_VALUE(res.device().is_cpu(), op, "residual must be a CPU tensor");
+  }
+
+  if (x.scalar_type() == at::kFloat) {
+    return multi_conv2d_impl<float>(x, weight, in_offsets, in_widths, out_widths, row_offsets, stride, padding, sc,
+                                    sh, res, act, prelu_slope, stats, Ho, Wo);
+  }
+  return multi_conv2d_impl<double>(x, weight, in_offsets, in_widths, out_widths, row_offsets, stride, padding, sc, sh,
+                                   res, act, prelu_slope, stats, Ho, Wo);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_cpu(
+    const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef in_offsets, at::IntArrayRef in_widths,
+    at::IntArrayRef out_widths, at::IntArrayRef row_offsets, int64_t stride, int64_t padding,
+    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+    const c10::optional<at::Tensor>& residual, c10::string_view activation,
+    const c10::optional<at::Tensor>& prelu_slope, bool stats) {
+  return multi_conv2d_checked("fastsupernet::multi_conv2d: ", x, weight, in_offsets, in_widths, out_widths,
+                              row_offsets, stride, padding, scale, shift, residual, activation, prelu_slope, stats);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sliced_conv2d_cpu(
+    const at::Tensor& x, const at::Tensor& weight, int64_t out_rows, int64_t row_offset, int64_t stride,
+    int64_t padding, const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+    const c10::optional<at::Tensor>& residual, c10::string_view activation,
+    const c10::optional<at::Tensor>& prelu_slope, bool stats) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "fastsupernet::sliced_conv2d: x must be (N, C, H, W), got ", x.dim(),
+                    " dimensions");
+  const int64_t zero = 0, width = x.size(1);
+  return multi_conv2d_checked("fastsupernet::sliced_conv2d: ", x, weight, at::IntArrayRef(&zero, 1),
+                              at::IntArrayRef(&width, 1), at::IntArrayRef(&out_rows, 1),
+                              at::IntArrayRef(&row_offset, 1), stride, padding, scale, shift, residual, activation,
+                              prelu_slope, stats);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastsupernet, CPU, m) {
+  m.impl("multi_conv2d", &multi_conv2d_cpu);
+  m.impl("sliced_conv2d", &sliced_conv2d_cpu);
+}
+
+}  // namespace fastsupernet

@@ -1,0 +1,354 @@
+// Micro-kernel and item loop of the CPU multi_conv2d, written once and compiled once per
+// instruction set. The including file defines, before including this header:
+//   FSN_TARGET   the function attribute of its instruction set (empty for the generic build)
+//   FSN_INLINE   a forced-inline attribute
+//   Vec<T>       in namespace fastsupernet::conv::(anonymous), for T = float and double:
+//                register type R, lanes L, and zero/load/store/bcast/set1/fma/add/mul/relu/
+//                prelu/copy/copy_even, and statistics accumulators S with stats_zero/stats_add/
+//                stats_flush (see conv_generic.cpp for the reference definitions).
+// Everything here has internal linkage: each instruction set gets its own copy, and no
+// template of this file is shared (ODR) with code compiled for another target.
+//
+// No torch header may be included here.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+#include "cpu/conv_plan.h"
+
+namespace fastsupernet {
+namespace conv {
+namespace {
+
+#if defined(__GNUC__) || defined(__clang__)
+#define FSN_NOINLINE __attribute__((noinline))
+#define FSN_PREFETCH(p) __builtin_prefetch((p), 0, 3)
+#else
+#define FSN_NOINLINE
+#define FSN_PREFETCH(p) ((void)(p))
+#endif
+
+template <typename T>
+struct TileArgs {
+  const T* a;               // packed (depth, rows) weight panel
+  int64_t depth;            // reduction length
+  const T* b[8];            // per vector: source of lane 0 of tap 0
+  const int64_t* tap;       // per tap: offset from b[v]
+  T* out;                   // output plane of the block's first row (this image)
+  const T* res;             // residual plane of the same row, or nullptr
+  int64_t plane;            // Ho * Wo: distance between rows
+  const int64_t* dst;       // per vector: offset in the plane
+  const int32_t* len;       // per vector: valid lanes
+  const T* scale;           // per row (from the block's first row), or nullptr
+  const T* shift;
+  const T* slope;
+  int act;
+  double* lanes;            // per row: kStatLanes sums then kStatLanes sums of squares, or nullptr
+};
+
+template <typename T>
+FSN_INLINE T epilogue_scalar(T y, const TileArgs<T>& t, int r, int64_t pos) {
+  if (t.scale != nullptr) y = y * t.scale[r];
+  if (t.shift != nullptr) y = y + t.shift[r];
+  if (t.res != nullptr) y = y + t.res[r * t.plane + pos];
+  if (t.act == kActRelu) {
+    y = y > T(0) ? y : (y == y ? T(0) : y);  // NaN stays NaN
+  } else if (t.act == kActPrelu) {
+    y = y >= T(0) ? y : y * t.slope[r];
+  }
+  return y;
+}
+
+// Epilogue, statistics and store of the first len[v] values of vals (row r, vector v).
+template <typename T>
+FSN_NOINLINE void store_short(const T* vals, const TileArgs<T>& t, int r, int v) {
+  double* ls = t.lanes != nullptr ? t.lanes + r * 2 * kStatLanes : nullptr;
+  T* orow = t.out + r * t.plane;
+  const int64_t d = t.dst[v];
+  for (int i = 0; i < t.len[v]; ++i) {
+    const T y = vals[i];
+    if (ls != nullptr) {
+      const double w = static_cast<double>(y);
+      ls[i] += w;
+      ls[kStatLanes + i] += w * w;
+    }
+    orow[d + i] = epilogue_scalar(y, t, r, d + i);
+  }
+}
+
+// One register tile: MR rows x NV vectors. Accumulates sum_k a[k][r] * src_v[tap[k]] in the
+// order k = 0, 1, ..., depth - 1 (one fused multiply-add per term where the ISA has FMA),
+// then applies the epilogue, updates the statistics and stores.
+template <typename T, int MR, int NV>
+FSN_TARGET void tile(const TileArgs<T>& t) {
+  using V = Vec<T>;
+  using R = typename V::R;
+  constexpr int L = V::L;
+
+  R acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  }
+  const T* __restrict a = t.a;
+  const int64_t* __restrict tap = t.tap;
+  const T* b[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) b[v] = t.b[v];
+
+  const int64_t depth = t.depth;
+  if constexpr (MR * NV + NV + 1 <= 16) {
+    // NV input vectors live across the MR rows; one broadcast weight at a time
+    for (int64_t k = 0; k < depth; ++k) {
+      const int64_t o = tap[k];
+      R bv[NV];
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) bv[v] = V::load(b[v] + o);
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        const R av = V::bcast(a + r);
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(av, bv[v], acc[r][v]);
+      }
+      a += MR;
+    }
+  } else {
+    // (too many registers for the order above) MR broadcast weights live across the NV
+    // vectors; one input vector at a time. Same products, same order per accumulator.
+    for (int64_t k = 0; k < depth; ++k) {
+      const int64_t o = tap[k];
+      R av[MR];
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) av[r] = V::bcast(a + r);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) {
+        const R bv = V::load(b[v] + o);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) acc[r][v] = V::fma(av[r], bv, acc[r][v]);
+      }
+      a += MR;
+    }
+  }
+
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    T* orow = t.out + r * t.plane;
+    const T* rrow = t.res != nullptr ? t.res + r * t.plane : nullptr;
+    double* ls = t.lanes != nullptr ? t.lanes + r * 2 * kStatLanes : nullptr;
+    const R sc = V::set1(t.scale != nullptr ? t.scale[r] : T(1));
+    const R sh = V::set1(t.shift != nullptr ? t.shift[r] : T(0));
+    const R sl = V::set1(t.slope != nullptr ? t.slope[r] : T(0));
+    typename V::S vs = V::stats_zero(), vq = V::stats_zero();
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      const int64_t d = t.dst[v];
+      if (t.len[v] == L) {
+        R y = acc[r][v];
+        if (ls != nullptr) V::stats_add(vs, vq, y);
+        if (t.scale != nullptr) {
+          y = t.shift != nullptr ? V::fma(y, sc, sh) : V::mul(y, sc);
+        } else if (t.shift != nullptr) {
+          y = V::add(y, sh);
+        }
+        if (rrow != nullptr) y = V::add(y, V::load(rrow + d));
+        if (t.act == kActRelu) {
+          y = V::relu(y);
+        } else if (t.act == kActPrelu) {
+          y = V::prelu(y, sl);
+        }
+        V::store(orow + d, y);
+      } else {
+        // Short vector at the end of an output row: the lanes beyond len[v] were computed
+        // from neighbouring input values and are dropped.
+        alignas(64) T tmp[L];
+        V::store(tmp, acc[r][v]);
+        store_short(tmp, t, r, v);
+      }
+    }
+    if (ls != nullptr) V::stats_flush(ls, ls + kStatLanes, vs, vq);
+  }
+}
+
+template <typename T>
+using TileFn = void (*)(const TileArgs<T>&);
+
+template <typename T, int MR, int... Vs>
+constexpr std::array<TileFn<T>, sizeof...(Vs)> tile_row(std::integer_sequence<int, Vs...>) {
+  return {{&tile<T, MR, Vs + 1>...}};
+}
+
+template <typename T, int... Rs>
+constexpr std::array<std::array<TileFn<T>, Blocking<T>::kVecs>, sizeof...(Rs)> tile_table(
+    std::integer_sequence<int, Rs...>) {
+  return {{tile_row<T, Rs + 1>(std::make_integer_sequence<int, Blocking<T>::kVecs>())...}};
+}
+
+// Rows of the input the scratch copy prefetches ahead of the one it copies.
+constexpr int64_t kPrefetchRows = 32;
+
+// Position (image, segment, channel, copy row) of the source row the scratch copy prefetches
+// next. It runs through the copy rows of the segment's channels in copy order, then on into
+// the next segment (the next copy of this image) and into the first segment of the next image.
+struct PrefetchCursor {
+  int64_t n, seg, c, ri;
+};
+
+template <typename T>
+FSN_INLINE void prefetch_next(const ConvJob<T>& j, int64_t n_end, PrefetchCursor& p) {
+  if (p.n >= n_end) return;
+  const Segment& seg = j.segments[p.seg];
+  const char* row = reinterpret_cast<const char*>(j.x + p.n * j.x_sN + (seg.channel0 + p.c) * j.x_sC +
+                                                  (j.copy_rows[p.ri] - j.pad) * j.x_sH);
+  const int64_t bytes = j.W * static_cast<int64_t>(sizeof(T));
+  for (int64_t b = 0; b < bytes; b += 64) FSN_PREFETCH(row + b);
+  if (++p.ri < j.num_copy_rows) return;
+  p.ri = 0;
+  if (++p.c < seg.width) return;
+  p.c = 0;
+  if (++p.seg < j.num_segments) return;
+  p.seg = 0;
+  ++p.n;
+}
+
+// Copies the channels segment si reads, of image n, into the padded, phase-split scratch.
+//
+// Only the positions that hold input values are written: the scratch is zeroed once when it
+// is allocated, and the padding positions are the same for every image and segment of a
+// call, so they stay zero. Rows and stride phases that no tap reads (kh < stride, or
+// kw < stride, as in a strided 1x1 conv) are skipped. The source rows are prefetched
+// kPrefetchRows copy steps ahead (the rows a strided conv skips defeat the hardware
+// prefetcher), continuing into the next segment or image so that its first rows arrive
+// while this one is computed.
+template <typename T>
+FSN_TARGET void build_scratch(const ConvJob<T>& j, int64_t n, int64_t si, T* __restrict s) {
+  const int64_t W = j.W, pad = j.pad, row_len = j.row_len, sW = j.x_sW, sH = j.x_sH;
+  const int64_t c0 = j.segments[si].channel0, width = j.segments[si].width;
+  const bool prefetch = sW == 1 && j.num_copy_rows > 0;
+  const int64_t n_end = std::min(n + 2, j.N);
+  PrefetchCursor pf{n, si, 0, 0};
+  if (prefetch) {
+    for (int64_t i = 0; i < kPrefetchRows; ++i) prefetch_next(j, n_end, pf);
+  }
+  for (int64_t c = 0; c < width; ++c) {
+    const T* src = j.x + n * j.x_sN + (c0 + c) * j.x_sC;
+    T* plane = s + c * j.scratch_plane;
+    for (int64_t ri = 0; ri < j.num_copy_rows; ++ri) {
+      if (prefetch) prefetch_next(j, n_end, pf);
+      const int64_t r = j.copy_rows[ri];
+      const T* __restrict srow = src + (r - pad) * sH;
+      T* __restrict row = plane + r * row_len;
+      if (j.stride == 1) {
+        if (sW == 1) {
+          Vec<T>::copy(row + pad, srow, W);
+        } else {
+          for (int64_t iw = 0; iw < W; ++iw) row[pad + iw] = srow[iw * sW];
+        }
+        continue;
+      }
+      for (int64_t p = 0; p < j.num_phase_runs; ++p) {
+        const PhaseRun& run = j.phase_runs[p];
+        T* __restrict dst = row + run.dst;
+        const T* __restrict from = srow + run.src * sW;
+        const int64_t count = run.count;
+        if (sW == 1 && j.stride == 2) {
+          Vec<T>::copy_even(dst, from, count);
+        } else {
+          const int64_t stride_w = j.stride * sW;
+          for (int64_t t = 0; t < count; ++t) dst[t] = from[t * stride_w];
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+FSN_TARGET void run_items_impl(const ConvJob<T>& j, int64_t begin, int64_t end, T* scratch, double* lanes) {
+  constexpr int NV = Blocking<T>::kVecs;
+  static constexpr auto table =
+      tile_table<T>(std::make_integer_sequence<int, Blocking<T>::kRows>());
+  const bool stats = j.part_sum != nullptr;
+  const int64_t plane = j.out_plane;
+
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t n = item / j.block_chunks;
+    const int64_t chunk = item - n * j.block_chunks;
+    const int64_t blo = chunk * j.blocks_per_chunk;
+    const int64_t bhi = std::min(j.num_blocks, blo + j.blocks_per_chunk);
+    if (blo >= bhi) continue;
+    const int64_t row_lo = j.blocks[blo].row0;
+    const int64_t row_hi = j.blocks[bhi - 1].row0 + j.blocks[bhi - 1].rows;
+    if (stats) std::fill(lanes, lanes + (row_hi - row_lo) * 2 * kStatLanes, 0.0);
+    T* out_img = j.out + n * j.M * plane;
+    const T* res_img = j.residual != nullptr ? j.residual + n * j.M * plane : nullptr;
+
+    for (int64_t si = 0; si < j.num_segments; ++si) {
+      const Segment& seg = j.segments[si];
+      const int64_t b0 = std::max(seg.block_begin, blo);
+      const int64_t b1 = std::min(seg.block_end, bhi);
+      if (b0 >= b1) continue;
+      const T* src;
+      if (j.direct) {
+        src = j.x + n * j.x_sN + seg.channel0 * j.x_sC;
+      } else {
+        build_scratch(j, n, si, scratch);
+        src = scratch;
+      }
+      TileArgs<T> t;
+      t.tap = j.tap_off;
+      t.plane = plane;
+      t.act = j.activation;
+      // Blocks are taken in groups whose packed weights stay in the L2 cache while every
+      // pixel block of the image passes by; within a group, each pixel block's input stays
+      // in L1 across the group's blocks.
+      for (int64_t g0 = b0; g0 < b1;) {
+        int64_t g1 = g0 + 1;
+        int64_t values = j.blocks[g0].depth * j.blocks[g0].rows;
+        while (g1 < b1 && values + j.blocks[g1].depth * j.blocks[g1].rows <= j.panel_values) {
+          values += j.blocks[g1].depth * j.blocks[g1].rows;
+          ++g1;
+        }
+        for (int64_t pv = 0; pv < j.num_vecs; pv += NV) {
+          const int nv = static_cast<int>(std::min<int64_t>(NV, j.num_vecs - pv));
+          for (int v = 0; v < nv; ++v) t.b[v] = src + j.vec_src[pv + v];
+          t.dst = j.vec_dst + pv;
+          t.len = j.vec_len + pv;
+          for (int64_t bi = g0; bi < g1; ++bi) {
+            const Block& blk = j.blocks[bi];
+            t.a = j.a + blk.a_off;
+            t.depth = blk.depth;
+            t.out = out_img + blk.row0 * plane;
+            t.res = res_img != nullptr ? res_img + blk.row0 * plane : nullptr;
+            t.scale = j.scale != nullptr ? j.scale + blk.row0 : nullptr;
+            t.shift = j.shift != nullptr ? j.shift + blk.row0 : nullptr;
+            t.slope = j.slope != nullptr ? j.slope + blk.row0 : nullptr;
+            t.lanes = stats ? lanes + (blk.row0 - row_lo) * 2 * kStatLanes : nullptr;
+            table[blk.rows - 1][nv - 1](t);
+          }
+        }
+        g0 = g1;
+      }
+    }
+
+    if (stats) {
+      for (int64_t row = row_lo; row < row_hi; ++row) {
+        const double* ls = lanes + (row - row_lo) * 2 * kStatLanes;
+        double s = 0.0, q = 0.0;
+        for (int l = 0; l < kStatLanes; ++l) {
+          s += ls[l];
+          q += ls[kStatLanes + l];
+        }
+        j.part_sum[n * j.M + row] = s;
+        j.part_sq[n * j.M + row] = q;
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace conv
+}  // namespace fastsupernet

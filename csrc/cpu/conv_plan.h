@@ -1,0 +1,146 @@
+// Plan of one fastsupernet::multi_conv2d call on CPU, shared by the host code (conv.cpp) and
+// the per-instruction-set kernels (conv_avx2.cpp, conv_generic.cpp).
+//
+// This header is plain C++ (no torch): the kernels are compiled with function-level target
+// attributes, and nothing from torch may be instantiated inside them.
+//
+// Vocabulary (see conv.cpp for the algorithm):
+//   row      one output channel of the packed output, 0 <= row < M = sum(out_widths)
+//   segment  a run of consecutive candidates with the same input offset; its rows share one
+//            source of input planes per image
+//   block    up to kRows<T> consecutive rows of a segment, computed together; the block's
+//            weights are packed as a (depth, rows) panel, zero beyond each row's own depth
+//   vector   kLanes<T> consecutive output pixels of one output row (fewer at the end of a
+//            row when the output width is not a multiple of kLanes<T>)
+//   item     one unit of parallel work: one image and a contiguous range of blocks
+#pragma once
+
+#include <cstdint>
+
+namespace fastsupernet {
+namespace conv {
+
+// Register tile of the micro-kernel: kRows rows x kVecs vectors of kLanes values. Both
+// instruction-set versions use the same blocking, so the plan does not depend on the ISA.
+template <typename T>
+struct Blocking;
+template <>
+struct Blocking<float> {
+  static constexpr int kLanes = 8;
+  static constexpr int kRows = 4;
+  static constexpr int kVecs = 3;
+};
+template <>
+struct Blocking<double> {
+  static constexpr int kLanes = 4;
+  static constexpr int kRows = 4;
+  static constexpr int kVecs = 3;
+};
+
+enum Activation : int { kActNone = 0, kActRelu = 1, kActPrelu = 2 };
+
+// Statistics accumulators per row in a thread's `lanes` buffer: kStatLanes float64 partial
+// sums, then kStatLanes partial sums of squares (an instruction set uses as many as it likes).
+constexpr int kStatLanes = 8;
+
+struct Segment {
+  int64_t channel0;     // first channel of x the segment reads
+  int64_t width;        // channels read (the widest candidate of the segment)
+  int64_t block_begin;  // blocks [block_begin, block_end) of the plan
+  int64_t block_end;
+};
+
+struct Block {
+  int64_t row0;   // first row
+  int64_t depth;  // reduction length: max over its rows of in_width * kh * kw
+  int64_t a_off;  // offset of the packed (depth, rows) panel in ConvJob::a
+  int32_t rows;   // 1..kRows
+};
+
+// In a strided scratch row, stride phase ph holds the input columns iw = src, src + stride, ...
+// (count of them) at positions dst, dst + 1, ... of the row.
+struct PhaseRun {
+  int64_t dst, src, count;
+};
+
+template <typename T>
+struct ConvJob {
+  // Output: (N, M, Ho, Wo) contiguous; residual (if any) has the same shape and layout.
+  int64_t N = 0, M = 0, out_plane = 0;  // out_plane = Ho * Wo
+  T* out = nullptr;
+  const T* residual = nullptr;
+
+  // Output vectors of one image, in row-major order; identical for every image.
+  int64_t num_vecs = 0;
+  const int64_t* vec_src = nullptr;  // offset of lane 0's input (tap 0) in the source planes
+  const int64_t* vec_dst = nullptr;  // offset of lane 0 in an output plane
+  const int32_t* vec_len = nullptr;  // lanes used, 1..kLanes
+  bool all_vecs_full = true;
+
+  // Offset of tap k = (ci * kh + i) * kw + j in the source planes, relative to vec_src.
+  const int64_t* tap_off = nullptr;
+
+  // Input x (element strides), and how the source planes are made from it.
+  const T* x = nullptr;
+  int64_t x_sN = 0, x_sC = 0, x_sH = 0, x_sW = 0, H = 0, W = 0, kh = 1, kw = 1;
+  // direct: the source planes are x's own planes (1x1, stride 1, no padding, unit W stride).
+  // Otherwise, per image and segment, the channels are copied into a zero-padded scratch of
+  // `width` planes of `scratch_plane` values: padded row r (r < scratch_rows) holds stride
+  // phases of `phase_len` values each; padded column c sits at (c % stride) * phase_len + c / stride.
+  // The scratch must be zero-filled when allocated: only input positions are written, the
+  // same ones for every image and segment, so the padding stays zero. Rows no tap reads
+  // (kh < stride) and phases no tap reads (kw < stride) are not written: copy_rows lists the
+  // padded rows to fill, phase_runs the pieces of a row (strided convs only).
+  bool direct = false;
+  int64_t stride = 1, pad = 0, phase_len = 0, row_len = 0, scratch_rows = 0, scratch_plane = 0;
+  int64_t num_copy_rows = 0;
+  const int64_t* copy_rows = nullptr;
+  int64_t num_phase_runs = 0;
+  const PhaseRun* phase_runs = nullptr;
+
+  // Segments, blocks, packed weights.
+  int64_t num_segments = 0;
+  const Segment* segments = nullptr;
+  int64_t num_blocks = 0;
+  const Block* blocks = nullptr;
+  const T* a = nullptr;
+  // Blocks are processed in groups of at most this many packed weight values (one block at least).
+  int64_t panel_values = 1;
+
+  // Epilogue, per row (nullptr: absent).
+  const T* scale = nullptr;
+  const T* shift = nullptr;
+  const T* slope = nullptr;  // per-row copy of the candidate's PReLU slope
+  int activation = kActNone;
+
+  // Statistics: when non-null, item (n, .) writes sum/sumsq of its rows to [n * M + row].
+  double* part_sum = nullptr;
+  double* part_sq = nullptr;
+
+  // Work items: item = n * block_chunks + chunk; a chunk is blocks_per_chunk blocks.
+  int64_t block_chunks = 1, blocks_per_chunk = 1;
+};
+
+// Scratch values (T) and statistics lanes (double) one thread needs for run_items.
+template <typename T>
+inline int64_t scratch_elements(const ConvJob<T>& job, int64_t max_width) {
+  if (job.direct) return 0;
+  // + a margin: the lanes beyond the end of a short vector read past the last plane
+  return max_width * job.scratch_plane + job.row_len + 4 * Blocking<T>::kLanes;
+}
+template <typename T>
+inline int64_t lane_elements(const ConvJob<T>& job) {
+  return job.M * 2 * kStatLanes;
+}
+
+// Kernels: process items [begin, end). `scratch` and `lanes` are per-thread buffers of the
+// sizes above. The AVX2 entry points return false (doing nothing) when the binary has no
+// AVX2 version; callers check the CPU first.
+bool run_items_avx2(const ConvJob<float>& job, int64_t begin, int64_t end, float* scratch, double* lanes);
+bool run_items_avx2(const ConvJob<double>& job, int64_t begin, int64_t end, double* scratch, double* lanes);
+void run_items_generic(const ConvJob<float>& job, int64_t begin, int64_t end, float* scratch, double* lanes);
+void run_items_generic(const ConvJob<double>& job, int64_t begin, int64_t end, double* scratch, double* lanes);
+bool cpu_has_avx2_fma();
+
+}  // namespace conv
+}  // namespace fastsupernet

@@ -1,0 +1,521 @@
+"""CPU kernels of ``fastsupernet::multi_conv2d`` and ``fastsupernet::sliced_conv2d``.
+
+Oracle: a loop of ``F.conv2d`` in float64 over each candidate's slices of x and of the packed
+weight, then the epilogue (``* scale``, ``+ shift``, ``+ residual``, activation), all in float64.
+The statistics oracle is the float64 per-channel sum and sum of squares of the float64 conv
+output before the epilogue.
+
+Error bounds, per output element (u = 2**-24 for float32, 2**-53 for float64; d = the
+element's reduction length in_width * kh * kw; A = the same conv on |x| and |w|, i.e.
+sum |w| |x| over the d terms):
+
+* conv output: the kernel adds the d products in one sequential chain (one rounding per
+  fused multiply-add, or two without FMA), so ``|y - y_exact| <= 2 d u A``;
+* epilogue: at most four more roundings, each relative to the magnitude the value has then;
+  we propagate ``mag = (A * |scale| + |shift| + |residual|) * max(1, |slope|)`` and allow
+  ``(2 d + 8) u mag`` (for float64 the oracle's own error is of the same order, so we allow
+  twice that). For the float32 shapes here (d <= 576) that is at most ~7e-5 relative to mag,
+  typically ~1e-6: the "rtol ~1e-4 relative to the float64 oracle" of a float32 kernel; for
+  float64 ~1e-13 relative.
+* statistics (float64 accumulation of the output values before the epilogue): the sum over
+  a channel's n values is within ``sum_i e_i + (n + 2) u64 sum_i |y_i|`` of the oracle, e_i the
+  per-element conv bound above; the sum of squares within
+  ``sum_i e_i (2 |y_i| + e_i) + (n + 2) u64 sum_i y_i^2``. Without epilogue the output holds
+  exactly the values the statistics add, and they must match the float64 sums of the output
+  to ``(n + 2) u64`` relative.
+
+Inputs are ``randn * 2 + 0.5`` (never zero; nonzero mean); packed weights have more rows and
+columns than any candidate uses, and candidates start at row offsets > 0. The ops allocate
+their outputs, so instead of poisoning output buffers we check exact shapes, dtypes, layout
+and that every value is finite; a child process checks that no read leaves the input tensors
+(guard pages). The portable kernel (``FASTSUPERNET_CPU_KERNEL=generic``) runs a subset; the
+whole file passes under it too.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastsupernet._C  # noqa: F401  (registers the ops)
+
+try:  # fake (meta) kernels, where the Python side defines them
+    import fastsupernet.ops._registration  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
+OPS = torch.ops.fastsupernet
+U = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+U64 = 2.0**-53
+ACTS = ("none", "relu", "prelu")
+
+
+def _rand(*shape, dtype=torch.float32, gen=None):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * 2 + 0.5).to(dtype)
+
+
+def _layout(x: torch.Tensor, layout: str, gen: torch.Generator) -> torch.Tensor:
+    """x in the requested memory layout, same values."""
+    if layout == "nchw":
+        return x.contiguous()
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "channel_slice":  # a view of a wider tensor: channel and image strides differ
+        n, c, h, w = x.shape
+        big = _rand(n, c + 5, h, w, dtype=x.dtype, gen=gen)
+        big[:, 2 : 2 + c] = x
+        return big[:, 2 : 2 + c]
+    if layout == "strided_w":  # every other column of a wider tensor: W stride 2
+        n, c, h, w = x.shape
+        big = _rand(n, c, h, 2 * w, dtype=x.dtype, gen=gen)
+        big[..., ::2] = x
+        return big[..., ::2]
+    raise AssertionError(layout)
+
+
+class Case:
+    """Arguments of one multi_conv2d call plus its oracle."""
+
+    def __init__(self, *, N, C, H, W, kh, kw, stride, padding, in_offsets, in_widths, out_widths, row_offsets,
+                 dtype, scale=False, shift=False, residual=False, activation="none", stats=False, seed=0,
+                 layout="nchw", weight_view=False):
+        g = torch.Generator().manual_seed(seed)
+        self.dtype = dtype
+        self.K = len(in_offsets)
+        self.M = sum(out_widths)
+        rows = max(r + o for r, o in zip(row_offsets, out_widths)) + 2
+        cols = max(in_widths) + 3
+        self.x = _layout(_rand(N, C, H, W, dtype=dtype, gen=g), layout, g)
+        w = _rand(rows, cols, kh, kw, dtype=dtype, gen=g) * (1.0 / math.sqrt(max(in_widths) * kh * kw))
+        if weight_view:  # a non-contiguous view of a larger parameter
+            big = _rand(rows + 1, cols + 2, kh, kw, dtype=dtype, gen=g)
+            big[1:, 2:] = w
+            w = big[1:, 2:]
+        self.weight = w
+        self.args = dict(in_offsets=list(in_offsets), in_widths=list(in_widths), out_widths=list(out_widths),
+                         row_offsets=list(row_offsets), stride=stride, padding=padding)
+        self.Ho = (H + 2 * padding - kh) // stride + 1
+        self.Wo = (W + 2 * padding - kw) // stride + 1
+        self.scale = _rand(self.M, dtype=dtype, gen=g) if scale else None
+        self.shift = _rand(self.M, dtype=dtype, gen=g) if shift else None
+        self.residual = _rand(N, self.M, self.Ho, self.Wo, dtype=dtype, gen=g) if residual else None
+        self.activation = activation
+        self.slope = None
+        if activation == "prelu":  # slopes of both signs
+            self.slope = (torch.rand(self.K, generator=g, dtype=torch.float64) - 0.3).to(dtype)
+        self.stats = stats
+        self.kh, self.kw = kh, kw
+
+    def run(self):
+        a = self.args
+        return OPS.multi_conv2d(self.x, self.weight, a["in_offsets"], a["in_widths"], a["out_widths"],
+                                a["row_offsets"], a["stride"], a["padding"], self.scale, self.shift, self.residual,
+                                self.activation, self.slope, self.stats)
+
+    def oracle(self):
+        a = self.args
+        x64, w64 = self.x.double(), self.weight.double()
+        ys, absys, depth, cand = [], [], [], []
+        for k, (off, iw, ow, ro) in enumerate(zip(a["in_offsets"], a["in_widths"], a["out_widths"], a["row_offsets"])):
+            xs, wk = x64[:, off : off + iw], w64[ro : ro + ow, :iw]
+            ys.append(F.conv2d(xs, wk, stride=a["stride"], padding=a["padding"]))
+            absys.append(F.conv2d(xs.abs(), wk.abs(), stride=a["stride"], padding=a["padding"]))
+            depth += [iw * self.kh * self.kw] * ow
+            cand += [k] * ow
+        y, absy = torch.cat(ys, 1), torch.cat(absys, 1)
+        depth = torch.tensor(depth, dtype=torch.float64).view(1, -1, 1, 1)
+        z, mag = y.clone(), absy.clone()
+        if self.scale is not None:
+            s = self.scale.double().view(1, -1, 1, 1)
+            z, mag = z * s, mag * s.abs()
+        if self.shift is not None:
+            s = self.shift.double().view(1, -1, 1, 1)
+            z, mag = z + s, mag + s.abs()
+        if self.residual is not None:
+            r = self.residual.double()
+            z, mag = z + r, mag + r.abs()
+        if self.activation == "relu":
+            z = F.relu(z)
+        elif self.activation == "prelu":
+            sl = self.slope.double()[torch.tensor(cand)].view(1, -1, 1, 1)
+            z = torch.where(z >= 0, z, z * sl)
+            mag = mag * sl.abs().clamp(min=1.0)
+        return z, y, absy, depth, mag
+
+    def check(self, out, s, q):
+        u = U[self.dtype]
+        factor = 2.0 if self.dtype == torch.float64 else 1.0
+        N = self.x.shape[0]
+        assert out.shape == (N, self.M, self.Ho, self.Wo)
+        assert out.dtype == self.dtype and out.is_contiguous()
+        assert torch.isfinite(out).all()
+        z, y, absy, depth, mag = self.oracle()
+        err = (out.double() - z).abs()
+        bound = factor * (2 * depth + 8) * u * mag + 1e-300
+        worst = (err / bound).max().item() if err.numel() else 0.0
+        assert worst <= 1.0, f"output error {worst:.3g} x the bound"
+        assert s.dtype == torch.float64 and q.dtype == torch.float64
+        if not self.stats:
+            assert s.numel() == 0 and q.numel() == 0
+            return
+        assert s.shape == (self.M,) and q.shape == (self.M,)
+        assert torch.isfinite(s).all() and torch.isfinite(q).all()
+        e = factor * 2 * depth * u * absy
+        n = y.shape[0] * y.shape[2] * y.shape[3]
+        bs = e.sum((0, 2, 3)) + (n + 2) * U64 * y.abs().sum((0, 2, 3)) + 1e-300
+        bq = (e * (2 * y.abs() + e)).sum((0, 2, 3)) + (n + 2) * U64 * (y * y).sum((0, 2, 3)) + 1e-300
+        assert ((s - y.sum((0, 2, 3))).abs() <= bs).all()
+        assert ((q - (y * y).sum((0, 2, 3))).abs() <= bq).all()
+        identity = self.scale is None and self.shift is None and self.residual is None and self.activation == "none"
+        if identity:  # out holds the very values the statistics add: a tight check
+            o = out.double()
+            tight_s = (n + 2) * U64 * o.abs().sum((0, 2, 3)) + 1e-300
+            tight_q = (n + 2) * U64 * (o * o).sum((0, 2, 3)) + 1e-300
+            assert ((s - o.sum((0, 2, 3))).abs() <= tight_s).all()
+            assert ((q - (o * o).sum((0, 2, 3))).abs() <= tight_q).all()
+
+
+def _sliced(case: Case):
+    """The same computation through sliced_conv2d (K = 1, offset 0, in_width = x.size(1))."""
+    a = case.args
+    assert case.K == 1 and a["in_offsets"] == [0] and a["in_widths"] == [case.x.shape[1]]
+    return OPS.sliced_conv2d(case.x, case.weight, a["out_widths"][0], a["row_offsets"][0], a["stride"],
+                             a["padding"], case.scale, case.shift, case.residual, case.activation, case.slope,
+                             case.stats)
+
+
+DTYPES = [torch.float32, torch.float64]
+DTYPE_IDS = ["f32", "f64"]
+
+
+# --- every epilogue combination, multi (packed, K = 3) and sliced --------------------------
+EPILOGUES = list(itertools.product([False, True], [False, True], [False, True], ACTS, [False, True]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("scale,shift,residual,activation,stats", EPILOGUES)
+def test_epilogues(dtype, scale, shift, residual, activation, stats):
+    kw = dict(scale=scale, shift=shift, residual=residual, activation=activation, stats=stats, dtype=dtype)
+    multi = Case(N=3, C=9, H=7, W=9, kh=3, kw=3, stride=1, padding=1, in_offsets=[0, 0, 2],
+                 in_widths=[5, 3, 7], out_widths=[3, 5, 1], row_offsets=[1, 4, 2], **kw)
+    multi.check(*multi.run())
+    sliced = Case(N=2, C=6, H=8, W=8, kh=3, kw=3, stride=2, padding=1, in_offsets=[0], in_widths=[6],
+                  out_widths=[5], row_offsets=[3], **kw)
+    sliced.check(*_sliced(sliced))
+
+
+# --- geometry: odd sizes, strides, kernels, layouts ---------------------------------------
+GEOMETRIES = [
+    # N, H, W, kh, kw, stride, padding
+    (1, 1, 1, 1, 1, 1, 0),
+    (3, 1, 1, 3, 3, 1, 1),
+    (1, 5, 5, 3, 3, 1, 1),
+    (3, 5, 5, 3, 3, 2, 1),
+    (3, 7, 7, 3, 3, 1, 1),
+    (1, 7, 7, 3, 3, 2, 1),
+    (3, 8, 8, 3, 3, 1, 1),
+    (3, 8, 8, 3, 3, 2, 1),
+    (3, 8, 8, 1, 1, 1, 0),
+    (3, 8, 8, 1, 1, 2, 0),
+    (1, 7, 7, 1, 1, 2, 0),
+    (2, 5, 11, 1, 1, 1, 0),
+    (2, 16, 16, 3, 3, 1, 1),
+    (2, 16, 16, 3, 3, 2, 1),
+    (2, 16, 24, 1, 1, 1, 0),
+    (1, 32, 32, 3, 3, 1, 1),
+    (1, 32, 32, 3, 3, 2, 1),
+    (1, 32, 32, 1, 1, 2, 0),
+    (2, 9, 6, 3, 1, 1, 0),  # non-square kernel, no padding
+    (2, 6, 9, 3, 3, 1, 2),  # padding wider than the kernel reach
+    (2, 9, 9, 5, 5, 3, 2),  # 5x5, stride 3
+    (2, 1, 1, 1, 1, 2, 1),  # strided 1x1 that reads only padding
+]
+LAYOUTS = ["nchw", "channels_last", "channel_slice", "strided_w"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: "n{}_{}x{}_k{}x{}_s{}_p{}".format(*g))
+def test_geometry(geom, layout, dtype):
+    N, H, W, kh, kw, stride, padding = geom
+    rng = random.Random(zlib.crc32(repr((geom, layout)).encode()))
+    C = rng.choice([3, 8, 13])
+    K = rng.choice([1, 2, 4])
+    in_widths = [rng.randint(1, C) for _ in range(K)]
+    in_offsets = [rng.randint(0, C - w) for w in in_widths]
+    out_widths = [rng.choice([1, 3, 5, 8]) for _ in range(K)]
+    row_offsets = [rng.randint(0, 6) for _ in range(K)]
+    case = Case(N=N, C=C, H=H, W=W, kh=kh, kw=kw, stride=stride, padding=padding, in_offsets=in_offsets,
+                in_widths=in_widths, out_widths=out_widths, row_offsets=row_offsets, dtype=dtype, scale=True,
+                shift=True, residual=rng.random() < 0.5, activation=rng.choice(ACTS), stats=True, layout=layout,
+                weight_view=rng.random() < 0.5, seed=rng.randint(0, 1000))
+    case.check(*case.run())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("geom", GEOMETRIES[::3], ids=lambda g: "n{}_{}x{}_k{}x{}_s{}_p{}".format(*g))
+def test_sliced_geometry(geom, dtype):
+    N, H, W, kh, kw, stride, padding = geom
+    for width, rows in ((1, 1), (4, 3), (11, 5)):
+        case = Case(N=N, C=width, H=H, W=W, kh=kh, kw=kw, stride=stride, padding=padding, in_offsets=[0],
+                    in_widths=[width], out_widths=[rows], row_offsets=[2], dtype=dtype, scale=True, shift=True,
+                    activation="relu", stats=True, seed=width)
+        case.check(*_sliced(case))
+
+
+# --- many candidates: shared input (prefix-tree children) and packed inputs ----------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("K", [1, 2, 5, 17, 64])
+@pytest.mark.parametrize("inputs", ["shared", "packed", "mixed"])
+def test_many_candidates(K, inputs, dtype):
+    rng = random.Random(K * 7 + len(inputs))
+    cmax = 12
+    in_widths = [rng.randint(1, cmax) for _ in range(K)]
+    if inputs == "shared":
+        C, in_offsets = cmax, [0] * K
+    elif inputs == "packed":  # candidate k reads its own slice of a packed input
+        in_offsets = [sum(in_widths[:k]) for k in range(K)]
+        C = sum(in_widths)
+    else:  # runs of equal offsets, interleaved, overlapping slices
+        C = cmax + 4
+        starts = [0, 4, 2]
+        in_offsets = [starts[(k // 3) % 3] for k in range(K)]
+        in_widths = [min(w, C - o) for w, o in zip(in_widths, in_offsets)]
+    out_widths = [rng.randint(1, 9) for _ in range(K)]
+    row_offsets = [rng.randint(0, 20) for _ in range(K)]
+    stride = 2 if K % 2 else 1
+    case = Case(N=2, C=C, H=8, W=7, kh=3, kw=3, stride=stride, padding=1, in_offsets=in_offsets,
+                in_widths=in_widths, out_widths=out_widths, row_offsets=row_offsets, dtype=dtype, scale=True,
+                shift=True, residual=True, activation="prelu", stats=True, seed=K)
+    case.check(*case.run())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("N", [1, 3])
+def test_weights_larger_than_one_panel_group(N, dtype):
+    """Packed weights of several MiB: blocks run in several cache-sized groups, and with N = 1
+    the blocks are also split across work items."""
+    rng = random.Random(N)
+    K = 64
+    in_widths = [rng.randint(1, 48) for _ in range(K)]
+    out_widths = [rng.randint(1, 40) for _ in range(K)]
+    case = Case(N=N, C=48, H=3, W=4, kh=3, kw=3, stride=1, padding=1, in_offsets=[0] * K, in_widths=in_widths,
+                out_widths=out_widths, row_offsets=[rng.randint(0, 8) for _ in range(K)], dtype=dtype, scale=True,
+                shift=True, activation="relu", stats=True, seed=N)
+    case.check(*case.run())
+
+
+def test_generic_kernel_matches_oracle(monkeypatch):
+    """The portable kernel (CPUs without AVX2/FMA) on a few cases, forced by the environment."""
+    monkeypatch.setenv("FASTSUPERNET_CPU_KERNEL", "generic")
+    for dtype in DTYPES:
+        for geom in [(3, 8, 8, 3, 3, 1, 1), (2, 7, 7, 3, 3, 2, 1), (2, 16, 16, 1, 1, 1, 0), (1, 5, 9, 1, 1, 2, 0)]:
+            N, H, W, kh, kw, stride, padding = geom
+            case = Case(N=N, C=10, H=H, W=W, kh=kh, kw=kw, stride=stride, padding=padding, in_offsets=[0, 0, 3],
+                        in_widths=[10, 4, 7], out_widths=[5, 3, 9], row_offsets=[1, 0, 2], dtype=dtype, scale=True,
+                        shift=True, residual=True, activation="prelu", stats=True, layout="channel_slice")
+            case.check(*case.run())
+
+
+def test_threads_do_not_change_results():
+    """The work split depends on the shape only for the statistics; outputs are per element."""
+    case = Case(N=5, C=16, H=16, W=16, kh=3, kw=3, stride=1, padding=1, in_offsets=[0, 0], in_widths=[16, 9],
+                out_widths=[16, 7], row_offsets=[0, 3], dtype=torch.float32, scale=True, shift=True,
+                activation="relu", stats=True)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = case.run()
+        torch.set_num_threads(max(2, n))
+        many = case.run()
+    finally:
+        torch.set_num_threads(n)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+    case.check(*many)
+
+
+def test_empty_batch():
+    x = _rand(0, 4, 5, 5)
+    w = _rand(6, 4, 3, 3)
+    out, s, q = OPS.multi_conv2d(x, w, [0], [4], [3], [1], 1, 1, None, None, None, "none", None, True)
+    assert out.shape == (0, 3, 5, 5)
+    assert s.tolist() == [0.0] * 3 and q.tolist() == [0.0] * 3
+
+
+def test_output_is_nchw_for_channels_last_input():
+    x = _rand(2, 8, 8, 8).contiguous(memory_format=torch.channels_last)
+    w = _rand(8, 8, 3, 3)
+    out, _, _ = OPS.sliced_conv2d(x, w, 8, 0, 1, 1, None, None, None, "none", None, False)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, F.conv2d(x, w, padding=1), rtol=1e-4, atol=1e-4)
+
+
+# --- memory safety ----------------------------------------------------------------------------
+_GUARD_SCRIPT = r'''
+import ctypes
+import itertools
+import mmap
+
+import torch
+import torch.nn.functional as F
+
+import fastsupernet._C  # noqa: F401
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+PAGE = mmap.PAGESIZE
+mappings = []
+
+
+def guarded(shape, dtype, at_end):
+    # a tensor that starts right after, or ends right before, an inaccessible page
+    n = 1
+    for s in shape:
+        n *= s
+    nbytes = n * torch.tensor([], dtype=dtype).element_size()
+    pages = (nbytes + PAGE - 1) // PAGE
+    m = mmap.mmap(-1, (pages + 2) * PAGE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    assert libc.mprotect(base, PAGE, 0) == 0
+    assert libc.mprotect(base + (pages + 1) * PAGE, PAGE, 0) == 0
+    offset = PAGE + (pages * PAGE - nbytes if at_end else 0)
+    mappings.append(m)
+    return torch.frombuffer(m, dtype=dtype, count=n, offset=offset).view(shape)
+
+
+GEOMETRIES = [  # N, C, H, W, k, stride, padding
+    (2, 3, 5, 5, 3, 1, 1), (2, 3, 5, 5, 3, 2, 1), (1, 4, 8, 8, 1, 1, 0), (1, 4, 8, 8, 1, 2, 0),
+    (2, 5, 7, 9, 3, 2, 1), (1, 2, 16, 16, 3, 2, 1), (1, 2, 9, 16, 1, 1, 0), (3, 2, 1, 1, 1, 1, 0),
+    (1, 3, 7, 7, 3, 1, 2), (1, 2, 6, 6, 5, 3, 2),
+]
+count = 0
+for dtype, (N, C, H, W, k, s, p), at_end in itertools.product(
+        [torch.float32, torch.float64], GEOMETRIES, [True, False]):
+    x = guarded((N, C, H, W), dtype, at_end)
+    x.copy_(torch.randn(N, C, H, W, dtype=dtype))
+    w = guarded((4, C, k, k), dtype, at_end)
+    w.copy_(torch.randn(4, C, k, k, dtype=dtype))
+    Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    res = guarded((N, 6, Ho, Wo), dtype, at_end)
+    res.copy_(torch.randn(N, 6, Ho, Wo, dtype=dtype))
+    out, _, _ = torch.ops.fastsupernet.multi_conv2d(
+        x, w, [0, C - 1], [C, 1], [4, 2], [0, 1], s, p, None, None, res, "relu", None, True)
+    ref = torch.cat([F.conv2d(x, w, stride=s, padding=p),
+                     F.conv2d(x[:, C - 1:], w[1:3, :1], stride=s, padding=p)], 1)
+    torch.testing.assert_close(out, torch.relu(ref + res), rtol=1e-4, atol=1e-4)
+    xcl = guarded((N, H, W, C), dtype, at_end)  # channels_last storage
+    xcl.copy_(x.permute(0, 2, 3, 1))
+    out, _, _ = torch.ops.fastsupernet.sliced_conv2d(
+        xcl.permute(0, 3, 1, 2), w, 4, 0, s, p, None, None, None, "none", None, False)
+    torch.testing.assert_close(out, F.conv2d(x, w, stride=s, padding=p), rtol=1e-4, atol=1e-4)
+    count += 1
+print("ok", count)
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mmap/mprotect guard pages")
+@pytest.mark.parametrize("kernel", ["auto", "generic"])
+def test_reads_stay_inside_the_tensors(kernel):
+    """x (NCHW and channels_last), weight and residual placed against inaccessible guard pages
+    at either end: a read outside a tensor (by a short vector at the end of a row, or by the
+    strided copy) crashes the child process. Software prefetches never fault: not covered."""
+    env = dict(os.environ)
+    if kernel == "generic":
+        env["FASTSUPERNET_CPU_KERNEL"] = "generic"
+    proc = subprocess.run([sys.executable, "-c", _GUARD_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == "ok 40"
+
+
+# --- validation -----------------------------------------------------------------------------
+def _multi_args(**over):
+    args = dict(x=_rand(2, 6, 5, 5), weight=_rand(8, 6, 3, 3), in_offsets=[0, 1], in_widths=[3, 4],
+                out_widths=[2, 3], row_offsets=[0, 4], stride=1, padding=1, scale=None, shift=None, residual=None,
+                activation="none", prelu_slope=None, stats=False)
+    args.update(over)
+    return list(args.values())
+
+
+BAD_MULTI = {
+    "x_3d": dict(x=_rand(2, 6, 5)),
+    "weight_3d": dict(weight=_rand(8, 6, 3)),
+    "x_int": dict(x=torch.ones(2, 6, 5, 5, dtype=torch.int64)),
+    "x_half": dict(x=_rand(2, 6, 5, 5).half(), weight=_rand(8, 6, 3, 3).half()),
+    "dtype_mismatch": dict(weight=_rand(8, 6, 3, 3, dtype=torch.float64)),
+    "no_candidates": dict(in_offsets=[], in_widths=[], out_widths=[], row_offsets=[]),
+    "list_lengths": dict(in_widths=[3]),
+    "input_range": dict(in_offsets=[0, 3]),
+    "negative_offset": dict(in_offsets=[-1, 1]),
+    "zero_in_width": dict(in_widths=[0, 4]),
+    "in_width_over_weight": dict(weight=_rand(8, 3, 3, 3)),
+    "row_range": dict(row_offsets=[0, 6]),
+    "zero_out_width": dict(out_widths=[0, 3]),
+    "stride_0": dict(stride=0),
+    "negative_padding": dict(padding=-1),
+    "kernel_too_big": dict(x=_rand(2, 6, 1, 1), padding=0),
+    "scale_shape": dict(scale=_rand(4)),
+    "shift_2d": dict(shift=_rand(5, 1)),
+    "residual_shape": dict(residual=_rand(2, 5, 4, 4)),
+    "activation": dict(activation="gelu"),
+    "prelu_without_slope": dict(activation="prelu"),
+    "prelu_slope_count": dict(activation="prelu", prelu_slope=_rand(1)),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_MULTI))
+def test_multi_validation(name):
+    with pytest.raises((ValueError, TypeError)):
+        OPS.multi_conv2d(*_multi_args(**BAD_MULTI[name]))
+
+
+def test_sliced_validation():
+    x, w = _rand(2, 6, 5, 5), _rand(8, 6, 3, 3)
+    call = OPS.sliced_conv2d
+    with pytest.raises(ValueError):
+        call(_rand(2, 7, 5, 5), w, 4, 0, 1, 1, None, None, None, "none", None, False)  # more channels than columns
+    with pytest.raises(ValueError):
+        call(x, w, 0, 0, 1, 1, None, None, None, "none", None, False)
+    with pytest.raises(ValueError):
+        call(x, w, 4, 5, 1, 1, None, None, None, "none", None, False)
+    with pytest.raises(ValueError):
+        call(x, w, 4, 0, 1, 1, None, None, None, "prelu", _rand(2), False)
+    with pytest.raises(ValueError):
+        call(_rand(6, 5, 5), w, 4, 0, 1, 1, None, None, None, "none", None, False)
+    out, s, q = call(x, w, 4, 0, 1, 1, None, None, None, "prelu", _rand(1), False)
+    assert out.shape == (2, 4, 5, 5)
+
+
+# --- opcheck ---------------------------------------------------------------------------------
+def _has_fake(qualname: str) -> bool:
+    try:
+        from torch._library.simple_registry import singleton
+
+        return singleton.find(qualname).fake_impl.kernel is not None
+    except Exception:  # pragma: no cover  (private API moved)
+        return False
+
+
+def test_opcheck():
+    opcheck = getattr(torch.library, "opcheck", None)
+    if opcheck is None:  # pragma: no cover
+        pytest.skip("torch.library.opcheck not available")
+    for name in ("multi_conv2d", "sliced_conv2d"):
+        utils = ("test_schema", "test_faketensor") if _has_fake(f"fastsupernet::{name}") else ("test_schema",)
+        op = getattr(OPS, name).default
+        x, w = _rand(2, 6, 7, 7), _rand(8, 6, 3, 3)
+        for act, stats in (("relu", True), ("prelu", False)):
+            if name == "multi_conv2d":
+                args = (x, w, [0, 2], [6, 3], [3, 2], [1, 5], 2, 1, _rand(5), _rand(5), _rand(2, 5, 4, 4), act,
+                        _rand(2), stats)
+            else:
+                args = (x, w, 5, 2, 1, 1, _rand(5), None, _rand(2, 5, 7, 7), act, _rand(1), stats)
+            opcheck(op, args, test_utils=utils)
