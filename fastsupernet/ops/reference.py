@@ -72,18 +72,10 @@ def sliced_conv2d(
     if a > weight.shape[1]:
         raise ValueError(f"sliced_conv2d: input has {a} channels, packed weight only {weight.shape[1]} columns")
     _check_rows(weight, out_rows, row_offset, "sliced_conv2d")
-    y = F.conv2d(x, weight[row_offset : row_offset + out_rows, :a], stride=stride, padding=padding)
-    sums = channel_stats(y) if stats else None
-    if scale is not None:
-        y = y * scale.view(1, -1, 1, 1)
-    if shift is not None:
-        y = y + shift.view(1, -1, 1, 1)
-    if residual is not None:
-        y = y + residual
-    y = apply_activation(y, activation, prelu_slope)
-    if stats:
-        return y, sums[0], sums[1]
-    return y
+    return multi_conv2d(
+        x, weight, [0], [a], [out_rows], [row_offset], stride=stride, padding=padding, scale=scale, shift=shift,
+        residual=residual, activation=activation, prelu_slope=prelu_slope, stats=stats,
+    )
 
 
 def multi_conv2d(
