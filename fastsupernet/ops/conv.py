@@ -126,46 +126,41 @@ def conv_backward(
     return grad_x, grad_w, grad_scale, grad_shift, grad_res, grad_slope
 
 
-def _setup_multi(ctx, inputs, output) -> None:
-    (x, weight, in_offsets, in_widths, out_widths, row_offsets, stride, padding, scale, shift, residual,
-     activation, prelu_slope, _stats) = inputs
-    ctx.meta = (list(in_offsets), list(in_widths), list(out_widths), list(row_offsets))
+# positions of (x, weight, scale, shift, residual, prelu_slope) among each op's inputs
+_MULTI_SLOTS = (0, 1, 8, 9, 10, 12)
+_SLICED_SLOTS = (0, 1, 6, 7, 8, 10)
+
+
+def _save(ctx, inputs, slots, meta, stride, padding, activation, out) -> None:
+    ctx.meta, ctx.slots, ctx.num_inputs = meta, slots, len(inputs)
     ctx.stride, ctx.padding, ctx.activation = stride, padding, activation
-    ctx.save_for_backward(x, weight, scale, shift, residual, prelu_slope, output[0])
+    ctx.save_for_backward(*(inputs[i] for i in slots), out)
 
 
-def _backward_multi(ctx, grad_out, _grad_sum, _grad_sumsq):
-    x, weight, scale, shift, residual, prelu_slope, out = ctx.saved_tensors
-    n = ctx.needs_input_grad
-    needs = (n[0], n[1], n[8], n[9], n[10], n[12])
+def _backward(ctx, grad_out, _grad_sum, _grad_sumsq):
+    """Gradients for the op's inputs, in its argument order (None for the non-tensor ones)."""
+    grads = [None] * ctx.num_inputs
     if grad_out is None:
-        return (None,) * 14
-    gx, gw, gsc, gsh, gr, gsl = conv_backward(
-        grad_out, x, weight, out, ctx.meta, ctx.stride, ctx.padding, scale, shift, residual, ctx.activation,
-        prelu_slope, needs,
-    )
-    return gx, gw, None, None, None, None, None, None, gsc, gsh, gr, None, gsl, None
+        return tuple(grads)
+    x, weight, scale, shift, residual, prelu_slope, out = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad[i] for i in ctx.slots)
+    got = conv_backward(grad_out, x, weight, out, ctx.meta, ctx.stride, ctx.padding, scale, shift, residual,
+                        ctx.activation, prelu_slope, needs)
+    for i, g in zip(ctx.slots, got):
+        grads[i] = g
+    return tuple(grads)
+
+
+def _setup_multi(ctx, inputs, output) -> None:
+    x, weight, in_offsets, in_widths, out_widths, row_offsets, stride, padding = inputs[:8]
+    meta = (list(in_offsets), list(in_widths), list(out_widths), list(row_offsets))
+    _save(ctx, inputs, _MULTI_SLOTS, meta, stride, padding, inputs[11], output[0])
 
 
 def _setup_sliced(ctx, inputs, output) -> None:
-    (x, weight, out_rows, row_offset, stride, padding, scale, shift, residual, activation, prelu_slope,
-     _stats) = inputs
-    ctx.meta = ([0], [x.shape[1]], [out_rows], [row_offset])
-    ctx.stride, ctx.padding, ctx.activation = stride, padding, activation
-    ctx.save_for_backward(x, weight, scale, shift, residual, prelu_slope, output[0])
-
-
-def _backward_sliced(ctx, grad_out, _grad_sum, _grad_sumsq):
-    x, weight, scale, shift, residual, prelu_slope, out = ctx.saved_tensors
-    n = ctx.needs_input_grad
-    needs = (n[0], n[1], n[6], n[7], n[8], n[10])
-    if grad_out is None:
-        return (None,) * 12
-    gx, gw, gsc, gsh, gr, gsl = conv_backward(
-        grad_out, x, weight, out, ctx.meta, ctx.stride, ctx.padding, scale, shift, residual, ctx.activation,
-        prelu_slope, needs,
-    )
-    return gx, gw, None, None, None, None, gsc, gsh, gr, None, gsl, None
+    x, weight, out_rows, row_offset, stride, padding = inputs[:6]
+    meta = ([0], [x.shape[1]], [out_rows], [row_offset])
+    _save(ctx, inputs, _SLICED_SLOTS, meta, stride, padding, inputs[9], output[0])
 
 
 def fake_multi(x, weight, in_offsets, in_widths, out_widths, row_offsets, stride, padding, scale, shift, residual,
@@ -188,8 +183,8 @@ def fake_sliced(x, weight, out_rows, row_offset, stride, padding, scale, shift, 
 def register_compiled() -> None:
     """Fake kernels and autograd of the compiled ops (called once, when the extension loads)."""
     for name, fake, backward, setup in (
-        ("multi_conv2d", fake_multi, _backward_multi, _setup_multi),
-        ("sliced_conv2d", fake_sliced, _backward_sliced, _setup_sliced),
+        ("multi_conv2d", fake_multi, _backward, _setup_multi),
+        ("sliced_conv2d", fake_sliced, _backward, _setup_sliced),
     ):
         if not hasattr(torch.ops.fastsupernet, name):  # an extension built before the op existed
             continue
@@ -222,7 +217,7 @@ def _multi_conv2d_triton(
 
 
 _multi_conv2d_triton.register_fake(fake_multi)
-_multi_conv2d_triton.register_autograd(_backward_multi, setup_context=_setup_multi)
+_multi_conv2d_triton.register_autograd(_backward, setup_context=_setup_multi)
 
 
 # --------------------------------------------------------------------------- dispatch
