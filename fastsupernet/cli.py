@@ -183,8 +183,121 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- groundtruth
+def _add_groundtruth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "groundtruth",
+        help="train candidates stand-alone from scratch: the ground truth for ranking studies",
+        description=(
+            "Train every listed architecture from scratch as its own network with one recipe "
+            "(YAML, see fastsupernet.standalone) and each seed; write a challenge-shape file whose "
+            "'acc' is the mean test accuracy over seeds ('accs'/'losses' per seed, recipe and seeds "
+            "under _meta). Finished trainings stream to OUT.journal; --resume skips them. Prints "
+            "{out, candidates, trained, reused}."
+        ),
+    )
+    p.add_argument("--archs", required=True, metavar="ARCHS.json", help="architectures {id: {arch, ...}}; " + _DATA_HELP)
+    p.add_argument("--out", required=True, metavar="GT.json", help="ground-truth file to write (atomically)")
+    p.add_argument("--config", default=None, metavar="RECIPE.yaml", help="training recipe (default: built-in defaults)")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its journal")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--space", default="track1", help="search space of the architectures (default track1)")
+    p.set_defaults(func=cmd_groundtruth)
+
+
+def cmd_groundtruth(args: argparse.Namespace) -> int:
+    from .standalone import groundtruth
+
+    space = get_space(args.space)
+    path = fio.resolve_data_path(args.archs)
+    cands = fio.read_candidates(path, space)
+    if not cands:
+        raise CLIError(f"{path}: holds no architectures")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise CLIError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    res = groundtruth(cands, args.out, args.config, seeds=seeds, space=space, resume=args.resume,
+                      progress=not args.no_progress)
+    _print_json({"out": str(res.out), "candidates": len(cands), "trained": res.trained, "reused": res.reused})
+    return 0
+
+
+# ---------------------------------------------------------------------------- rank
+_BYTE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _parse_bytes(text: str) -> int:
+    """``4GiB``, ``512MiB``, ``2GB`` or a plain number of bytes."""
+    t = text.strip().lower().replace(" ", "")
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    try:
+        value = float(num) * _BYTE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise CLIError(f"--memory-limit {text!r}: expected bytes such as 4GiB, 512MiB, 2GB or 1000000") from None
+    if value < 1:
+        raise CLIError(f"--memory-limit {text!r} must be positive")
+    return int(value)
+
+
+def _add_rank(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "rank",
+        help="score candidates with a trained supernet checkpoint (BN recalibration, then test accuracy)",
+        description=(
+            "Score every candidate of ARCHS.json with the checkpoint: per distinct network, reset BN "
+            "statistics, re-estimate them on the recalibration split in train mode, then measure top-1 "
+            "accuracy and mean cross-entropy on the test split (README, 'Ranking'). Writes OUT.json, a "
+            "submission {id: {arch, acc, loss}} with _meta (checkpoint sha256, protocol, data, engine, "
+            "precision, counts, seconds), atomically; results stream to OUT.json.journal as they finish, "
+            "so --resume continues a killed run. Under torchrun every rank scores a shard and rank 0 "
+            "writes OUT.json. Prints {out, candidates, unique, computed, resumed, seconds, "
+            "candidates_per_s, macs_per_image_total, macs_per_image_computed, prefix_sharing_saved, "
+            "engine, precision, world_size}."
+        ),
+    )
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="trained supernet checkpoint")
+    p.add_argument("--archs", required=True, metavar="ARCHS.json", help="candidates {id: {arch, ...}}; " + _DATA_HELP)
+    p.add_argument("--out", required=True, metavar="OUT.json", help="submission to write (atomically)")
+    p.add_argument("--data", default=None, metavar="SPEC", help="data spec NAME[:PATH] (default: the checkpoint's)")
+    p.add_argument("--recal-images", type=int, default=None, metavar="N",
+                   help="first N images of the recalibration split (default: all of it, 10%% of the training set)")
+    p.add_argument("--recal-batch", type=int, default=128, metavar="B", help="recalibration batch size (default 128)")
+    p.add_argument("--eval-images", type=int, default=None, metavar="M",
+                   help="first M test images (default: the whole test split)")
+    p.add_argument("--engine", choices=("fast", "reference"), default="fast", help="engine (default fast)")
+    p.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32", help="arithmetic (default fp32)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its journal(s)")
+    p.add_argument("--force", action="store_true", help="discard an earlier run's OUT.json and journals and start over")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--memory-limit", default=None, metavar="BYTES",
+                   help="peak memory the fast engine may plan for, e.g. 8GiB (default: the engine's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar and no summary line on stderr")
+    p.set_defaults(func=cmd_rank)
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    from .ranking import rank
+
+    if args.resume and args.force:
+        raise CLIError("--resume and --force exclude each other")
+    memory = _parse_bytes(args.memory_limit) if args.memory_limit is not None else None
+    res = rank(
+        args.checkpoint, args.archs, args.out, data=args.data, recal_images=args.recal_images,
+        recal_batch=args.recal_batch, eval_images=args.eval_images, engine=args.engine,
+        precision=args.precision, resume=args.resume, force=args.force, device=args.device,
+        memory_limit=memory, progress=not args.no_progress,
+    )
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        _print_json(res.to_json_dict())
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_evaluate, _add_space, _add_proxy]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_evaluate, _add_space, _add_proxy, _add_groundtruth, _add_rank]
 
 
 class _Parser(argparse.ArgumentParser):

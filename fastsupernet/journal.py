@@ -1,0 +1,113 @@
+"""Append-only JSON-lines journals: long runs stream results here so a crash loses nothing finished.
+
+The first line is the run's fingerprint (a JSON object); every later line is one finished
+record. Each append is flushed and fsynced before the call returns. On resume a torn last line
+(the process was killed mid-write) is dropped and the file truncated back to the last whole
+record; a fingerprint that differs from the stored one is refused, naming the keys that changed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["Journal", "JournalError", "fingerprint_diff"]
+
+
+class JournalError(ValueError):
+    """A journal that cannot be started or resumed (names the file and why)."""
+
+
+def fingerprint_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of the keys whose values differ between two fingerprints."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            p = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old or k not in new:
+                out.append(p)
+            else:
+                out += fingerprint_diff(old[k], new[k], p)
+        return out
+    return [] if old == new else [prefix or "(fingerprint)"]
+
+
+class Journal:
+    """``Journal(path, fingerprint, resume=...)``: ``records`` already finished, ``append(record)``.
+
+    Without ``resume`` an existing journal is refused (its results would otherwise be lost or
+    mixed); with ``resume`` and no journal on disk, a new one is started.
+    """
+
+    def __init__(self, path: str | os.PathLike, fingerprint: Mapping[str, Any], *, resume: bool) -> None:
+        self.path = Path(path)
+        self.fingerprint = json.loads(json.dumps(fingerprint))  # plain JSON values, as stored
+        self.records: list[dict] = []
+        if self.path.exists():
+            if not resume:
+                raise JournalError(
+                    f"{self.path}: a journal of an earlier run exists; resume it (--resume) or remove it"
+                )
+            good = self._read()
+            self._file = open(self.path, "r+b")
+            self._file.truncate(good)
+            self._file.seek(good)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "wb")
+            self._write(self.fingerprint)
+
+    def _read(self) -> int:
+        """Load the stored records; returns the byte length of the whole lines kept."""
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        good = 0
+        for i, raw in enumerate(lines):
+            if i == len(lines) - 1:  # after the last newline: empty, or a torn write
+                break
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                if i == len(lines) - 2 and not lines[-1]:
+                    break  # torn final line that happened to end in a newline byte
+                raise JournalError(f"{self.path}: line {i + 1} is not JSON; the journal is damaged") from None
+            if i == 0:
+                changed = fingerprint_diff(obj, self.fingerprint)
+                if changed:
+                    raise JournalError(
+                        f"{self.path}: the journal belongs to a run with different settings "
+                        f"(changed: {', '.join(changed)}); use the same settings or a new output"
+                    )
+            else:
+                self.records.append(obj)
+            good += len(raw) + 1
+        if good == 0:  # not even the fingerprint survived: start afresh
+            self.path.write_bytes(b"")
+            self._file = None
+            with open(self.path, "wb") as f:
+                f.write(json.dumps(self.fingerprint, allow_nan=False).encode() + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            return len(json.dumps(self.fingerprint, allow_nan=False).encode()) + 1
+        return good
+
+    def _write(self, obj: Mapping[str, Any]) -> None:
+        self._file.write(json.dumps(obj, allow_nan=False).encode() + b"\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Add one finished record, durably."""
+        self._write(record)
+        self.records.append(dict(record))
+
+    def close(self) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

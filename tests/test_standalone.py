@@ -1,0 +1,155 @@
+"""Stand-alone training, the journal it streams to, and the groundtruth command."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastsupernet import Track1Space, read_scores
+from fastsupernet.cli import main
+from fastsupernet.io import read_meta, write_candidates
+from fastsupernet.journal import Journal, JournalError, fingerprint_diff
+from fastsupernet.standalone import (
+    RecipeError,
+    groundtruth,
+    load_recipe,
+    lr_at,
+    prepare_standalone_data,
+    train_candidate,
+)
+from fastsupernet.study import spread_candidates
+
+TINY = {"resolution": 7, "train_images": 256, "epochs": 1, "batch_size": 64}
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return prepare_standalone_data(load_recipe(TINY))
+
+
+def test_recipe_defaults_and_yaml(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("epochs: 3\nlr: 1\nresolution: null\n")
+    r = load_recipe(p)
+    assert r.epochs == 3 and r.lr == 1.0 and isinstance(r.lr, float) and r.resolution is None
+    assert load_recipe(None) == load_recipe({})
+
+
+@pytest.mark.parametrize(
+    "raw, needle",
+    [
+        ({"epoch": 3}, "unknown key 'epoch'"),
+        ({"epochs": "3"}, "key 'epochs' must be int"),
+        ({"epochs": True}, "key 'epochs' must be int"),
+        ({"lr": -0.1}, "key 'lr' must be positive"),
+        ({"shortcut": "none"}, "key 'shortcut'"),
+        ({"resolution": 0}, "key 'resolution'"),
+    ],
+)
+def test_recipe_errors_name_the_key(raw, needle):
+    with pytest.raises(RecipeError, match=needle):
+        load_recipe(raw)
+
+
+def test_recipe_file_errors_name_the_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("epochs: [1\n")
+    with pytest.raises(RecipeError, match="bad.yaml"):
+        load_recipe(p)
+    p.write_text("- 1\n")
+    with pytest.raises(RecipeError, match="bad.yaml: expected a mapping"):
+        load_recipe(p)
+    with pytest.raises(RecipeError, match="missing.yaml"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_data_resized_subset_fixed(tiny_data):
+    d = tiny_data
+    assert tuple(d.train_x.shape) == (256, 1, 7, 7) and d.test_x.shape[-1] == 7
+    again = prepare_standalone_data(load_recipe(TINY))
+    assert torch.equal(d.train_y, again.train_y) and torch.equal(d.train_x, again.train_x)
+    with pytest.raises(RecipeError, match="train_images"):
+        prepare_standalone_data(load_recipe({"train_images": 10**7}))
+
+
+def test_lr_schedule_warmup_then_cosine():
+    lrs = [lr_at(s, 100, 10, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-3
+
+
+def test_train_candidate_seeded_and_learns(tiny_data):
+    sp = Track1Space()
+    arch = sp.parse("8-8-8-8-8-8-8-16-16-16-16-16-16-32-32-32-32-32-32-32")
+    r = load_recipe(dict(TINY, epochs=6, batch_size=32, lr=0.05, crop_padding=0))
+    torch.set_num_threads(1)
+    a = train_candidate(arch, r, 0, tiny_data, sp)
+    b = train_candidate(arch, r, 0, tiny_data, sp)
+    c = train_candidate(arch, r, 1, tiny_data, sp)
+    assert (a.acc, a.loss) == (b.acc, b.loss)  # a seed fixes init, order and augmentation
+    assert (a.acc, a.loss) != (c.acc, c.loss)
+    assert a.acc > 0.3  # 10 classes: chance is 0.1
+    assert 0 < a.loss < 2.3
+
+
+def test_journal_resume_torn_line_and_fingerprint(tmp_path):
+    p = tmp_path / "j.journal"
+    with Journal(p, {"a": 1, "b": {"c": 2}}, resume=False) as j:
+        j.append({"x": 1})
+        j.append({"x": 2})
+    with open(p, "ab") as f:
+        f.write(b'{"x": 3, "tor')  # killed mid-write
+    with pytest.raises(JournalError, match="earlier run"):
+        Journal(p, {"a": 1, "b": {"c": 2}}, resume=False)
+    with pytest.raises(JournalError, match=r"changed: b\.c"):
+        Journal(p, {"a": 1, "b": {"c": 3}}, resume=True)
+    with Journal(p, {"a": 1, "b": {"c": 2}}, resume=True) as j:
+        assert j.records == [{"x": 1}, {"x": 2}]
+        j.append({"x": 3})
+    lines = p.read_text().splitlines()
+    assert [json.loads(s) for s in lines[1:]] == [{"x": 1}, {"x": 2}, {"x": 3}]
+    assert fingerprint_diff({"a": 1}, {"a": 1, "z": 0}) == ["z"]
+
+
+def test_groundtruth_resume_dedup_and_cli(tmp_path):
+    sp = Track1Space()
+    a, b = sp.sample_many(2, seed=3)
+    twin = sp.parse("-".join(map(str, a.widths)) + "-4")
+    archs = {"arch1": a, "arch2": b, "arch3": twin}
+    cand = tmp_path / "c.json"
+    write_candidates(cand, archs)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("".join(f"{k}: {v}\n" for k, v in TINY.items()))
+    out = tmp_path / "gt.json"
+    res = groundtruth({"arch1": a}, out, recipe, seeds=[0], progress=False)
+    assert res.trained == 1
+    # CLI, resuming the journal: arch1/seed 0 reused; arch3 is arch1's network.
+    assert main(["groundtruth", "--archs", str(cand), "--out", str(out), "--config", str(recipe),
+                 "--seeds", "0,1", "--resume", "--no-progress"]) == 0
+    gt = read_scores(out)
+    assert set(gt) == {"arch1", "arch2", "arch3"}
+    raw = json.loads(out.read_text())
+    assert raw["arch1"]["accs"] == raw["arch3"]["accs"] and len(raw["arch1"]["accs"]) == 2
+    assert raw["arch1"]["acc"] == pytest.approx(sum(raw["arch1"]["accs"]) / 2)
+    assert read_meta(out)["seeds"] == [0, 1] and read_meta(out)["recipe"]["epochs"] == 1
+    lines = (tmp_path / "gt.json.journal").read_text().splitlines()
+    assert len(lines) == 1 + 4  # fingerprint + 2 networks x 2 seeds
+    # a different recipe is refused, naming the key; the earlier output stays
+    before = out.read_bytes()
+    recipe.write_text("".join(f"{k}: {v}\n" for k, v in dict(TINY, epochs=2).items()))
+    assert main(["groundtruth", "--archs", str(cand), "--out", str(out), "--config", str(recipe),
+                 "--resume", "--no-progress"]) == 2
+    assert out.read_bytes() == before
+    assert main(["groundtruth", "--archs", str(cand), "--out", str(out), "--seeds", "x"]) == 2
+
+
+def test_spread_candidates_cover_the_range():
+    sp = Track1Space()
+    c = spread_candidates(20, seed=0, pool=2000)
+    assert list(c) == [f"arch{i}" for i in range(1, 21)]
+    macs = sp.costs(list(c.values()))[0]
+    assert all(x <= y for x, y in zip(macs, macs[1:]))
+    pool_macs = sp.costs(sp.sample_many(2000, seed=0))[0]
+    assert macs[0] == pool_macs.min() and macs[-1] == pool_macs.max()
+    assert spread_candidates(20, seed=0, pool=2000) == c
