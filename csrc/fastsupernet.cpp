@@ -3,7 +3,7 @@
 //
 // Each schema is defined exactly once, here. Backends add kernels elsewhere with
 // TORCH_LIBRARY_IMPL(fastsupernet, <DispatchKey>, m):
-//   csrc/cpu/channel_stats.cpp, csrc/cpu/conv.cpp              -> CPU
+//   csrc/cpu/channel_stats.cpp, csrc/cpu/conv.cpp, csrc/cpu/conv_weight_grad.cpp -> CPU
 //   csrc/cuda/channel_stats_binding.cpp, csrc/cuda/conv_binding.cpp  -> CUDA (only built when torch has CUDA)
 //
 // The module itself exports nothing to Python: importing it runs the static registrations
@@ -53,4 +53,11 @@ TORCH_LIBRARY(fastsupernet, m) {
       "sliced_conv2d(Tensor x, Tensor weight, int out_rows, int row_offset, int stride, int padding, "
       "Tensor? scale, Tensor? shift, Tensor? residual, str activation, Tensor? prelu_slope, bool stats) "
       "-> (Tensor out, Tensor sum, Tensor sumsq)");
+  // Weight gradient of multi_conv2d for all K candidates at once (a building block of its
+  // backward): grad_out is the packed (N, sum(out_widths), H', W') gradient of the conv output
+  // before any epilogue; the result has weight's full shape, zero outside the rows/columns the
+  // candidates read (candidates sharing rows add into them). CPU kernel: csrc/cpu/conv_weight_grad.cpp.
+  m.def(
+      "multi_conv2d_weight_grad(Tensor grad_out, Tensor x, Tensor weight, int[] in_offsets, int[] in_widths, "
+      "int[] out_widths, int[] row_offsets, int stride, int padding) -> Tensor");
 }

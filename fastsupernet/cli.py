@@ -296,8 +296,101 @@ def cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- train / init
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a supernet with the multi-stage pipeline a YAML config describes",
+        description=(
+            "Run the stages of FILE.yaml (configs/ holds presets; configs/README.md lists every key). "
+            "The run folder gets config.yaml, checkpoints/ (written atomically every "
+            "checkpoint.every_steps steps and at each epoch end), stage<i>-<name>.pt, final.pt and "
+            "metrics.jsonl. --resume continues from the newest checkpoint exactly as an uninterrupted "
+            "run would go on; a different config is refused naming the keys that differ. Under "
+            "torchrun every rank trains on its shard of each batch (gloo on CPU, NCCL on GPU). "
+            "Prints {run_dir, final_checkpoint, stage_checkpoints, metrics, global_step, resumed_from}. "
+            "A NaN or infinite loss stops the run (exit status 1) and keeps the last good checkpoint."
+        ),
+    )
+    p.add_argument("--config", required=True, metavar="FILE.yaml", help="training config")
+    p.add_argument("--out", default=None, metavar="DIR", help="run folder (default: the config's out, else runs/<config stem>)")
+    p.add_argument("--data", default=None, metavar="SPEC", help="data spec NAME[:PATH] replacing the config's data")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
+                   help="continue the run: from the newest checkpoint of the run folder, or from CKPT")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import TrainingDiverged, train
+
+    try:
+        res = train(args.config, out=args.out, resume=args.resume, data=args.data)
+    except TrainingDiverged as e:
+        sys.stderr.write(f"error: {_one_line(e)}\n")
+        return 1
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        _print_json(res.to_json_dict())
+    return 0
+
+
+def _add_init(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "init",
+        help="write an untrained supernet checkpoint (the first stage of a config, or a plain supernet)",
+        description=(
+            "Write the supernet of FILE.yaml's first stage before any training (seeded by the "
+            "config's seed), or with --space/--data a fully shared supernet (--enhanced: candidates "
+            "enhancement; --branches: branch counts per stage), with the data description inside. "
+            "Prints {out, space, data, branches, classifier_branches, parameters}."
+        ),
+    )
+    p.add_argument("--config", default=None, metavar="FILE.yaml", help="training config whose first stage to write")
+    p.add_argument("--space", default=None, help="search space when there is no --config (default track1)")
+    p.add_argument("--data", default=None, metavar="SPEC", help="data spec NAME[:PATH] (replaces the config's)")
+    p.add_argument("--branches", default=None, metavar="G1,G2,...", help="branch counts per stage without --config (default all 1)")
+    p.add_argument("--enhanced", action="store_true", help="candidates enhancement without --config")
+    p.add_argument("--seed", type=int, default=0, help="weight initialisation seed without --config (default 0)")
+    p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint to write (atomically)")
+    p.set_defaults(func=cmd_init)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .training import write_initial_checkpoint
+
+    if args.config is not None:
+        if args.space is not None or args.branches is not None or args.enhanced:
+            raise CLIError("--space, --branches and --enhanced only apply without --config")
+        cfg = args.config
+    else:
+        if args.data is None:
+            raise CLIError("init needs --config FILE.yaml, or --data SPEC (with optional --space)")
+        space = get_space(args.space or "track1")
+        if args.branches is None:
+            branches = [1] * len(space.stages)
+        else:
+            try:
+                branches = [int(v) for v in args.branches.split(",")]
+            except ValueError:
+                raise CLIError(f"--branches {args.branches!r}: expected comma-separated integers such as 4,8,16") from None
+        cfg = {"space": space.name, "data": args.data, "seed": args.seed,
+               "stages": [{"supernet": {"branches": branches, "enhanced": bool(args.enhanced)}, "optimizer": {"lr": 0.1}}]}
+    from .training import load_config
+
+    if not isinstance(cfg, str):
+        cfg = load_config(cfg, source="init options")
+    path = write_initial_checkpoint(cfg, args.out, data=args.data)
+    ck = load_checkpoint(path)
+    _print_json({
+        "out": str(path), "space": ck.space.name, "data": ck.data.get("spec"), "branches": list(ck.config.branches),
+        "classifier_branches": ck.config.classifier_branches,
+        "parameters": sum(p.numel() for p in ck.build_supernet().parameters()),
+    })
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_evaluate, _add_space, _add_proxy, _add_groundtruth, _add_rank]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_evaluate, _add_space, _add_proxy, _add_groundtruth, _add_rank, _add_train, _add_init]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,7 +1,9 @@
 """Append-only JSON-lines journals: long runs stream results here so a crash loses nothing finished.
 
 The first line is the run's fingerprint (a JSON object); every later line is one finished
-record. Each append is flushed and fsynced before the call returns. On resume a torn last line
+record. Each append is flushed to the OS before the call returns, so a killed process loses
+nothing finished, and fsynced at once (or every ``sync_every`` appends and on close, for runs
+that write many small records; a power loss may then cost the last few). On resume a torn last line
 (the process was killed mid-write) is dropped and the file truncated back to the last whole
 record; a fingerprint that differs from the stored one is refused, naming the keys that changed.
 """
@@ -37,10 +39,17 @@ class Journal:
     """``Journal(path, fingerprint, resume=...)``: ``records`` already finished, ``append(record)``.
 
     Without ``resume`` an existing journal is refused (its results would otherwise be lost or
-    mixed); with ``resume`` and no journal on disk, a new one is started.
+    mixed); with ``resume`` and no journal on disk, a new one is started. ``sync_every``: fsync
+    after this many appends (default 1: every append is durable when the call returns).
     """
 
-    def __init__(self, path: str | os.PathLike, fingerprint: Mapping[str, Any], *, resume: bool) -> None:
+    def __init__(
+        self, path: str | os.PathLike, fingerprint: Mapping[str, Any], *, resume: bool, sync_every: int = 1
+    ) -> None:
+        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+            raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
+        self._sync_every = sync_every
+        self._unsynced = 0
         self.path = Path(path)
         self.fingerprint = json.loads(json.dumps(fingerprint))  # plain JSON values, as stored
         self.records: list[dict] = []
@@ -92,18 +101,26 @@ class Journal:
             return len(json.dumps(self.fingerprint, allow_nan=False).encode()) + 1
         return good
 
-    def _write(self, obj: Mapping[str, Any]) -> None:
+    def _write(self, obj: Mapping[str, Any], sync: bool = True) -> None:
         self._file.write(json.dumps(obj, allow_nan=False).encode() + b"\n")
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if sync:
+            os.fsync(self._file.fileno())
 
     def append(self, record: Mapping[str, Any]) -> None:
-        """Add one finished record, durably."""
-        self._write(record)
+        """Add one finished record: flushed now, fsynced now or with its group (``sync_every``)."""
+        self._unsynced += 1
+        sync = self._unsynced >= self._sync_every
+        self._write(record, sync=sync)
+        if sync:
+            self._unsynced = 0
         self.records.append(dict(record))
 
     def close(self) -> None:
         if self._file is not None and not self._file.closed:
+            if self._unsynced:
+                os.fsync(self._file.fileno())
+                self._unsynced = 0
             self._file.close()
 
     def __enter__(self) -> "Journal":

@@ -336,6 +336,16 @@ class Supernet(nn.Module):
         off = self.classifier_groups.offset_of(w[last])
         return ref.sliced_linear(h, self.classifier_weight, self.classifier_bias, self.num_classes, row_offset=off)
 
+    def forward_paths(
+        self, x: torch.Tensor, archs: Sequence[str | Arch], *, backend: str | None = None
+    ) -> torch.Tensor:
+        """Logits (K, N, num_classes) of K candidates on the same images, run together through
+        the multi-candidate kernels; see :func:`fastsupernet.multipath.forward_paths` (equal to
+        stacking ``forward`` per candidate, except that train mode leaves BN running statistics untouched)."""
+        from .multipath import forward_paths
+
+        return forward_paths(self, x, archs, backend=backend)
+
     def reset_running_stats(self) -> None:
         """Reset every BN layer's running statistics (before BN recalibration)."""
         for m in self.conv_layers():

@@ -10,9 +10,12 @@ offset. ``sliced_conv2d`` is the one-candidate case. The full semantics are in
 Backends (see :mod:`fastsupernet.ops.dispatch`): ``reference`` (PyTorch autograd), ``cpp`` and
 ``cuda`` (``torch.ops.fastsupernet.*``, compiled), ``triton`` (``torch.ops.fastsupernet.
 multi_conv2d_triton``). The compiled and Triton kernels are forward-only; the backward below is
-registered for them: aten's convolution backward on each candidate's slices, so the weight
-gradient has the packed weight's full shape and is zero outside the rows/columns the call read
-(autograd accumulates it into the shared parameter). Statistics outputs are not differentiable.
+registered for them. Its conv part either runs batched (the input gradient of all candidates as
+one compiled ``multi_conv2d`` on transposed, flipped weights; the weight gradient as one
+compiled ``multi_conv2d_weight_grad``) or loops aten's convolution backward over the
+candidates' slices; see :func:`backward_mode`. Either way the weight gradient has the packed
+weight's full shape and is zero outside the rows/columns the call read (autograd accumulates it
+into the shared parameter). Statistics outputs are not differentiable.
 
 Memory formats: every backend accepts NCHW, channels_last and strided (e.g. channel-slice)
 inputs; the compiled CPU kernel returns NCHW; the GPU kernels document theirs. Values never
@@ -20,13 +23,15 @@ depend on the format.
 """
 from __future__ import annotations
 
+import os
+from itertools import accumulate
 from typing import Any, Sequence
 
 import torch
 
 from . import dispatch, reference
 
-__all__ = ["multi_conv2d", "sliced_conv2d", "conv_backward"]
+__all__ = ["multi_conv2d", "sliced_conv2d", "conv_backward", "backward_mode", "BACKWARD_ENV_VAR"]
 
 _EMPTY_STATS_SHAPE = (0,)
 
@@ -100,30 +105,121 @@ def conv_backward(
     grad_scale = (g * y).sum(dim=(0, 2, 3)) if (scale is not None and need_scale) else None
     if scale is not None:
         g = g * scale.view(1, -1, 1, 1)
+    mode = backward_mode(x.device)
+    grad_x = grad_w = None
+    if need_x and mode != "loop":
+        grad_x = _input_grad_batched(g, x, weight, meta, stride, padding)
+    if need_w and mode != "loop":
+        grad_w = _weight_grad_batched(g, x, weight, meta, stride, padding)
+    if (need_x and grad_x is None) or (need_w and grad_w is None):
+        gx, gw = _conv_grads_loop(g, x, weight, meta, stride, padding, need_x and grad_x is None,
+                                  need_w and grad_w is None)
+        grad_x = gx if grad_x is None else grad_x
+        grad_w = gw if grad_w is None else grad_w
+    return grad_x, grad_w, grad_scale, grad_shift, grad_res, grad_slope
+
+
+BACKWARD_ENV_VAR = "FASTSUPERNET_CONV_BACKWARD"
+_BACKWARD_MODES = ("auto", "batched", "loop")
+
+
+def backward_mode(device: torch.device) -> str:
+    """How the conv part of the backward runs: ``"batched"`` or ``"loop"``.
+
+    ``batched``: the input gradient of all K candidates is one ``multi_conv2d`` call (compiled
+    kernel) on transposed, flipped weights, the weight gradient one
+    ``multi_conv2d_weight_grad`` call, where the device has those kernels (else that part
+    loops). ``loop``: aten's convolution backward per candidate. Set by the environment
+    variable ``FASTSUPERNET_CONV_BACKWARD`` (read at every call); ``auto`` (default) is
+    ``batched`` on CPU, where it was measured faster, and ``loop`` elsewhere.
+    """
+    mode = os.environ.get(BACKWARD_ENV_VAR, "").strip().lower() or "auto"
+    if mode not in _BACKWARD_MODES:
+        raise ValueError(f"{BACKWARD_ENV_VAR}={mode!r}; expected one of {', '.join(_BACKWARD_MODES)}")
+    if mode == "auto":
+        return "batched" if device.type == "cpu" else "loop"
+    return mode
+
+
+def _has_compiled(op: str, device: torch.device) -> bool:
+    from . import _extension
+
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return key is not None and _extension.has_kernel(op, key)
+
+
+def _conv_grads_loop(g, x, weight, meta, stride, padding, need_x, need_w):
+    """Input/weight gradients by aten's convolution backward, one candidate at a time."""
+    in_offsets, in_widths, out_widths, row_offsets = meta
     grad_x = torch.zeros_like(x, memory_format=torch.contiguous_format) if need_x else None
     grad_w = torch.zeros_like(weight) if need_w else None
-    if need_x or need_w:
-        o = 0
-        for io, iw, ow, ro in zip(in_offsets, in_widths, out_widths, row_offsets):
-            gx, gw, _ = torch.ops.aten.convolution_backward(
-                g[:, o : o + ow],
-                x[:, io : io + iw],
-                weight[ro : ro + ow, :iw],
-                None,
-                [stride, stride],
-                [padding, padding],
-                [1, 1],
-                False,
-                [0, 0],
-                1,
-                [need_x, need_w, False],
-            )
-            if need_x:
-                grad_x[:, io : io + iw] += gx
-            if need_w:
-                grad_w[ro : ro + ow, :iw] += gw
-            o += ow
-    return grad_x, grad_w, grad_scale, grad_shift, grad_res, grad_slope
+    o = 0
+    for io, iw, ow, ro in zip(in_offsets, in_widths, out_widths, row_offsets):
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            g[:, o : o + ow], x[:, io : io + iw], weight[ro : ro + ow, :iw], None, [stride, stride],
+            [padding, padding], [1, 1], False, [0, 0], 1, [need_x, need_w, False],
+        )
+        if need_x:
+            grad_x[:, io : io + iw] += gx
+        if need_w:
+            grad_w[ro : ro + ow, :iw] += gw
+        o += ow
+    return grad_x, grad_w
+
+
+def _input_grad_batched(g, x, weight, meta, stride, padding):
+    """grad x of all candidates in one compiled ``multi_conv2d`` call, or None where unsupported.
+
+    The input gradient of a convolution is the convolution of the output gradient (zeros
+    inserted between its pixels for stride > 1) with the transposed, spatially flipped
+    weight, padded by kernel - 1 - padding. Candidate k's transposed weight is
+    ``weight[rows_k, :in_k]`` swapped and flipped (a small copy), stacked by rows; it reads
+    its own channel block of the output gradient and writes its in_k channels.
+    """
+    in_offsets, in_widths, out_widths, row_offsets = meta
+    kh, kw = weight.shape[2], weight.shape[3]
+    pad_t = kh - 1 - padding
+    if (kh != kw or pad_t < 0 or x.dtype not in (torch.float32, torch.float64)
+            or not _has_compiled("multi_conv2d", x.device)):
+        return None
+    N, C, H, W = x.shape
+    Ho, Wo = g.shape[2], g.shape[3]
+    wt = weight.new_zeros((sum(in_widths), max(out_widths), kh, kw))
+    r = 0
+    for iw, ow, ro in zip(in_widths, out_widths, row_offsets):
+        wt[r : r + iw, :ow] = weight[ro : ro + ow, :iw].transpose(0, 1).flip(2, 3)
+        r += iw
+    g_in = list(accumulate(out_widths, initial=0))[:-1]
+    rows = list(accumulate(in_widths, initial=0))[:-1]
+    if stride == 1:
+        src, pad = g, pad_t
+    else:
+        # rows/columns of x the strided windows never reach (at the bottom/right) get zero gradient
+        extra_h = H - ((Ho - 1) * stride + kh - 2 * padding)
+        extra_w = W - ((Wo - 1) * stride + kw - 2 * padding)
+        hd, wd = (Ho - 1) * stride + 1, (Wo - 1) * stride + 1
+        src = g.new_zeros((N, g.shape[1], hd + 2 * pad_t + extra_h, wd + 2 * pad_t + extra_w))
+        src[:, :, pad_t : pad_t + hd : stride, pad_t : pad_t + wd : stride] = g
+        pad = 0
+    gx, _, _ = torch.ops.fastsupernet.multi_conv2d.default(
+        src, wt, g_in, list(out_widths), list(in_widths), rows, 1, pad, None, None, None, "none", None, False
+    )
+    if list(in_offsets) == rows and sum(in_widths) == C:  # candidates tile x in order
+        return gx
+    grad_x = torch.zeros_like(x, memory_format=torch.contiguous_format)
+    idx = torch.tensor([c for io, iw in zip(in_offsets, in_widths) for c in range(io, io + iw)], device=x.device)
+    grad_x.index_add_(1, idx, gx)
+    return grad_x
+
+
+def _weight_grad_batched(g, x, weight, meta, stride, padding):
+    """grad weight of all candidates in one ``multi_conv2d_weight_grad`` call, or None where unsupported."""
+    if x.dtype not in (torch.float32, torch.float64) or not _has_compiled("multi_conv2d_weight_grad", x.device):
+        return None
+    in_offsets, in_widths, out_widths, row_offsets = meta
+    return torch.ops.fastsupernet.multi_conv2d_weight_grad.default(
+        g, x, weight, list(in_offsets), list(in_widths), list(out_widths), list(row_offsets), stride, padding
+    )
 
 
 # positions of (x, weight, scale, shift, residual, prelu_slope) among each op's inputs
@@ -180,8 +276,15 @@ def fake_sliced(x, weight, out_rows, row_offset, stride, padding, scale, shift, 
                       residual, activation, prelu_slope, stats)
 
 
+def fake_weight_grad(grad_out, x, weight, in_offsets, in_widths, out_widths, row_offsets, stride, padding):
+    """Output of multi_conv2d_weight_grad without running it: weight's shape."""
+    return weight.new_empty(weight.shape)
+
+
 def register_compiled() -> None:
     """Fake kernels and autograd of the compiled ops (called once, when the extension loads)."""
+    if hasattr(torch.ops.fastsupernet, "multi_conv2d_weight_grad"):
+        torch.library.register_fake("fastsupernet::multi_conv2d_weight_grad")(fake_weight_grad)
     for name, fake, backward, setup in (
         ("multi_conv2d", fake_multi, _backward, _setup_multi),
         ("sliced_conv2d", fake_sliced, _backward, _setup_sliced),

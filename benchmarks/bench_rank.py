@@ -1,0 +1,94 @@
+"""Ranking on CPU: the ``fast`` engine vs the ``reference`` engine, same candidates, same protocol.
+
+    pytest benchmarks/bench_rank.py --benchmark-only -s                 # 256 candidates: long on 2 cores
+    FASTSUPERNET_BENCH_RANK_CANDIDATES=32 pytest benchmarks/bench_rank.py --benchmark-only -s   # quick
+
+Candidates: the first N official Track-1 candidates (N = ``FASTSUPERNET_BENCH_RANK_CANDIDATES``,
+default 256). Protocol: 512 recalibration images (batches of 128) + 1,024 evaluation images
+of synthetic 3x32x32 pixels, 100 classes, a randomly initialised Track-1 supernet (timing does
+not depend on the weights). ``test_rank_full_protocol`` times ``FASTSUPERNET_BENCH_RANK_FULL``
+candidates (default 2; 0 skips) at the full protocol, 5,000 + 10,000 images.
+
+Floors, printed and stored in ``extra_info``: the multiply-adds each engine must do (the
+reference: every candidate in full; fast: after prefix sharing) as FLOPs over the fp32 GEMM
+rate of ``torch.mm`` 1024^3 measured in this run.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import time
+
+import pytest
+import torch
+
+from fastsupernet import Supernet, read_candidates
+from fastsupernet.io import official_candidates_path
+from fastsupernet.ranking.engines import RankData, make_engine, prefix_sharing
+
+CANDIDATES = int(os.environ.get("FASTSUPERNET_BENCH_RANK_CANDIDATES", "256"))
+FULL = int(os.environ.get("FASTSUPERNET_BENCH_RANK_FULL", "2"))
+RECAL, EVAL, BATCH, CLASSES = 512, 1024, 128, 100
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_rate() -> float:
+    """fp32 FLOP/s of torch.mm 1024^3 (median of 15)."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    torch.mm(a, b)
+    times = []
+    for _ in range(15):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t)
+    return 2 * 1024**3 / statistics.median(times)
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(n_cand: int, recal: int, evals: int):
+    torch.manual_seed(0)
+    model = Supernet(in_channels=3, num_classes=CLASSES)
+    g = torch.Generator().manual_seed(1)
+    data = RankData(
+        recal_x=torch.randn(recal, 3, 32, 32, generator=g),
+        eval_x=torch.randn(evals, 3, 32, 32, generator=g),
+        eval_y=torch.randint(0, CLASSES, (evals,), generator=g),
+        recal_batch=BATCH,
+    )
+    archs = list(read_candidates(official_candidates_path()).values())[:n_cand]
+    return model, data, archs
+
+
+def _run(benchmark, engine_name: str, n_cand: int, recal: int, evals: int, group: str) -> None:
+    model, data, archs = _setup(n_cand, recal, evals)
+    engine = make_engine(engine_name, model, data)
+    total, shared = prefix_sharing(model, archs)
+    images = recal + evals
+    macs = shared if engine_name == "fast" else total
+    results = benchmark.pedantic(lambda: list(engine.score(archs)), rounds=1, iterations=1)
+    assert len(results) == len(archs)
+    rate = gemm_rate()
+    seconds = benchmark.stats["median"]
+    floor_s = 2 * macs * images / rate
+    benchmark.group = group
+    benchmark.extra_info.update(
+        candidates=len(archs), images=images, macs_per_image_total=total, macs_per_image_computed=shared,
+        sharing_ratio=total / shared, gemm_gflops=rate / 1e9, floor_s=floor_s,
+        candidates_per_s=len(archs) / seconds, groups=engine.stats.groups,
+    )
+    print(f"\n{group} {engine_name}: {len(archs)} candidates x {images} images in {seconds:.1f} s "
+          f"({len(archs) / seconds:.2f} candidates/s); prefix sharing {total / shared:.3f}x; "
+          f"floor {floor_s:.1f} s (FLOPs {2 * macs * images / 1e12:.2f} T at {rate / 1e9:.0f} GFLOP/s, "
+          f"ratio to floor {seconds / floor_s:.2f})")
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_rank_candidates(benchmark, engine):
+    _run(benchmark, engine, CANDIDATES, RECAL, EVAL, f"rank {CANDIDATES} official, {RECAL}+{EVAL} images")
+
+
+@pytest.mark.skipif(FULL < 1, reason="FASTSUPERNET_BENCH_RANK_FULL=0")
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_rank_full_protocol(benchmark, engine):
+    _run(benchmark, engine, FULL, 5000, 10000, f"rank {FULL} official, 5000+10000 images")

@@ -1,0 +1,277 @@
+// CPU kernel of fastsupernet::multi_conv2d_weight_grad (float32, float64): the weight gradient
+// of multi_conv2d for all K candidates of a call at once.
+//
+// Semantics (schema in csrc/fastsupernet.cpp): with grad_out the packed (N, sum_k out_widths[k],
+// H', W') gradient of the conv output (before any epilogue) and x the call's input,
+//   grad[row_offsets[k] + o, c, i, j] += sum_{n, h', w'} grad_out[n, o_k + o, h', w']
+//                                        * x[n, in_offsets[k] + c, h' s + i - p, w' s + j - p]
+// for o < out_widths[k], c < in_widths[k] (zero padding), o_k the prefix-sum offset of
+// candidate k. grad has weight's full shape (R, C_max, kh, kw) and is zero outside the
+// rows/columns the candidates read; candidates sharing rows add into them in candidate order.
+//
+// Algorithm. For a candidate, column q = (c, i, j) of its gradient (q = c kh kw + i kw + j,
+// which is also the column's offset inside a weight row) is the dot product, over every
+// (image, output pixel), of a grad_out row with the input shifted by tap (i, j). Per work item
+// (a fixed run of images) and candidate, the item's images are packed once:
+//  * grad_out rows into [o][image][h'][Wv] (Wv = W' rounded up to whole vectors, zero tail);
+//  * input channels into a zero-padded scratch [c][image][row][phase][Wph] whose columns are
+//    split by stride phase (padded column u at phase u % s, index u / s), so that tap (i, j)
+//    of output row h' is the contiguous vector run at row h' s + i, phase j % s, index j / s.
+// Then a tile of kRows gradient rows x kCols columns keeps kRows*kCols vector accumulators
+// in registers over all (image, h', vector) of the item: kRows + kCols loads per kRows*kCols
+// FMAs, like the forward kernel. Lanes are summed once per tile and item; items run in
+// parallel (at::parallel_for) into their own partial sums, which are added in item order:
+// the item split depends only on N, so results do not depend on the number of threads.
+// The tail lanes of grad_out rows are zero, so the input values they meet contribute nothing.
+//
+// The tile loops (conv_weight_grad_kernel.h) are compiled twice, for AVX2 + FMA and portable;
+// the AVX2 version runs when the CPU has both (FASTSUPERNET_CPU_KERNEL=generic forces the other). Accumulation is in the input's
+// dtype (as aten's convolution backward does): per lane about N H' W' / (items * lanes) terms.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "cpu/conv_plan.h"
+
+namespace fastsupernet {
+namespace {
+
+constexpr int kRows = 4;
+constexpr int kCols = 3;
+constexpr int kVecBytes = 32;
+// At most this many work items (each owns a partial gradient), at least one image each.
+constexpr int64_t kMaxItems = 16;
+
+#define FSN_WG_INLINE inline __attribute__((always_inline))
+
+inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+struct Lanes {
+  static constexpr int L = kVecBytes / static_cast<int>(sizeof(T));
+};
+
+// Geometry of one candidate's packed buffers inside a work item.
+struct Packed {
+  int64_t images;     // images in the item
+  int64_t runs;       // contiguous runs per image (stride 1: one; else one per output row)
+  int64_t run_len;    // elements per run (whole vectors)
+  int64_t g_img;      // elements per image of one gradient row
+  int64_t g_run;      // elements between runs of a gradient row
+  int64_t g_row;      // elements per gradient row (images * g_img)
+  int64_t x_img;      // elements per image of one input channel
+  int64_t x_run;      // elements between runs of an input channel
+  int64_t x_row;      // elements per padded input row (stride * wph)
+  int64_t x_chan;     // elements per input channel (images * x_img + spare)
+  int64_t wph;        // elements per stride phase of a row
+  int64_t stride;
+};
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTSUPERNET_NO_AVX2)
+#define FSN_WG_HAVE_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "cpu/conv_weight_grad_kernel.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+namespace portable {
+#include "cpu/conv_weight_grad_kernel.h"
+}  // namespace portable
+
+// AVX2 + FMA when the CPU has both, unless FASTSUPERNET_CPU_KERNEL=generic (read at every call).
+bool use_avx2() {
+#ifdef FSN_WG_HAVE_AVX2
+  static const bool cpu_ok = conv::cpu_has_avx2_fma();
+  if (!cpu_ok) return false;
+  const char* env = std::getenv("FASTSUPERNET_CPU_KERNEL");
+  return env == nullptr || std::strcmp(env, "generic") != 0;
+#else
+  return false;
+#endif
+}
+
+void candidate_tiles_any(bool avx, const float* g, const float* x, const Packed& p, int64_t ow, int64_t iw,
+                         int64_t kh, int64_t kw, float* res) {
+#ifdef FSN_WG_HAVE_AVX2
+  if (avx) return avx2::candidate_tiles_f32(g, x, p, ow, iw, kh, kw, res);
+#endif
+  portable::candidate_tiles_f32(g, x, p, ow, iw, kh, kw, res);
+}
+void candidate_tiles_any(bool avx, const double* g, const double* x, const Packed& p, int64_t ow, int64_t iw,
+                         int64_t kh, int64_t kw, double* res) {
+#ifdef FSN_WG_HAVE_AVX2
+  if (avx) return avx2::candidate_tiles_f64(g, x, p, ow, iw, kh, kw, res);
+#endif
+  portable::candidate_tiles_f64(g, x, p, ow, iw, kh, kw, res);
+}
+
+at::Tensor multi_conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                        c10::IntArrayRef in_offsets, c10::IntArrayRef in_widths,
+                                        c10::IntArrayRef out_widths, c10::IntArrayRef row_offsets, int64_t stride,
+                                        int64_t padding) {
+  const char* op = "multi_conv2d_weight_grad: ";
+  TORCH_CHECK_VALUE(x.dim() == 4 && weight.dim() == 4 && grad_out.dim() == 4, op,
+                    "x, weight and grad_out must be 4-D, got ", x.sizes(), ", ", weight.sizes(), ", ",
+                    grad_out.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+                   "x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(), op,
+                   "x, weight and grad_out must share a dtype, got ", x.scalar_type(), ", ", weight.scalar_type(),
+                   ", ", grad_out.scalar_type());
+  TORCH_CHECK_VALUE(x.device().is_cpu() && grad_out.device().is_cpu() && weight.device().is_cpu(), op,
+                    "expects CPU tensors");
+  const int64_t K = static_cast<int64_t>(out_widths.size());
+  TORCH_CHECK_VALUE(K >= 1 && static_cast<int64_t>(in_offsets.size()) == K &&
+                        static_cast<int64_t>(in_widths.size()) == K && static_cast<int64_t>(row_offsets.size()) == K,
+                    op, "in_offsets, in_widths, out_widths, row_offsets must have one entry per candidate (got ",
+                    in_offsets.size(), ", ", in_widths.size(), ", ", K, ", ", row_offsets.size(), ")");
+  TORCH_CHECK_VALUE(stride >= 1 && padding >= 0, op, "stride must be >= 1 and padding >= 0, got ", stride, ", ",
+                    padding);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t R = weight.size(0), Cmax = weight.size(1), kh = weight.size(2), kw = weight.size(3);
+  const int64_t Ho = (H + 2 * padding - kh) / stride + 1, Wo = (W + 2 * padding - kw) / stride + 1;
+  int64_t M = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    TORCH_CHECK_VALUE(in_widths[k] >= 1 && in_offsets[k] >= 0 && in_offsets[k] + in_widths[k] <= C, op,
+                      "candidate ", k, " reads input channels [", in_offsets[k], ", ", in_offsets[k] + in_widths[k],
+                      ") out of range for x with ", C);
+    TORCH_CHECK_VALUE(in_widths[k] <= Cmax, op, "candidate ", k, " in_width ", in_widths[k],
+                      " exceeds the weight's ", Cmax, " columns");
+    TORCH_CHECK_VALUE(out_widths[k] >= 1 && row_offsets[k] >= 0 && row_offsets[k] + out_widths[k] <= R, op,
+                      "candidate ", k, " rows [", row_offsets[k], ", ", row_offsets[k] + out_widths[k],
+                      ") out of range for a weight with ", R, " rows");
+    M += out_widths[k];
+  }
+  TORCH_CHECK_VALUE(Ho >= 1 && Wo >= 1, op, "output would be empty for input ", x.sizes());
+  TORCH_CHECK_VALUE(grad_out.size(0) == N && grad_out.size(1) == M && grad_out.size(2) == Ho &&
+                        grad_out.size(3) == Wo,
+                    op, "grad_out must have shape (", N, ", ", M, ", ", Ho, ", ", Wo, "), got ", grad_out.sizes());
+  at::Tensor grad = at::zeros(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
+  if (N == 0) return grad;
+
+  const bool avx = use_avx2();
+  const int64_t per_item = div_up(N, kMaxItems);
+  const int64_t items = div_up(N, per_item);
+  std::vector<int64_t> res_off(K + 1, 0), g_off(K, 0);
+  for (int64_t k = 0; k < K; ++k) {
+    res_off[k + 1] = res_off[k] + out_widths[k] * in_widths[k] * kh * kw;
+    if (k + 1 < K) g_off[k + 1] = g_off[k] + out_widths[k];
+  }
+  const int64_t res_len = res_off[K];
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_conv2d_weight_grad", [&] {
+    using T = scalar_t;
+    constexpr int64_t L = Lanes<T>::L;
+    const int64_t wv = div_up(Wo, L) * L;
+    const int64_t wph = wv + (kw - 1) / stride;
+    const int64_t rows_in = (Ho - 1) * stride + kh;
+    std::vector<T> partial(static_cast<size_t>(items * res_len), T(0));
+    const T* xp = x.const_data_ptr<T>();
+    const T* gp = grad_out.const_data_ptr<T>();
+    const int64_t xs0 = x.stride(0), xs1 = x.stride(1), xs2 = x.stride(2), xs3 = x.stride(3);
+    const int64_t gs0 = grad_out.stride(0), gs1 = grad_out.stride(1), gs2 = grad_out.stride(2),
+                  gs3 = grad_out.stride(3);
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> gbuf, xbuf;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n0 = item * per_item, n1 = std::min(N, n0 + per_item);
+        Packed p;
+        p.images = n1 - n0;
+        p.wph = wph;
+        p.stride = stride;
+        p.x_row = stride * wph;
+        // one spare row (and vector) so that no read of a tail lane leaves the buffer
+        p.x_img = (rows_in + 1) * p.x_row;
+        p.x_chan = p.images * p.x_img + L;
+        if (stride == 1) {
+          // gradient rows laid out with the input's row length (zero tails): the taps of a
+          // whole image are then one contiguous run, no per-row loop for small images
+          p.runs = 1;
+          p.run_len = div_up(Ho * wph, L) * L;
+          p.g_img = p.run_len;
+          p.g_run = 0;
+          p.x_run = 0;
+        } else {
+          p.runs = Ho;
+          p.run_len = wv;
+          p.g_img = Ho * wv;
+          p.g_run = wv;
+          p.x_run = stride * p.x_row;
+        }
+        const int64_t g_h = stride == 1 ? wph : wv;  // elements between output rows in gbuf
+        p.g_row = p.images * p.g_img;
+        T* res_item = partial.data() + item * res_len;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t ow = out_widths[k], iw = in_widths[k];
+          gbuf.assign(static_cast<size_t>(ow * p.g_row), T(0));
+          for (int64_t o = 0; o < ow; ++o)
+            for (int64_t n = n0; n < n1; ++n)
+              for (int64_t h = 0; h < Ho; ++h) {
+                const T* src = gp + n * gs0 + (g_off[k] + o) * gs1 + h * gs2;
+                T* dst = gbuf.data() + o * p.g_row + (n - n0) * p.g_img + h * g_h;
+                if (gs3 == 1) {
+                  std::memcpy(dst, src, static_cast<size_t>(Wo) * sizeof(T));
+                } else {
+                  for (int64_t w = 0; w < Wo; ++w) dst[w] = src[w * gs3];
+                }
+              }
+          xbuf.assign(static_cast<size_t>(iw * p.x_chan), T(0));
+          for (int64_t c = 0; c < iw; ++c)
+            for (int64_t n = n0; n < n1; ++n)
+              for (int64_t r = 0; r < rows_in; ++r) {
+                const int64_t hi = r - padding;
+                if (hi < 0 || hi >= H) continue;
+                const T* src = xp + n * xs0 + (in_offsets[k] + c) * xs1 + hi * xs2;
+                T* dst = xbuf.data() + c * p.x_chan + (n - n0) * p.x_img + r * p.x_row;
+                if (stride == 1 && xs3 == 1) {
+                  // padded columns [padding, padding + W) hold the row; the rest stays zero
+                  const int64_t len = std::min(W, wph - padding);
+                  if (len > 0) std::memcpy(dst + padding, src, static_cast<size_t>(len) * sizeof(T));
+                  continue;
+                }
+                for (int64_t q = 0; q < stride; ++q) {  // phase q holds padded columns q, q + s, ...
+                  T* dq = dst + q * wph;
+                  for (int64_t idx = 0; idx < wph; ++idx) {
+                    const int64_t wi = idx * stride + q - padding;
+                    if (wi >= 0 && wi < W) dq[idx] = src[wi * xs3];
+                  }
+                }
+              }
+          candidate_tiles_any(avx, gbuf.data(), xbuf.data(), p, ow, iw, kh, kw, res_item + res_off[k]);
+        }
+      }
+    });
+    T* gw = grad.data_ptr<T>();
+    const int64_t row_len = Cmax * kh * kw;
+    for (int64_t item = 0; item < items; ++item) {
+      const T* res_item = partial.data() + item * res_len;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t ncols = in_widths[k] * kh * kw;
+        for (int64_t o = 0; o < out_widths[k]; ++o) {
+          T* dst = gw + (row_offsets[k] + o) * row_len;
+          const T* src = res_item + res_off[k] + o * ncols;
+          for (int64_t q = 0; q < ncols; ++q) dst[q] += src[q];
+        }
+      }
+    }
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastsupernet, CPU, m) { m.impl("multi_conv2d_weight_grad", &multi_conv2d_weight_grad_cpu); }
+
+}  // namespace fastsupernet

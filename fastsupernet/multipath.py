@@ -1,0 +1,324 @@
+"""Several candidates of one supernet on the same images in one pass, forward and backward.
+
+Training samples K paths per batch (the largest, a few random ones) and runs them all on the
+same images. Run one after the other, each conv is K separate small convolutions, each BN
+and activation K separate passes. Here the K paths' activations are kept *packed along
+channels*, ``(N, sum_k width_k, H, W)``, path k owning its own block of channels, so that:
+
+* every conv layer is one :func:`fastsupernet.ops.multi_conv2d` call (the stem: all K paths
+  read the same image, offset 0; later layers: path k reads its own block), its backward one
+  batched call per layer (see :func:`fastsupernet.ops.conv.conv_backward`);
+* train-mode BatchNorm of all paths is one ``F.batch_norm`` over the packed tensor: its
+  per-channel statistics are exactly per-path statistics, and the affine parameters are
+  gathered from the packed BN rows by index, so autograd scatter-adds their gradients back
+  into the shared rows (eval mode: BN folded into the conv's epilogue);
+* ReLU, residual additions and PReLU are elementwise on the packed tensor;
+* global average pooling is one call; only the small classifier runs per path.
+
+Values and gradients (with respect to the input and every parameter) equal those of
+``torch.stack([model(x, a) for a in archs])``, in train mode (each path's BN normalises with
+its own batch statistics) and in eval mode (running statistics).
+
+Train mode does **not** update the BN running statistics: the paths of one step share BN
+rows, so "the" running statistics of a row after K paths is not well defined anyway, and
+supernet ranking re-estimates BN statistics per candidate before evaluating it.
+
+Two levels:
+
+* :func:`build_plan` turns a supernet and K architectures into a :class:`MultiPathPlan`: per
+  conv layer, each path's weight row offset, input channel offset, input and output width;
+  per block, where each path's residual comes from; per path, its classifier rows.
+* :func:`run_plan` runs a plan on *packed parameter tensors* given by name (the supernet's
+  ``named_parameters``/``named_buffers`` names), with no module in sight: a set of K
+  independent static networks packed into such tensors (disjoint rows per path) runs through
+  the same function.
+
+:func:`forward_paths` (also ``Supernet.forward_paths``) is the two together; it evaluates a
+repeated architecture once and returns its logits in every position that names it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .space import Arch
+
+__all__ = [
+    "ConvPlan",
+    "BlockPlan",
+    "MultiPathPlan",
+    "build_plan",
+    "run_plan",
+    "forward_paths",
+    "model_tensors",
+]
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """One conv + BN layer run for several paths as one ``multi_conv2d`` call.
+
+    ``name`` prefixes the layer's tensors (``{name}.weight``, ``.bn_weight``, ``.bn_bias``,
+    ``.running_mean``, ``.running_var``). Entry j of each tuple describes the j-th path that
+    runs this layer: it reads input channels ``[in_offsets[j], in_offsets[j] + in_widths[j])``
+    and weight rows ``[row_offsets[j], row_offsets[j] + out_widths[j])``, columns
+    ``[:in_widths[j]]``; its outputs sit at ``out_offsets[j]`` of the packed output.
+    """
+
+    name: str
+    kernel: int
+    stride: int
+    in_offsets: tuple[int, ...]
+    in_widths: tuple[int, ...]
+    out_widths: tuple[int, ...]
+    row_offsets: tuple[int, ...]
+
+    @property
+    def padding(self) -> int:
+        return self.kernel // 2
+
+    @property
+    def out_offsets(self) -> tuple[int, ...]:
+        return tuple(accumulate(self.out_widths, initial=0))[:-1]
+
+    @property
+    def out_channels(self) -> int:
+        return sum(self.out_widths)
+
+    def rows(self) -> list[int]:
+        """The packed BN/weight row of every output channel, in packed order."""
+        return [r for ro, ow in zip(self.row_offsets, self.out_widths) for r in range(ro, ro + ow)]
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """A basic block for K paths: two convs, an optional shortcut conv, and the residual layout.
+
+    ``shortcut`` runs only for the paths listed in ``shortcut_paths`` (in path order); every
+    other path adds its block input unchanged (same width, stride 1). ``prelu`` names the
+    block's PReLU slope tensor, or is ``None`` for ReLU.
+    """
+
+    conv1: ConvPlan
+    conv2: ConvPlan
+    shortcut: ConvPlan | None
+    shortcut_paths: tuple[int, ...]
+    prelu: str | None
+
+
+@dataclass(frozen=True)
+class MultiPathPlan:
+    """Everything :func:`run_plan` needs to run K paths on the same images, weights aside.
+
+    ``classifier_rows[k]`` is path k's first row in the packed classifier (``num_classes`` rows).
+    """
+
+    num_paths: int
+    in_channels: int
+    num_classes: int
+    stem: ConvPlan
+    blocks: tuple[BlockPlan, ...]
+    classifier_rows: tuple[int, ...]
+    eps: float
+
+    @property
+    def feature_widths(self) -> tuple[int, ...]:
+        """Each path's width entering the classifier."""
+        last = self.blocks[-1].conv2 if self.blocks else self.stem
+        return last.out_widths
+
+
+def build_plan(model, archs: Sequence[str | Arch]) -> MultiPathPlan:
+    """The plan of ``archs`` (K >= 1) on ``model`` (a :class:`~fastsupernet.supernet.Supernet`)."""
+    if len(archs) == 0:
+        raise ValueError("build_plan needs at least one architecture")
+    parsed = [model.parse(a) for a in archs]
+    widths = [a.widths for a in parsed]
+    runs = [model.run_widths(a) for a in parsed]
+    k_all = tuple(range(len(parsed)))
+    names = {id(m): name for name, m in model.named_modules()}
+
+    def conv_plan(m, paths: Sequence[int], in_packed: bool) -> ConvPlan:
+        L = m.layer
+        if L.in_position is None:
+            in_w = [model.in_channels] * len(paths)
+        else:
+            in_w = [runs[k][L.in_position] for k in paths]
+        # packed input: path k's block starts after the blocks of the paths before it
+        if in_packed:
+            starts = list(accumulate((runs[k][L.in_position] for k in k_all), initial=0))
+            in_off = [starts[k] for k in paths]
+        else:
+            in_off = [0] * len(paths)
+        return ConvPlan(
+            name=names[id(m)],
+            kernel=L.kernel,
+            stride=L.stride,
+            in_offsets=tuple(in_off),
+            in_widths=tuple(in_w),
+            out_widths=tuple(runs[k][L.position] for k in paths),
+            row_offsets=tuple(m.groups.offset_of(widths[k][L.position]) for k in paths),
+        )
+
+    stem = conv_plan(model.stem, k_all, in_packed=False)
+    blocks = []
+    for s, stage in enumerate(model.stages):
+        for b, blk in enumerate(stage):
+            sc_paths = tuple(k for k in k_all if model.uses_shortcut_conv(blk.shortcut.layer, runs[k]))
+            blocks.append(
+                BlockPlan(
+                    conv1=conv_plan(blk.conv1, k_all, in_packed=True),
+                    conv2=conv_plan(blk.conv2, k_all, in_packed=True),
+                    shortcut=conv_plan(blk.shortcut, sc_paths, in_packed=True) if sc_paths else None,
+                    shortcut_paths=sc_paths,
+                    prelu=f"stages.{s}.{b}.prelu" if model.config.residual_activation == "prelu" else None,
+                )
+            )
+    last = model.space.last_position
+    return MultiPathPlan(
+        num_paths=len(parsed),
+        in_channels=model.in_channels,
+        num_classes=model.num_classes,
+        stem=stem,
+        blocks=tuple(blocks),
+        classifier_rows=tuple(model.classifier_groups.offset_of(w[last]) for w in widths),
+        eps=model.config.bn_eps,
+    )
+
+
+def model_tensors(model) -> dict[str, torch.Tensor]:
+    """The supernet's parameters and buffers by name: the tensors :func:`run_plan` reads."""
+    out = dict(model.named_buffers())
+    out.update(model.named_parameters())
+    return out
+
+
+def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def _conv_bn(
+    h: torch.Tensor,
+    p: ConvPlan,
+    t: Mapping[str, torch.Tensor],
+    training: bool,
+    eps: float,
+    backend: str | None,
+    *,
+    residual: torch.Tensor | None = None,
+    activation: str = "none",
+    slope: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``multi_conv2d``, each path's BN, ``+ residual``, activation (``slope``: one shared PReLU slope).
+
+    Train mode: BN with batch statistics after the conv (statistics must exist before a batch
+    can be normalised). Eval mode: BN folded into scale/shift and everything in the conv's epilogue.
+    """
+    weight = t[f"{p.name}.weight"]
+    idx = _index(p.rows(), h.device)
+    gamma = t[f"{p.name}.bn_weight"].index_select(0, idx)
+    beta = t[f"{p.name}.bn_bias"].index_select(0, idx)
+    meta = (p.in_offsets, p.in_widths, p.out_widths, p.row_offsets)
+    if training:
+        y = ops.multi_conv2d(h, weight, *meta, stride=p.stride, padding=p.padding, backend=backend)
+        y = F.batch_norm(y, None, None, gamma, beta, training=True, eps=eps)
+        if residual is not None:
+            y = y + residual
+        if activation == "relu":
+            return F.relu(y)
+        return F.prelu(y, slope.reshape(1)) if activation == "prelu" else y
+    mean = t[f"{p.name}.running_mean"].index_select(0, idx)
+    var = t[f"{p.name}.running_var"].index_select(0, idx)
+    scale = gamma * torch.rsqrt(var + eps)
+    shift = beta - mean * scale
+    slopes = slope.reshape(1).expand(len(p.out_widths)).contiguous() if activation == "prelu" else None
+    return ops.multi_conv2d(h, weight, *meta, stride=p.stride, padding=p.padding, scale=scale, shift=shift,
+                            residual=residual, activation=activation, prelu_slope=slopes, backend=backend)
+
+
+def _residual(h: torch.Tensor, sc: torch.Tensor | None, blk: BlockPlan, num_paths: int) -> torch.Tensor:
+    """The packed tensor each path adds after its second conv: shortcut output or block input."""
+    if len(blk.shortcut_paths) == num_paths:
+        return sc
+    if not blk.shortcut_paths:  # every path keeps its width: h is laid out like the output
+        return h
+    sc_at = {k: i for i, k in enumerate(blk.shortcut_paths)}
+    parts = []
+    for k in range(num_paths):
+        if k in sc_at:
+            i = sc_at[k]
+            o, w = blk.shortcut.out_offsets[i], blk.shortcut.out_widths[i]
+            parts.append(sc[:, o : o + w])
+        else:  # identity: path k's block of the block input (conv1 reads it there), same width
+            o, w = blk.conv1.in_offsets[k], blk.conv2.out_widths[k]
+            parts.append(h[:, o : o + w])
+    return torch.cat(parts, 1)
+
+
+def run_plan(
+    plan: MultiPathPlan,
+    x: torch.Tensor,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    training: bool,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Logits (K, N, num_classes) of the plan's K paths on ``x``, from packed tensors by name.
+
+    ``tensors`` maps each layer's ``{name}.weight/.bn_weight/.bn_bias/.running_mean/
+    .running_var``, each block's PReLU slope and ``classifier_weight``/``classifier_bias`` to
+    packed tensors (:func:`model_tensors` of a supernet). ``training``: BN with each path's
+    batch statistics (running statistics are read only in eval mode and never written).
+    ``backend`` is passed to every ``multi_conv2d`` call.
+    """
+    if x.dim() != 4 or x.shape[1] != plan.in_channels:
+        raise ValueError(f"input has shape {tuple(x.shape)}, the plan expects (N, {plan.in_channels}, H, W)")
+    eps, K = plan.eps, plan.num_paths
+    h = _conv_bn(x, plan.stem, tensors, training, eps, backend, activation="relu")
+    for blk in plan.blocks:
+        y = _conv_bn(h, blk.conv1, tensors, training, eps, backend, activation="relu")
+        sc = _conv_bn(h, blk.shortcut, tensors, training, eps, backend) if blk.shortcut else None
+        h = _conv_bn(y, blk.conv2, tensors, training, eps, backend, residual=_residual(h, sc, blk, K),
+                     activation="prelu" if blk.prelu else "relu",
+                     slope=tensors[blk.prelu] if blk.prelu else None)
+    feats = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)
+    w, b = tensors["classifier_weight"], tensors["classifier_bias"]
+    n, logits = plan.num_classes, []
+    for o, fw, r in zip(accumulate(plan.feature_widths, initial=0), plan.feature_widths, plan.classifier_rows):
+        logits.append(F.linear(feats[:, o : o + fw], w[r : r + n, :fw], b[r : r + n]))
+    return torch.stack(logits)
+
+
+def forward_paths(
+    model, x: torch.Tensor, archs: Sequence[str | Arch], *, backend: str | None = None
+) -> torch.Tensor:
+    """Logits (K, N, num_classes) of every architecture in ``archs`` on the same images ``x``.
+
+    Equal (values and gradients) to ``torch.stack([model(x, a) for a in archs])``; in train
+    mode BN uses each path's batch statistics and the running statistics are NOT updated.
+    A repeated architecture runs once. ``backend`` picks the conv backend (see
+    :mod:`fastsupernet.ops.dispatch`; default: the fastest for ``x``'s device).
+    """
+    parsed = [model.parse(a) for a in archs]
+    if not parsed:
+        raise ValueError("forward_paths needs at least one architecture")
+    if x.dim() != 4 or x.shape[1] != model.in_channels:
+        raise ValueError(f"input has shape {tuple(x.shape)}, the supernet expects (N, {model.in_channels}, H, W)")
+    first: dict[tuple[int, ...], int] = {}
+    unique: list[Arch] = []
+    where = []
+    for a in parsed:
+        if a.widths not in first:
+            first[a.widths] = len(unique)
+            unique.append(a)
+        where.append(first[a.widths])
+    plan = build_plan(model, unique)
+    out = run_plan(plan, x, model_tensors(model), training=model.training, backend=backend)
+    if len(unique) == len(parsed):
+        return out
+    return out.index_select(0, torch.tensor(where, device=out.device))

@@ -1,0 +1,326 @@
+"""The ranking engines: protocol semantics, fast vs reference agreement, grouping, configs.
+
+Agreement runs on the briefly trained mini checkpoint (bundled Fashion-MNIST, 28x28, 10
+classes) with small protocols so the file fits the CI budget; ``slow`` versions use more
+images.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastsupernet import Supernet, SupernetConfig, Track1Space, load_checkpoint, load_data
+from fastsupernet.data import normalize
+from fastsupernet.metrics import kendall_tau
+from fastsupernet.ranking.engines import (
+    ENGINES,
+    PRECISIONS,
+    FastEngine,
+    Protocol,
+    RankData,
+    ReferenceEngine,
+    make_engine,
+    prefix_sharing,
+    prepare_data,
+)
+from fastsupernet.ranking.tree import build_plan, candidate_macs, layer_modules, spatial_sizes
+
+RTOL, ATOL = 1e-4, 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    return load_data("fashion-mnist")
+
+
+@pytest.fixture(scope="module")
+def trained(trained_checkpoint):
+    return load_checkpoint(trained_checkpoint).build_supernet()
+
+
+def _archs(n: int, seed: int) -> list:
+    space = Track1Space()
+    return [space.largest(), space.smallest()] + space.sample_many(n - 2, seed=seed)
+
+
+def _scores(engine, archs) -> list:
+    out = list(engine.score(archs))
+    assert sorted(c.index for c in out) == list(range(len(archs)))
+    return sorted(out, key=lambda c: c.index)
+
+
+# ----------------------------------------------------------------------------- protocol and data
+@pytest.mark.parametrize("kw, word", [
+    (dict(recal_fraction=0.0), "recal_fraction"),
+    (dict(recal_fraction=1.5), "recal_fraction"),
+    (dict(recal_images=0), "recal_images"),
+    (dict(recal_batch=0), "recal_batch"),
+    (dict(eval_images=-1), "eval_images"),
+    (dict(recal_seed=1.5), "recal_seed"),
+    (dict(recal_batch=True), "recal_batch"),
+])
+def test_protocol_rejects_bad_values(kw, word):
+    with pytest.raises(ValueError, match=word):
+        Protocol(**kw)
+
+
+def test_protocol_to_dict_is_plain():
+    d = Protocol(recal_images=5, eval_images=7).to_dict()
+    assert d == {"recal_fraction": 0.1, "recal_seed": 0, "recal_images": 5, "recal_batch": 128, "eval_images": 7}
+
+
+def test_prepare_data_selects_split_prefix_in_order(fmnist):
+    proto = Protocol(recal_fraction=0.05, recal_seed=3, recal_images=40, recal_batch=16, eval_images=30)
+    rd = prepare_data(fmnist, proto)
+    rx, _ = fmnist.recalibration_split(0.05, 3)
+    assert torch.equal(rd.recal_x, normalize(rx[:40], fmnist.info))
+    assert torch.equal(rd.eval_x, normalize(fmnist.test_images[:30], fmnist.info))
+    assert torch.equal(rd.eval_y, fmnist.test_labels[:30])
+    assert rd.recal_batch == 16 and rd.recal_x.dtype == torch.float32
+
+
+def test_prepare_data_too_many_images_names_counts(fmnist):
+    with pytest.raises(ValueError, match=r"recal_images=5000 exceeds the 1200 images"):
+        prepare_data(fmnist, Protocol(recal_images=5000))
+    with pytest.raises(ValueError, match=r"eval_images=99999 exceeds the 2000 test images"):
+        prepare_data(fmnist, Protocol(eval_images=99999))
+
+
+def test_make_engine_rejects_bad_names(trained, fmnist):
+    rd = prepare_data(fmnist, Protocol(recal_images=8, eval_images=8))
+    with pytest.raises(ValueError, match="engine must be one of"):
+        make_engine("fastest", trained, rd)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        make_engine("fast", trained, rd, precision="fp16")
+    for name in ENGINES:
+        with pytest.raises(ValueError, match="bf16.*needs a CUDA device"):
+            make_engine(name, trained, rd, precision="bf16")
+    assert set(PRECISIONS) == {"fp32", "tf32", "bf16"}
+
+
+def test_invalid_candidate_is_named(trained, fmnist):
+    rd = prepare_data(fmnist, Protocol(recal_images=8, eval_images=8))
+    good = str(Track1Space().largest())
+    for name in ENGINES:
+        with pytest.raises(ValueError, match=r"candidate 1: .*position 1 value 5"):
+            list(make_engine(name, trained, rd).score([good, "5" + good[2:]]))
+
+
+# ----------------------------------------------------------------------------- protocol semantics
+def _hand_loop_logits(model: Supernet, arch, rd: RankData, images: torch.Tensor) -> torch.Tensor:
+    """The protocol written out with torch.nn on the exported static network."""
+    net = model.export(arch)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+            m.reset_running_stats()
+    net.train()
+    with torch.no_grad():
+        for s in range(0, rd.recal_x.shape[0], rd.recal_batch):
+            net(rd.recal_x[s : s + rd.recal_batch])
+        net.eval()
+        return net(images)
+
+
+def test_reference_engine_is_the_protocol_with_a_short_last_batch(trained, fmnist):
+    # 100 images in batches of 32: the last batch has 4 images and weighs as much as the others
+    rd = prepare_data(fmnist, Protocol(recal_images=100, recal_batch=32, eval_images=64))
+    arch = Track1Space().sample(7)
+    ref = make_engine("reference", trained, rd)
+    want = _hand_loop_logits(trained, arch, rd, rd.eval_x)
+    got = ref._logits(arch, rd.eval_x)
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+    # the last batch counts: dropping it changes the statistics, hence the logits
+    rd_drop = RankData(rd.recal_x[:96], rd.eval_x, rd.eval_y, 32)
+    assert not torch.allclose(_hand_loop_logits(trained, arch, rd_drop, rd.eval_x), want, rtol=RTOL, atol=ATOL)
+    (score,) = list(ref.score([arch]))
+    assert score.acc == pytest.approx((want.argmax(1) == rd.eval_y).double().mean().item())
+    assert score.loss == pytest.approx(F.cross_entropy(want, rd.eval_y).item(), rel=1e-5)
+
+
+def test_reference_engine_restores_model_state(trained, fmnist):
+    rd = prepare_data(fmnist, Protocol(recal_images=32, recal_batch=16, eval_images=16))
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    momenta = [m.momentum for m in trained.conv_layers()]
+    trained.train()
+    list(make_engine("reference", trained, rd).score(_archs(3, 0)))
+    assert trained.training
+    assert [m.momentum for m in trained.conv_layers()] == momenta
+    for k, v in trained.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# ----------------------------------------------------------------------------- fast vs reference
+def test_fast_matches_reference_logits_and_predictions(trained, fmnist):
+    """Per candidate: logits allclose on every image, at most 2 of 1,024 predictions differ."""
+    rd = prepare_data(fmnist, Protocol(recal_images=80, recal_batch=32, eval_images=1024))
+    archs = _archs(3, seed=11)
+    fast, ref = make_engine("fast", trained, rd), make_engine("reference", trained, rd)
+    got = fast._logits(archs, rd.eval_x)
+    for k, a in enumerate(archs):
+        want = ref._logits(a, rd.eval_x)
+        torch.testing.assert_close(got[k], want, rtol=RTOL, atol=ATOL)
+        assert int((got[k].argmax(1) != want.argmax(1)).sum()) <= 2
+
+
+def _tau_check(trained, rd, n):
+    archs = _archs(n, seed=5)
+    f = _scores(make_engine("fast", trained, rd), archs)
+    r = _scores(make_engine("reference", trained, rd), archs)
+    assert len({c.acc for c in r}) > 5  # the ranking is not degenerate
+    assert kendall_tau([c.acc for c in f], [c.acc for c in r]) >= 0.99
+    assert kendall_tau([c.loss for c in f], [c.loss for c in r]) >= 0.99
+    for a, b in zip(f, r):
+        assert abs(a.acc - b.acc) <= 2 / rd.eval_x.shape[0]
+        assert a.loss == pytest.approx(b.loss, rel=1e-4)
+
+
+def test_fast_vs_reference_kendall_tau_100_candidates(trained, fmnist):
+    _tau_check(trained, prepare_data(fmnist, Protocol(recal_images=32, recal_batch=32, eval_images=96)), 100)
+
+
+@pytest.mark.slow
+def test_fast_vs_reference_kendall_tau_100_candidates_full(trained, fmnist):
+    _tau_check(trained, prepare_data(fmnist, Protocol(recal_images=512, recal_batch=128, eval_images=1024)), 100)
+
+
+# ----------------------------------------------------------------------------- independence, memory
+def test_candidate_result_independent_of_the_others(trained, fmnist):
+    rd = prepare_data(fmnist, Protocol(recal_images=48, recal_batch=16, eval_images=32))
+    archs = _archs(12, seed=2)
+    fast = make_engine("fast", trained, rd)
+    together = fast._logits(archs, rd.eval_x)
+    for k in (0, 5, 11):
+        alone = fast._logits([archs[k]], rd.eval_x)[0]
+        assert torch.equal(alone, together[k])
+
+
+def test_memory_limit_splits_into_groups_with_identical_results(trained, fmnist):
+    rd = prepare_data(fmnist, Protocol(recal_images=40, recal_batch=16, eval_images=24))
+    archs = _archs(10, seed=4)
+    big = make_engine("fast", trained, rd, memory_limit_bytes=1 << 30)
+    one = _scores(big, archs)
+    assert big.stats.groups == 1
+    # room for a bit more than one network per group
+    single = big._bytes_per_image([r for r in trained.run_widths(archs[0])]) * rd.recal_batch
+    small = make_engine("fast", trained, rd, memory_limit_bytes=int(single * 1.6))
+    many = _scores(small, archs)
+    assert small.stats.groups >= 4
+    assert [(c.acc, c.loss) for c in one] == [(c.acc, c.loss) for c in many]
+    with pytest.raises(ValueError, match="memory_limit_bytes=1000 is too small"):
+        list(make_engine("fast", trained, rd, memory_limit_bytes=1000).score(archs))
+
+
+def test_group_working_memory_does_not_grow_with_candidates(trained, fmnist):
+    rd = prepare_data(fmnist, Protocol(recal_images=16, recal_batch=16, eval_images=16))
+    fast = make_engine("fast", trained, rd, memory_limit_bytes=64 << 20)
+    nets = sorted({a.widths for a in Track1Space().sample_many(3000, seed=0)})
+    groups = fast._groups(nets)
+    assert len(groups) > 1 and sum(map(len, groups)) == len(nets)
+    for g in groups:
+        plan = build_plan(trained, [nets[j] for j in g])
+        need = fast._bytes_per_image([lv.channels for lv in plan.levels]) * rd.recal_batch
+        assert need <= 64 << 20
+
+
+def test_duplicates_scored_once_reported_for_each(trained, fmnist):
+    rd = prepare_data(fmnist, Protocol(recal_images=16, recal_batch=16, eval_images=32))
+    a = Track1Space().sample(1)
+    twin = Track1Space().parse(list(a.widths) + [4 if a.values[-1] != 4 else 8])  # same network, other 20th value
+    archs = [a, str(Track1Space().largest()), twin, a]
+    fast = make_engine("fast", trained, rd)
+    s = _scores(fast, archs)
+    assert fast.stats.candidates == 4 and fast.stats.networks == 2
+    assert s[0].acc == s[2].acc == s[3].acc and s[0].loss == s[2].loss == s[3].loss
+    assert list(fast.score([])) == []
+
+
+# ----------------------------------------------------------------------------- other supernet options
+def _random_bn(model: Supernet, seed: int) -> Supernet:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.conv_layers():
+            m.bn_weight.copy_(0.5 + torch.rand(m.bn_weight.shape, generator=g))
+            m.bn_bias.copy_(0.2 * torch.randn(m.bn_bias.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("config", [
+    SupernetConfig.enhanced(branches=(1, 2, 4), classifier_branches=2),
+    SupernetConfig(branches=(2, 2, 2), shortcut="projection"),
+    SupernetConfig(branches=(1, 1, 1), shortcut="projection", residual_activation="prelu", width_map=((4, 5),)),
+], ids=["enhanced", "projection", "projection-prelu-map"])
+def test_fast_matches_reference_on_supernet_options(fmnist, config):
+    torch.manual_seed(0)
+    model = _random_bn(Supernet(Track1Space(), config, in_channels=1, num_classes=10), 1)
+    for blocks in model.stages:
+        for i, blk in enumerate(blocks):
+            if hasattr(blk, "prelu"):
+                blk.prelu.data.fill_(0.1 + 0.1 * i)
+    rd = prepare_data(fmnist, Protocol(recal_images=40, recal_batch=16, eval_images=32))
+    space = Track1Space()
+    rng = random.Random(3)
+    archs = _archs(5, seed=8)
+    # blocks that keep their width (identity shortcut under "projection") next to ones that change it
+    for _ in range(3):
+        v = list(space.sample(rng).values)
+        v[2] = v[0]
+        v[4] = v[2]
+        v[10] = v[8]
+        archs.append(space.parse(v))
+    fast, ref = make_engine("fast", model, rd), make_engine("reference", model, rd)
+    got = fast._logits(archs, rd.eval_x)
+    for k, a in enumerate(archs):
+        torch.testing.assert_close(got[k], ref._logits(a, rd.eval_x), rtol=RTOL, atol=ATOL)
+
+
+# ----------------------------------------------------------------------------- prefix sharing
+def test_prefix_sharing_bookkeeping():
+    model = Supernet()
+    space = model.space
+    a = space.sample(0)
+    v = list(a.values)
+    k = 7
+    v[k] = next(c for c in space.choices[k] if c != v[k])
+    b = space.parse(v)
+    mods, sizes = layer_modules(model), spatial_sizes(model, 32)
+    from fastsupernet.ranking.tree import _node_macs
+
+    run = model.run_widths(a)
+    head = sum(_node_macs(model, mods, sizes, run, d, 3) for d in range(k))
+    total, shared = prefix_sharing(model, [a, b])
+    assert total == candidate_macs(model, a) + candidate_macs(model, b)
+    assert shared == total - head
+    assert prefix_sharing(model, [a, a, a]) == (3 * candidate_macs(model, a), candidate_macs(model, a))
+    assert prefix_sharing(model, []) == (0, 0)
+    # conv1 of the first block at 32x32: widths stem -> position 1, 3x3
+    assert _node_macs(model, mods, sizes, run, 1, 3) == run[0] * run[1] * 9 * 32 * 32
+
+
+def test_plan_levels_pack_each_prefix_once():
+    model = Supernet()
+    nets = sorted({a.widths for a in Track1Space().sample_many(50, seed=1)})
+    plan = build_plan(model, nets)
+    for d, lv in enumerate(plan.levels):
+        prefixes = {n[: d + 1] for n in nets}
+        assert len(lv.run) == len(prefixes)
+        assert lv.channels == sum(model.config.remap(p[-1]) for p in prefixes)
+    assert len(plan.leaf_of) == len(nets) == len(set(plan.leaf_of))
+
+
+def test_fast_engine_is_a_fast_engine(trained, fmnist):
+    rd = prepare_data(fmnist, Protocol(recal_images=8, eval_images=8))
+    assert isinstance(make_engine("fast", trained, rd), FastEngine)
+    assert isinstance(make_engine("reference", trained, rd), ReferenceEngine)

@@ -1,0 +1,60 @@
+"""Data-parallel training: 2 processes (torchrun, gloo on CPU) equal 1 process that accumulates
+gradients over the same two shards of every batch."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fastsupernet import load_checkpoint
+from fastsupernet.training import train
+
+from train_tiny import make_tiny_data, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_two_ranks_equal_one_process_accumulating_two_shards(tmp_path):
+    pytest.importorskip("torch.distributed.run")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    spec = make_tiny_data(tmp_path)
+    cfg = tiny_config(spec, metrics={"probes": 0})
+    cfg["stages"][1]["sampling"] = {"rule": "sandwich", "paths": 3}
+    cfg["stages"][1]["loss"] = {"kind": "distill", "teacher": "live", "alpha": 0.2}
+    cfg["stages"][1]["max_steps"] = 6
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "fastsupernet", "train", "--config", str(path), "--out", str(tmp_path / "ddp")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1  # rank 0 alone prints the result
+    ddp = load_checkpoint(json.loads(lines[0])["final_checkpoint"])
+
+    for st in cfg["stages"]:
+        st["accumulate"] = 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = load_checkpoint(train(cfg, out=tmp_path / "single").final_checkpoint)
+    finally:
+        torch.set_num_threads(threads)
+    params = dict(single.build_supernet().named_parameters())
+    assert params
+    for name in params:
+        a, b = ddp.state_dict[name], single.state_dict[name]
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=name)
+    ts = load_checkpoint(sorted((tmp_path / "ddp" / "checkpoints").glob("step-*.pt"))[-1]).train_state
+    assert ts["world_size"] == 2
+    # the update moved the weights: the comparison is not between two untouched initialisations
+    start = load_checkpoint(tmp_path / "ddp" / "stage0-largest.pt").build_supernet().grow((2, 2, 2), 2)
+    assert not torch.equal(start.stem.weight, ddp.state_dict["stem.weight"])
