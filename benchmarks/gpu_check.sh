@@ -4,7 +4,8 @@
 #     bash benchmarks/gpu_check.sh
 #
 # Sections ("# --- section: NAME") run in order and stop at the first failure: the card, the
-# build of the CUDA extension, the GPU kernel tests and the kernel benchmark table. Every step
+# build of the CUDA extension, the GPU kernel tests, the kernel benchmark table and the ranking
+# engine (throughput and precision fidelity, benchmarks/gpu_rank.py). Every step
 # has its own time limit, and all steps together at most GPU_CHECK_LIMIT_S seconds (default 240).
 #
 # Environment: PYTHON (default python, else python3), MAX_JOBS (default: all cores),
@@ -105,6 +106,16 @@ conv_tests=(tests/test_conv_cuda.py)
 step 90 "${PYTHON}" -m pytest -q -p no:cacheprovider "${conv_tests[@]}" -k "not compiles_for_hopper"
 step 45 "${PYTHON}" -m pytest -q -p no:cacheprovider tests/test_ops.py -k "cuda or gpu or triton"
 step 90 "${PYTHON}" benchmarks/gpu_kernels.py
+
+# --- section: ranking
+# The fast ranking engine at the full protocol (5,000 + 10,000 images): fp32 throughput on as
+# many of the first 1,000 official candidates as finish in 30 s, prefix-sharing ratios and a
+# projection for all 50,000; then tf32 and bf16 vs fp32 Kendall tau (>= 0.98) on a briefly
+# trained supernet, and fp32 fast vs reference. The full run: python benchmarks/gpu_rank.py
+section ranking
+RANK_LEFT=$((DEADLINE - SECONDS < 90 ? DEADLINE - SECONDS : 90))
+step 90 "${PYTHON}" benchmarks/gpu_rank.py --candidates 1000 --other-candidates 0 --fp32-s 30 --throughput-s 30 \
+  --tau-candidates 100 --tau-recal 512 --tau-eval 1000 --ref-candidates 10 --deadline-s $((RANK_LEFT - 5))
 
 section done
 printf '%s\n' "${TIMES[@]}"

@@ -389,8 +389,116 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- study / demo
+_STUDY_PRINTS = (
+    "Prints {out_dir, ground_truth, candidates, pipelines: {NAME: {kendall_tau, spearman, pearson, "
+    "path_images, train_seconds, rank_seconds, trained, checkpoint, ranking, plot}}, proxies: {channels, "
+    "params, macs: {kendall_tau, spearman, pearson}}, ceiling (seed-to-seed Kendall tau of the ground "
+    "truth), budget_warning, study_json, study_md, warnings}."
+)
+
+
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "study",
+        help="ranking study: train pipelines, rank the ground truth's candidates, compare with stand-alone accuracies",
+        description=(
+            "For each --config NAME=FILE (a YAML path or a preset name such as mini_seed): train the pipeline "
+            "into OUT_DIR/NAME (a finished run of the same config there is reused), rank the ground truth's "
+            "candidates with the fast engine, and compute Kendall tau, Spearman and Pearson against the "
+            "ground truth; also for the zero-training proxies (channels, params, macs) and the ceiling "
+            "(seed-to-seed Kendall tau of the ground truth's per-seed accuracies). Training budgets are "
+            "counted in path-images (batch size x paths trained, summed over steps) and a difference above "
+            "5%% is flagged. Writes OUT_DIR/study.json, OUT_DIR/study.md (a markdown table) and one "
+            "OUT_DIR/scatter_NAME.png per pipeline. Default pipelines: baseline=mini_baseline, "
+            "seed=mini_seed. " + _STUDY_PRINTS
+        ),
+    )
+    p.add_argument("--gt", required=True, metavar="GT.json", help="ground truth with per-seed 'accs' (written by groundtruth)")
+    p.add_argument("--config", action="append", default=None, metavar="NAME=FILE",
+                   help="a pipeline: its name and training config (YAML path or preset name); repeat for each")
+    p.add_argument("--out-dir", required=True, metavar="DIR", help="study folder (run folders, rankings, tables, plots)")
+    p.add_argument("--recal-images", type=int, default=None, metavar="N",
+                   help="recalibration images per candidate (default: the whole recalibration split)")
+    p.add_argument("--eval-images", type=int, default=None, metavar="M", help="test images per candidate (default: all)")
+    p.add_argument("--engine", choices=("fast", "reference"), default="fast", help="ranking engine (default fast)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue interrupted training runs and rankings in DIR (finished runs are always reused)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_study)
+
+
+def _parse_pipelines(values: Sequence[str] | None) -> dict[str, str]:
+    if not values:
+        return {"baseline": "mini_baseline", "seed": "mini_seed"}
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, cfg = v.partition("=")
+        if not sep or not name or not cfg:
+            raise CLIError(f"--config {v!r}: expected NAME=FILE.yaml (or NAME=PRESET)")
+        if name in out:
+            raise CLIError(f"--config {v!r}: pipeline name {name!r} given twice")
+        out[name] = cfg
+    return out
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from .study import run_study
+
+    res = run_study(
+        args.gt, _parse_pipelines(args.config), args.out_dir, recal_images=args.recal_images,
+        eval_images=args.eval_images, engine=args.engine, resume=args.resume, progress=not args.no_progress,
+    )
+    _print_json(res.summary())
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="train the mini seed pipeline on the bundled data and rank the mini benchmark against its ground truth",
+        description=(
+            "Train the mini seed pipeline (configs/mini_seed.yaml) on the bundled Fashion-MNIST subset into "
+            "DIR/seed (a finished run there is reused, an interrupted one continued), rank the ground "
+            "truth's candidates with the fast engine, and report Kendall tau, Spearman and Pearson against "
+            "the shipped ground truth (fastsupernet/resources/mini_gt.json; --gt replaces it), next to the "
+            "zero-training proxies and the seed-to-seed ceiling. Writes DIR/study.json, DIR/study.md and "
+            "DIR/scatter_seed.png. --quick shrinks training and ranking to seconds (a smoke test, not a "
+            "measurement). " + _STUDY_PRINTS
+        ),
+    )
+    p.add_argument("--out-dir", default=None, metavar="DIR", help="study folder (default runs/demo, runs/demo-quick with --quick)")
+    p.add_argument("--gt", default=None, metavar="GT.json", help="ground truth (default: the shipped mini_gt.json)")
+    p.add_argument("--quick", action="store_true", help="a few training steps and few images: seconds instead of minutes")
+    p.add_argument("--recal-images", type=int, default=None, metavar="N", help="recalibration images per candidate")
+    p.add_argument("--eval-images", type=int, default=None, metavar="M", help="test images per candidate")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .study import run_demo
+
+    out_dir = args.out_dir or ("runs/demo-quick" if args.quick else "runs/demo")
+    res = run_demo(out_dir, gt=args.gt, quick=args.quick, recal_images=args.recal_images,
+                   eval_images=args.eval_images, progress=not args.no_progress)
+    seed = res.pipelines["seed"]
+
+    def f(x: float | None) -> str:
+        return "n/a" if x is None or x != x else f"{x:.3f}"
+
+    best_proxy = max(res.proxies.items(), key=lambda kv: -2.0 if kv[1]["kendall_tau"] is None else kv[1]["kendall_tau"])
+    sys.stderr.write(
+        f"seed pipeline vs stand-alone accuracy of {res.candidates} candidates: Kendall tau {f(seed.kendall_tau)}, "
+        f"Spearman {f(seed.spearman)}, Pearson {f(seed.pearson)}; best zero-training proxy ({best_proxy[0]}) "
+        f"{f(best_proxy[1]['kendall_tau'])}; ceiling (seed-to-seed) {f(res.ceiling)}; plot {seed.plot}\n"
+    )
+    _print_json(res.summary())
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_evaluate, _add_space, _add_proxy, _add_groundtruth, _add_rank, _add_train, _add_init]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_evaluate, _add_space, _add_proxy, _add_groundtruth, _add_rank, _add_train, _add_init, _add_study, _add_demo]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -28,6 +28,10 @@ YAML ``data:``):
     * ``num_classes`` -- optional integer; default ``max(label) + 1``.
     * ``hflip`` -- optional bool; whether horizontal flips suit the images (default True).
 
+Any spec may end in ``@R`` (e.g. ``fashion-mnist@14``): both splits are resized to R x R by
+area averaging (rounded back to uint8) at load time, and the statistics are those of the
+resized images. Lower resolution is how small machines afford longer training.
+
 Every problem with a file raises :class:`DataError` (a ``ValueError``) naming the file
 and what was expected. Loaded images are uint8 ``(N, C, H, W)`` tensors; per-channel
 mean/std are computed from the training images at load time and travel in
@@ -40,6 +44,7 @@ import io
 import math
 import os
 import pickle
+import re
 import zlib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -341,8 +346,43 @@ def bundled_fashion_mnist_path() -> Path:
     return Path(__file__).resolve().parent / "resources" / _BUNDLED_FASHION_MNIST
 
 
+_RESIZE = re.compile(r"^(.*)@(\d+)$")
+
+
+def split_resolution(spec: str) -> tuple[str, int | None]:
+    """``"NAME[:PATH]@R"`` -> ``("NAME[:PATH]", R)``; no suffix -> ``(spec, None)``."""
+    m = _RESIZE.match(spec.strip()) if isinstance(spec, str) else None
+    if m is None:
+        return spec, None
+    side = int(m.group(2))
+    if side < 1:
+        raise DataError(f"data spec {spec!r}: resolution after '@' must be a positive int, got {side}")
+    return m.group(1), side
+
+
+def _resized(images: torch.Tensor, side: int) -> torch.Tensor:
+    if images.shape[-1] == side and images.shape[-2] == side:
+        return images
+    out = torch.empty((images.shape[0], images.shape[1], side, side), dtype=torch.uint8)
+    for i in range(0, images.shape[0], 4096):  # bounded float memory
+        x = F.interpolate(images[i : i + 4096].float(), size=(side, side), mode="area")
+        out[i : i + 4096] = x.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
 def load_data(spec: str) -> Dataset:
     """Load the dataset a spec names (see the module docstring); ``DataError`` on any problem."""
+    base, side = split_resolution(spec)
+    if side is None:
+        return _load_base(spec)
+    ds = _load_base(base)
+    train, test = _resized(ds.train_images, side), _resized(ds.test_images, side)
+    mean, std = _channel_stats(train)
+    info = DataInfo(**{**ds.info.to_dict(), "spec": spec, "resolution": side, "mean": mean, "std": std})
+    return Dataset(info, train, ds.train_labels, test, ds.test_labels)
+
+
+def _load_base(spec: str) -> Dataset:
     name, path = parse_data_spec(spec)
     if name == "fashion-mnist":
         if path is None:

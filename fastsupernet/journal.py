@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["Journal", "JournalError", "fingerprint_diff"]
+__all__ = ["Journal", "JournalError", "fingerprint_diff", "read_journal", "journal_path", "existing_journals"]
 
 
 class JournalError(ValueError):
@@ -33,6 +34,59 @@ def fingerprint_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
                 out += fingerprint_diff(old[k], new[k], p)
         return out
     return [] if old == new else [prefix or "(fingerprint)"]
+
+
+def read_journal(path: str | os.PathLike, fingerprint: Mapping[str, Any]) -> tuple[list[dict], int]:
+    """Read-only: the finished records of a journal and the byte length of its whole lines.
+
+    A torn last line is ignored (not removed); a fingerprint differing from ``fingerprint`` or a
+    damaged line elsewhere raises :class:`JournalError` naming the file.
+    """
+    path = Path(path)
+    expected = json.loads(json.dumps(fingerprint))
+    lines = path.read_bytes().split(b"\n")
+    records: list[dict] = []
+    good = 0
+    for i, raw in enumerate(lines[:-1]):  # lines[-1]: after the last newline, empty or torn
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            if i == len(lines) - 2 and not lines[-1]:
+                break  # torn final line that happened to end in a newline byte
+            raise JournalError(f"{path}: line {i + 1} is not JSON; the journal is damaged") from None
+        if i == 0:
+            changed = fingerprint_diff(obj, expected)
+            if changed:
+                raise JournalError(
+                    f"{path}: the journal belongs to a run with different settings "
+                    f"(changed: {', '.join(changed)}); use the same settings or a new output"
+                )
+        else:
+            records.append(obj)
+        good += len(raw) + 1
+    return records, good
+
+
+def journal_path(out: str | os.PathLike, rank: int = 0) -> Path:
+    """Where the process of ``rank`` journals the run whose output is ``out``."""
+    out = Path(out)
+    return out.with_name(out.name + (".journal" if rank == 0 else f".journal.{int(rank)}"))
+
+
+_JOURNAL_SUFFIX = re.compile(r"^\.journal(?:\.(\d+))?$")
+
+
+def existing_journals(out: str | os.PathLike) -> list[Path]:
+    """Every journal of ``out`` on disk (any rank of any earlier run), in rank order."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    found = []
+    for p in out.parent.iterdir():
+        m = _JOURNAL_SUFFIX.match(p.name[len(out.name):]) if p.name.startswith(out.name) else None
+        if m and p.is_file():
+            found.append((int(m.group(1) or 0), p))
+    return [p for _, p in sorted(found)]
 
 
 class Journal:
@@ -69,36 +123,14 @@ class Journal:
 
     def _read(self) -> int:
         """Load the stored records; returns the byte length of the whole lines kept."""
-        data = self.path.read_bytes()
-        lines = data.split(b"\n")
-        good = 0
-        for i, raw in enumerate(lines):
-            if i == len(lines) - 1:  # after the last newline: empty, or a torn write
-                break
-            try:
-                obj = json.loads(raw)
-            except ValueError:
-                if i == len(lines) - 2 and not lines[-1]:
-                    break  # torn final line that happened to end in a newline byte
-                raise JournalError(f"{self.path}: line {i + 1} is not JSON; the journal is damaged") from None
-            if i == 0:
-                changed = fingerprint_diff(obj, self.fingerprint)
-                if changed:
-                    raise JournalError(
-                        f"{self.path}: the journal belongs to a run with different settings "
-                        f"(changed: {', '.join(changed)}); use the same settings or a new output"
-                    )
-            else:
-                self.records.append(obj)
-            good += len(raw) + 1
+        self.records, good = read_journal(self.path, self.fingerprint)
         if good == 0:  # not even the fingerprint survived: start afresh
-            self.path.write_bytes(b"")
-            self._file = None
+            head = json.dumps(self.fingerprint, allow_nan=False).encode() + b"\n"
             with open(self.path, "wb") as f:
-                f.write(json.dumps(self.fingerprint, allow_nan=False).encode() + b"\n")
+                f.write(head)
                 f.flush()
                 os.fsync(f.fileno())
-            return len(json.dumps(self.fingerprint, allow_nan=False).encode()) + 1
+            return len(head)
         return good
 
     def _write(self, obj: Mapping[str, Any], sync: bool = True) -> None:

@@ -202,6 +202,22 @@ def _index(rows: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
+def _conv_dtype(h: torch.Tensor, backend: str | None) -> torch.dtype | None:
+    """The dtype a conv runs in under autocast (``None``: autocast off, keep the input's).
+
+    The autocast dtype where the backend computes in it (Triton: float16/bfloat16), else
+    float32 (the compiled kernels take float32/float64).
+    """
+    dev = h.device.type
+    if not torch.is_autocast_enabled(dev):
+        return None
+    want = torch.get_autocast_dtype(dev)
+    name = ops.resolve_backend(h.device, backend, "multi_conv2d")
+    if name == "triton" and want in (torch.float16, torch.bfloat16):
+        return want
+    return torch.float32
+
+
 def _conv_bn(
     h: torch.Tensor,
     p: ConvPlan,
@@ -220,6 +236,9 @@ def _conv_bn(
     can be normalised). Eval mode: BN folded into scale/shift and everything in the conv's epilogue.
     """
     weight = t[f"{p.name}.weight"]
+    dt = _conv_dtype(h, backend)
+    if dt is not None:  # under autocast: the custom conv op is not autocast-aware, cast explicitly
+        h, weight = h.to(dt), weight.to(dt)
     idx = _index(p.rows(), h.device)
     gamma = t[f"{p.name}.bn_weight"].index_select(0, idx)
     beta = t[f"{p.name}.bn_bias"].index_select(0, idx)
@@ -274,7 +293,8 @@ def run_plan(
     .running_var``, each block's PReLU slope and ``classifier_weight``/``classifier_bias`` to
     packed tensors (:func:`model_tensors` of a supernet). ``training``: BN with each path's
     batch statistics (running statistics are read only in eval mode and never written).
-    ``backend`` is passed to every ``multi_conv2d`` call.
+    ``backend`` is passed to every ``multi_conv2d`` call. Under autocast each conv runs in the
+    autocast dtype where its backend computes in it (Triton), else in float32.
     """
     if x.dim() != 4 or x.shape[1] != plan.in_channels:
         raise ValueError(f"input has shape {tuple(x.shape)}, the plan expects (N, {plan.in_channels}, H, W)")

@@ -7,8 +7,7 @@ its test accuracy and loss, averaged over seeds, form a challenge-shape ground-t
 A recipe is a small YAML file; every key is optional (defaults below) and an unknown key or a
 value of the wrong type is an error naming the key and the file::
 
-    data: fashion-mnist     # data spec (see fastsupernet.data.load_data)
-    resolution: 14          # images resized (area) to 14x14; null keeps the native size
+    data: fashion-mnist@14  # data spec (fastsupernet.data.load_data); "@14": resized to 14x14
     train_images: 12000     # first N of a seeded permutation of the training split; null = all
     epochs: 8
     batch_size: 128
@@ -60,7 +59,6 @@ class Recipe:
     """How every candidate of a ground truth is trained (see the module docstring for the keys)."""
 
     data: str = "fashion-mnist"
-    resolution: int | None = None
     train_images: int | None = None
     epochs: int = 8
     batch_size: int = 128
@@ -79,7 +77,6 @@ class Recipe:
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "data": (str,),
-    "resolution": (int, type(None)),
     "train_images": (int, type(None)),
     "epochs": (int,),
     "batch_size": (int,),
@@ -141,10 +138,8 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any] | Recipe | None) -
     for key in positive:
         if getattr(r, key) <= 0:
             raise RecipeError(f"{where}: key {key!r} must be positive, got {getattr(r, key)!r}")
-    for key in ("resolution", "train_images"):
-        v = getattr(r, key)
-        if v is not None and v < 1:
-            raise RecipeError(f"{where}: key {key!r} must be a positive int or null, got {v!r}")
+    if r.train_images is not None and r.train_images < 1:
+        raise RecipeError(f"{where}: key 'train_images' must be a positive int or null, got {r.train_images!r}")
     for key in ("momentum", "weight_decay", "warmup_epochs", "crop_padding"):
         if getattr(r, key) < 0:
             raise RecipeError(f"{where}: key {key!r} must not be negative, got {getattr(r, key)!r}")
@@ -155,7 +150,7 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any] | Recipe | None) -
 
 @dataclass
 class StandaloneData:
-    """Normalised training and test tensors at the recipe's resolution, built once per run."""
+    """Normalised training and test tensors of the recipe's data, built once per run."""
 
     info: DataInfo
     train_x: torch.Tensor
@@ -165,14 +160,8 @@ class StandaloneData:
     hflip: bool
 
 
-def _resize(x: torch.Tensor, side: int | None) -> torch.Tensor:
-    if side is None or side == x.shape[-1]:
-        return x
-    return F.interpolate(x, size=(side, side), mode="area")
-
-
 def prepare_standalone_data(recipe: Recipe, dataset: Dataset | None = None) -> StandaloneData:
-    """The recipe's data: loaded (unless given), subset, normalised and resized once."""
+    """The recipe's data: loaded (unless given), subset and normalised once."""
     ds = dataset if dataset is not None else load_data(recipe.data)
     info = ds.info
     n = ds.train_images.shape[0]
@@ -182,8 +171,8 @@ def prepare_standalone_data(recipe: Recipe, dataset: Dataset | None = None) -> S
     if recipe.train_images is not None:
         idx = idx[: recipe.train_images]
     idx, _ = idx.sort()
-    train_x = _resize(normalize(ds.train_images[idx], info), recipe.resolution).contiguous()
-    test_x = _resize(normalize(ds.test_images, info), recipe.resolution).contiguous()
+    train_x = normalize(ds.train_images[idx], info).contiguous()
+    test_x = normalize(ds.test_images, info).contiguous()
     hflip = info.hflip if recipe.hflip is None else recipe.hflip
     return StandaloneData(info, train_x, ds.train_labels[idx].clone(), test_x, ds.test_labels.clone(), hflip)
 
@@ -292,6 +281,18 @@ def _fingerprint(recipe: Recipe, space: ChannelSpace) -> dict:
     return {"kind": "fastsupernet.groundtruth", "recipe": recipe.to_dict(), "space": space.to_dict()}
 
 
+def _assign(todo: list[tuple[Arch, int]], costs: Sequence[float], world: int, rank: int) -> list[tuple[Arch, int]]:
+    """This rank's share: largest trainings first, each to the least-loaded rank (same on every rank)."""
+    loads = [0.0] * world
+    mine = []
+    for i in sorted(range(len(todo)), key=lambda i: (-costs[i], i)):
+        r = min(range(world), key=lambda q: (loads[q], q))
+        loads[r] += costs[i]
+        if r == rank:
+            mine.append(todo[i])
+    return mine
+
+
 def groundtruth(
     archs: Mapping[str, Arch],
     out: str | os.PathLike,
@@ -306,13 +307,16 @@ def groundtruth(
     """Train every candidate of ``archs`` with every seed; write their mean test accuracy to ``out``.
 
     Finished trainings stream to the journal ``OUT.journal`` (one JSON line per candidate and
-    seed); with ``resume=True`` they are skipped, so a killed run loses at most the training in
+    seed); with ``resume=True`` they are skipped, so a killed run loses at most the trainings in
     progress. Candidates that are the same network (equal first 19 widths) are trained once.
+    Under ``torchrun --nproc_per_node N`` the trainings are shared out over the ranks (balanced
+    by multiply-adds; rank r > 0 journals to ``OUT.journal.r``) and rank 0 writes the output.
     The output is a challenge-shape file: per id ``acc`` (mean over seeds), ``accs`` and
     ``losses`` per seed, and ``_meta`` with the recipe and seeds.
     """
     from . import io as fio
-    from .journal import Journal, JournalError
+    from .distributed import process_group_from_env
+    from .journal import Journal, JournalError, existing_journals, journal_path, read_journal
     from .space import Track1Space
 
     rec = load_recipe(recipe)
@@ -321,42 +325,60 @@ def groundtruth(
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
     out = Path(out)
+    fp = _fingerprint(rec, sp)
     unique: dict[tuple[int, ...], Arch] = {}
     for a in archs.values():
         unique.setdefault(tuple(a.widths), a)
-    journal = Journal(Path(str(out) + ".journal"), _fingerprint(rec, sp), resume=resume)
-    done: dict[tuple[str, int], dict] = {}
-    for rec_line in journal.records:
-        done[(rec_line["arch"], int(rec_line["seed"]))] = rec_line
-    todo = [(a, s) for a in unique.values() for s in seeds if (str(a), s) not in done]
-    reused = len(unique) * len(seeds) - len(todo)
-    data = prepare_standalone_data(rec) if todo else None
-    bar = None
-    if progress and todo:
-        from tqdm import tqdm
 
-        bar = tqdm(total=len(todo), desc="stand-alone", unit="run", dynamic_ncols=True)
+    def finished() -> dict[tuple[str, int], dict]:
+        done: dict[tuple[str, int], dict] = {}
+        for path in existing_journals(out):
+            for r in read_journal(path, fp)[0]:
+                done[(r["arch"], int(r["seed"]))] = r
+        return done
+
+    if not resume and existing_journals(out):
+        raise JournalError(f"{journal_path(out)}: a journal of an earlier run exists; resume it (--resume) or remove it")
+    done = finished()
+    group = process_group_from_env("cpu")
     try:
-        for a, s in todo:
-            run = train_candidate(a, rec, s, data, sp)
-            entry = {"arch": str(a), "seed": s, "acc": run.acc, "loss": run.loss, "seconds": round(run.seconds, 3)}
-            journal.append(entry)
-            done[(str(a), s)] = entry
-            if bar is not None:
-                bar.set_postfix(acc=f"{run.acc:.4f}")
-                bar.update(1)
-    finally:
+        group.barrier()  # every rank has read the journals before any rank appends
+        todo = [(a, s) for a in unique.values() for s in seeds if (str(a), s) not in done]
+        costs = [float(c) for c in sp.costs([a for a, _ in todo])[0]] if todo else []
+        mine = _assign(todo, costs, group.world_size, group.rank)
+        data = prepare_standalone_data(rec) if mine else None
+        bar = None
+        if progress and mine and group.rank == 0:
+            from tqdm import tqdm
+
+            desc = "stand-alone" if group.world_size == 1 else f"stand-alone rank 0/{group.world_size}"
+            bar = tqdm(total=len(mine), desc=desc, unit="run", dynamic_ncols=True)
+        own = journal_path(out, group.rank)
+        with Journal(own, fp, resume=True) as journal:
+            for a, s in mine:
+                run = train_candidate(a, rec, s, data, sp)
+                journal.append({"arch": str(a), "seed": s, "acc": run.acc, "loss": run.loss,
+                                "seconds": round(run.seconds, 3)})
+                if bar is not None:
+                    bar.set_postfix(acc=f"{run.acc:.4f}")
+                    bar.update(1)
         if bar is not None:
             bar.close()
-        journal.close()
-    scores: dict[str, dict] = {}
-    for key, a in archs.items():
-        canon = str(unique[tuple(a.widths)])
-        accs = [done[(canon, s)]["acc"] for s in seeds]
-        losses = [done[(canon, s)]["loss"] for s in seeds]
-        scores[key] = {"arch": str(a), "acc": sum(accs) / len(accs), "loss": sum(losses) / len(losses),
-                       "accs": accs, "losses": losses}
-    info = {"recipe": rec.to_dict(), "seeds": seeds, "trainings": len(unique) * len(seeds)}
-    info.update(meta or {})
-    fio.write_submission(out, scores, info, space=sp)
-    return GroundTruthResult(out, journal.path, len(todo), reused)
+        group.barrier()
+        trained = sum(group.all_gather(len(mine)))
+        if group.rank == 0:
+            done = finished()
+            scores: dict[str, dict] = {}
+            for key, a in archs.items():
+                canon = str(unique[tuple(a.widths)])
+                accs = [done[(canon, s)]["acc"] for s in seeds]
+                losses = [done[(canon, s)]["loss"] for s in seeds]
+                scores[key] = {"arch": str(a), "acc": sum(accs) / len(accs), "loss": sum(losses) / len(losses),
+                               "accs": accs, "losses": losses}
+            info = {"recipe": rec.to_dict(), "seeds": seeds, "trainings": len(unique) * len(seeds)}
+            info.update(meta or {})
+            fio.write_submission(out, scores, info, space=sp)
+        group.barrier()
+    finally:
+        group.close()
+    return GroundTruthResult(out, own, trained, len(unique) * len(seeds) - len(todo))

@@ -789,3 +789,21 @@ def test_augment_batch_cuda_matches_cpu_with_cpu_generator():
     assert torch.equal(cpu, gpu.cpu())
     info = sample_info()
     assert torch.allclose(normalize(x, info, device="cuda").cpu(), normalize(x, info), atol=1e-5)
+
+
+def test_spec_resolution_suffix_resizes_both_splits():
+    from fastsupernet.data import DataError, split_resolution
+
+    base = load_data("fashion-mnist")
+    small = load_data("fashion-mnist@14")
+    assert small.info.spec == "fashion-mnist@14" and small.info.resolution == 14
+    assert tuple(small.train_images.shape[1:]) == (1, 14, 14) and tuple(small.test_images.shape[1:]) == (1, 14, 14)
+    assert torch.equal(small.train_labels, base.train_labels)
+    # area averaging: each pixel is the rounded mean of a 2x2 block
+    block = base.train_images[0, 0, :2, :2].double().mean()
+    assert abs(int(small.train_images[0, 0, 0, 0]) - float(block)) <= 0.5
+    assert small.info.mean != base.info.mean
+    assert split_resolution("npz:/a@b/x.npz") == ("npz:/a@b/x.npz", None)
+    assert split_resolution("cifar10:/d@32") == ("cifar10:/d", 32)
+    with pytest.raises(DataError):
+        load_data("fashion-mnist@0")

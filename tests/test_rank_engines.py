@@ -324,3 +324,53 @@ def test_fast_engine_is_a_fast_engine(trained, fmnist):
     rd = prepare_data(fmnist, Protocol(recal_images=8, eval_images=8))
     assert isinstance(make_engine("fast", trained, rd), FastEngine)
     assert isinstance(make_engine("reference", trained, rd), ReferenceEngine)
+
+
+# ----------------------------------------------------------------------------- GPU paths, run on CPU
+def _interpreted_triton():
+    if torch.cuda.is_available():
+        pytest.skip("CPU-interpreter check; the GPU paths are checked by benchmarks/gpu_rank.py")
+    pytest.importorskip("triton")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", ["plain-relu", "affine-residual-prelu", "residual-none"])
+def test_bn_act_kernel_matches_float64(layout, case):
+    _interpreted_triton()
+    from fastsupernet.ranking.triton_bn import bn_act
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(3, 5, 6, 7, generator=g)
+    r = torch.randn(3, 5, 6, 7, generator=g)
+    if layout == "channels_last":
+        y, r = y.contiguous(memory_format=torch.channels_last), r.contiguous(memory_format=torch.channels_last)
+    s, t, rs, rt = (torch.randn(5, generator=g) for _ in range(4))
+    slope = torch.tensor([0.3])
+    want = y.double() * s.double().view(1, -1, 1, 1) + t.double().view(1, -1, 1, 1)
+    kw = {}
+    if case == "plain-relu":
+        want, act = want.clamp_min(0), "relu"
+    elif case == "affine-residual-prelu":
+        want = want + r.double() * rs.double().view(1, -1, 1, 1) + rt.double().view(1, -1, 1, 1)
+        want, act = torch.where(want > 0, want, 0.3 * want), "prelu"
+        kw = dict(residual=r, r_scale=rs, r_shift=rt, slope=slope)
+    else:
+        want, act = want + r.double(), "none"
+        kw = dict(residual=r.contiguous())  # other layout than y: made to match
+    got = bn_act(y.clone(memory_format=torch.preserve_format), s, t, activation=act, **kw)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_fast_engine_fused_light_pass_matches(trained, fmnist):
+    """The GPU recalibration pass (one Triton kernel per level) gives the CPU path's numbers."""
+    _interpreted_triton()
+    rd = prepare_data(fmnist, Protocol(recal_images=8, recal_batch=8, eval_images=8))
+    archs = [Track1Space().smallest(), Track1Space().sample(2)]
+    plain = make_engine("fast", trained, rd)
+    fused = make_engine("fast", trained, rd)
+    fused._fused_light = True
+    torch.testing.assert_close(fused._logits(archs, rd.eval_x), plain._logits(archs, rd.eval_x), rtol=RTOL, atol=ATOL)

@@ -20,7 +20,7 @@ from fastsupernet.standalone import (
 )
 from fastsupernet.study import spread_candidates
 
-TINY = {"resolution": 7, "train_images": 256, "epochs": 1, "batch_size": 64}
+TINY = {"data": "fashion-mnist@7", "train_images": 256, "epochs": 1, "batch_size": 64}
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +30,9 @@ def tiny_data():
 
 def test_recipe_defaults_and_yaml(tmp_path):
     p = tmp_path / "r.yaml"
-    p.write_text("epochs: 3\nlr: 1\nresolution: null\n")
+    p.write_text("epochs: 3\nlr: 1\ntrain_images: null\n")
     r = load_recipe(p)
-    assert r.epochs == 3 and r.lr == 1.0 and isinstance(r.lr, float) and r.resolution is None
+    assert r.epochs == 3 and r.lr == 1.0 and isinstance(r.lr, float) and r.train_images is None
     assert load_recipe(None) == load_recipe({})
 
 
@@ -44,7 +44,7 @@ def test_recipe_defaults_and_yaml(tmp_path):
         ({"epochs": True}, "key 'epochs' must be int"),
         ({"lr": -0.1}, "key 'lr' must be positive"),
         ({"shortcut": "none"}, "key 'shortcut'"),
-        ({"resolution": 0}, "key 'resolution'"),
+        ({"train_images": 0}, "key 'train_images'"),
     ],
 )
 def test_recipe_errors_name_the_key(raw, needle):
@@ -153,3 +153,28 @@ def test_spread_candidates_cover_the_range():
     pool_macs = sp.costs(sp.sample_many(2000, seed=0))[0]
     assert macs[0] == pool_macs.min() and macs[-1] == pool_macs.max()
     assert spread_candidates(20, seed=0, pool=2000) == c
+
+
+def test_groundtruth_torchrun_two_ranks_match_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    sp = Track1Space()
+    cand = tmp_path / "c.json"
+    write_candidates(cand, {f"arch{i + 1}": a for i, a in enumerate(sp.sample_many(3, seed=5))})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("".join(f"{k}: {v}\n" for k, v in TINY.items()))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = ["groundtruth", "--archs", str(cand), "--config", str(recipe), "--seeds", "0,1", "--no-progress"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([sys.executable, "-m", "fastsupernet", *common, "--out", str(one)], env=env, check=True,
+                   capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "fastsupernet", *common, "--out", str(two)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert {k: v for k, v in a.items() if k != "_meta"} == {k: v for k, v in b.items() if k != "_meta"}
+    j0, j1 = (tmp_path / "two.json.journal").read_text(), (tmp_path / "two.json.journal.1").read_text()
+    n0, n1 = len(j0.splitlines()) - 1, len(j1.splitlines()) - 1
+    assert n0 >= 1 and n1 >= 1 and n0 + n1 == 6  # 3 networks x 2 seeds, shared by the two ranks

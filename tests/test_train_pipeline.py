@@ -218,3 +218,84 @@ def test_train_and_init_commands(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["branches"] == [4, 8, 16]
     assert main(["init", "--data", spec, "--branches", "4,8", "--out", str(tmp_path / "k.pt")]) == 2
     assert "branches" in capsys.readouterr().err and not (tmp_path / "k.pt").exists()
+
+
+def test_stage_init_from_a_checkpoint_is_grown_and_checked(tmp_path):
+    from fastsupernet.training import load_config, write_initial_checkpoint
+    from fastsupernet.training.pipeline import _build_stage_model
+
+    spec = make_tiny_data(tmp_path)
+    first = write_initial_checkpoint(tiny_config(spec), tmp_path / "init.pt")
+    cfg = tiny_config(spec)
+    cfg["stages"] = cfg["stages"][:1]
+    cfg["stages"][0]["init"] = str(first)
+    cfg["stages"][0]["supernet"]["branches"] = [2, 2, 2]
+    loaded = load_config(cfg)
+    ck = load_checkpoint(first)
+    model = _build_stage_model(loaded, 0, None, loaded.get_space(), ck.data_info())
+    want = ck.build_supernet().grow((2, 2, 2))
+    assert model.config.branches == (2, 2, 2)
+    for (n, a), (_, b) in zip(model.state_dict().items(), want.state_dict().items()):
+        assert torch.equal(a, b), n
+    cfg["stages"][0]["supernet"]["enhanced"] = False
+    with pytest.raises(TrainError, match=r"stages\[0\]\.init: .*init\.pt: the checkpoint's supernet options width_map"):
+        _build_stage_model(load_config(cfg), 0, None, loaded.get_space(), ck.data_info())
+
+
+def test_progress_bar_data_override_and_image_subset(tmp_path, capsys):
+    spec = make_tiny_data(tmp_path)
+    (tmp_path / "other").mkdir()
+    other = make_tiny_data(tmp_path / "other", seed=1)
+    cfg = tiny_config("fashion-mnist", progress=True, train_images=48)
+    cfg["stages"] = cfg["stages"][:1]
+    cfg["stages"][0]["max_steps"] = None  # a whole epoch: 48 images / 16 = 3 steps
+    cfg["metrics"]["probes"] = 0
+    res = train(cfg, out=tmp_path / "run", data=other)
+    assert res.global_step == 3
+    err = capsys.readouterr().err
+    assert "largest" in err and "img_s=" in err and "loss=" in err
+    assert load_checkpoint(res.final_checkpoint).data["spec"] == other != spec
+    saved = yaml.safe_load((res.run_dir / "config.yaml").read_text())
+    assert saved["data"] == other and saved["train_images"] == 48
+
+
+def test_batched_paths_and_the_loop_train_alike(tmp_path):
+    spec = make_tiny_data(tmp_path)
+    finals = []
+    for batched in (False, True):
+        cfg = tiny_config(spec, metrics={"probes": 0})
+        cfg["stages"] = cfg["stages"][:1]
+        st = cfg["stages"][0]
+        st.update(max_steps=3, sampling={"rule": "sandwich", "paths": 3}, max_recover={"probes": 2},
+                  loss={"kind": "distill", "teacher": "live", "alpha": 0.5, "temperature": 2.0},
+                  speed={"batched_paths": batched})
+        finals.append(load_checkpoint(train(cfg, out=tmp_path / f"run{batched}").final_checkpoint))
+    loop, batched = finals
+    names = [n for n, _ in loop.build_supernet().named_parameters()]
+    for n in names:
+        torch.testing.assert_close(batched.state_dict[n], loop.state_dict[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_max_recover_steps_again_for_exactly_the_paths_whose_loss_rose(tmp_path, monkeypatch):
+    from fastsupernet import Supernet, SupernetConfig, Track1Space
+    from fastsupernet.training import load_config
+    from fastsupernet.training.step import Trainer
+
+    cfg = load_config(tiny_config("fashion-mnist"))
+    space = Track1Space()
+    torch.manual_seed(0)
+    model = Supernet(space, SupernetConfig.enhanced((2, 2, 2), 2), in_channels=1, num_classes=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    trainer = Trainer(model, opt, cfg.stages[1], teacher=model, largest=space.largest(), batched=False,
+                      autocast_dtype=None, world_size=1)
+    scores = iter([torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64), torch.tensor([2.0, 0.5, 3.0], dtype=torch.float64)])
+    monkeypatch.setattr(trainer, "_probe_losses", lambda *a: next(scores))
+    recovered, steps = [], []
+    plain_recover, plain_step = trainer._recover, opt.step
+    monkeypatch.setattr(trainer, "_recover", lambda shards, arch, t, total: (recovered.append(arch), plain_recover(shards, arch, t, total)))
+    monkeypatch.setattr(opt, "step", lambda *a, **k: (steps.append(1), plain_step(*a, **k)))
+    probes = space.sample_many(3, seed=5)
+    g = torch.Generator().manual_seed(0)
+    shard = (torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g))
+    stats = trainer.step([shard], space.sample_many(2, seed=1), probes)
+    assert recovered == [probes[0], probes[2]] and stats.recovered == 2 and len(steps) == 3

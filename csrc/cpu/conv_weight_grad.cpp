@@ -49,7 +49,7 @@ constexpr int kRows = 4;
 constexpr int kCols = 3;
 constexpr int kVecBytes = 32;
 // At most this many work items (each owns a partial gradient), at least one image each.
-constexpr int64_t kMaxItems = 16;
+constexpr int64_t kMaxItems = 8;
 
 #define FSN_WG_INLINE inline __attribute__((always_inline))
 

@@ -58,21 +58,23 @@ FSN_WG_INLINE void tile_cols(int cols, const T* g, const T* const* xcol, const P
   else tile<T, R, 1>(g, xcol, p, res, rs);
 }
 
-// All tiles of one candidate in one item: rows [0, ow), columns [0, ncols).
+// All tiles of one candidate in one item: rows [0, ow), columns [0, ncols). Column blocks
+// outside, row blocks inside: a block's column addresses are worked out once, and its input
+// runs stay in L1 while the gradient rows stream past.
 template <typename T>
 FSN_WG_INLINE void candidate_tiles(const T* gbuf, const T* xbuf, const Packed& p, int64_t ow, int64_t iw, int64_t kh,
                                    int64_t kw, T* res) {
   const int64_t ncols = iw * kh * kw;
   const T* xcol[kCols];
-  for (int64_t o0 = 0; o0 < ow; o0 += kRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kRows, ow - o0));
-    for (int64_t q0 = 0; q0 < ncols; q0 += kCols) {
-      const int cols = static_cast<int>(std::min<int64_t>(kCols, ncols - q0));
-      for (int c = 0; c < cols; ++c) {
-        const int64_t q = q0 + c;
-        const int64_t ch = q / (kh * kw), i = (q / kw) % kh, j = q % kw;
-        xcol[c] = xbuf + ch * p.x_chan + i * p.x_row + (j % p.stride) * p.wph + j / p.stride;
-      }
+  for (int64_t q0 = 0; q0 < ncols; q0 += kCols) {
+    const int cols = static_cast<int>(std::min<int64_t>(kCols, ncols - q0));
+    for (int c = 0; c < cols; ++c) {
+      const int64_t q = q0 + c;
+      const int64_t ch = q / (kh * kw), i = (q / kw) % kh, j = q % kw;
+      xcol[c] = xbuf + ch * p.x_chan + i * p.x_row + (j % p.stride) * p.wph + j / p.stride;
+    }
+    for (int64_t o0 = 0; o0 < ow; o0 += kRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRows, ow - o0));
       const T* g = gbuf + o0 * p.g_row;
       T* out = res + o0 * ncols + q0;
       switch (rows) {

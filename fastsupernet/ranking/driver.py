@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -29,10 +28,11 @@ import torch
 from .. import io as fio
 from ..checkpoint import Checkpoint, load_checkpoint
 from ..data import Dataset, load_data
-from ..journal import Journal, JournalError
+from ..journal import Journal, JournalError, existing_journals, journal_path
 from ..space import Arch, ChannelSpace
 from .engines import ENGINES, PRECISIONS, Protocol, make_engine, prepare_data
-from .shard import ProcessGroup, plan_shards, process_group_from_env
+from ..distributed import ProcessGroup, process_group_from_env
+from .shard import plan_shards
 
 __all__ = ["RankError", "RankResult", "rank", "network_key", "journal_path", "existing_journals"]
 
@@ -119,32 +119,10 @@ def network_key(arch: Arch) -> str:
     return "-".join(str(w) for w in arch.widths)
 
 
-def journal_path(out: str | os.PathLike, rank: int = 0) -> Path:
-    """Where the process of ``rank`` journals the ranking written to ``out``."""
-    out = Path(out)
-    return out.with_name(out.name + (".journal" if rank == 0 else f".journal.{int(rank)}"))
-
-
-_JOURNAL_SUFFIX = re.compile(r"^\.journal(?:\.(\d+))?$")
-
-
-def existing_journals(out: str | os.PathLike) -> list[Path]:
-    """Every journal of ``out`` on disk (any rank of any earlier run), in rank order."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        return []
-    found = []
-    for p in out.parent.iterdir():
-        m = _JOURNAL_SUFFIX.match(p.name[len(out.name):]) if p.name.startswith(out.name) else None
-        if m and p.is_file():
-            found.append((int(m.group(1) or 0), p))
-    return [p for _, p in sorted(found)]
-
-
 def _read_results(path: Path, fingerprint: Mapping) -> dict[str, tuple[float, float]]:
     """The finished networks of one journal (a torn last line is dropped; the fingerprint must match)."""
     try:
-        with Journal(path, fingerprint, resume=True) as journal:
+        with Journal(path, fingerprint, resume=True) as journal:  # also cuts a torn last line
             records = journal.records
     except JournalError as e:
         raise JournalError(f"cannot resume: {e} (or pass --force to start over)") from None

@@ -10,14 +10,11 @@ rank computes the same plan without talking to the others.
 """
 from __future__ import annotations
 
-import datetime
-import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
-import torch
 
-__all__ = ["BALANCE_TOLERANCE", "ShardPlan", "plan_shards", "ProcessGroup", "process_group_from_env"]
+__all__ = ["BALANCE_TOLERANCE", "ShardPlan", "plan_shards"]
 
 #: The largest rank's multiply-adds may exceed the mean by this fraction before ``depth`` grows.
 BALANCE_TOLERANCE = 0.02
@@ -84,61 +81,3 @@ def plan_shards(widths: Sequence[Sequence[int]], costs: Sequence[int], world_siz
             return plan
     assert best is not None
     return best
-
-
-# ---------------------------------------------------------------------------- process group
-@dataclass
-class ProcessGroup:
-    """This process's place in a (possibly one-process) run.
-
-    ``ProcessGroup()`` is a single process. :func:`process_group_from_env` joins the group
-    ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1): gloo on CPU, NCCL on CUDA.
-    """
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owns_init: bool = False
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier()
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj`` (picklable), in rank order."""
-        if not self.distributed:
-            return [obj]
-        out: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def close(self) -> None:
-        """Leave the group if this object joined it."""
-        if self.owns_init and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-            self.owns_init = False
-
-
-def process_group_from_env(device: str | torch.device | None, timeout_hours: float = 6.0) -> ProcessGroup:
-    """Join the process group described by ``torchrun``'s environment, or a single process.
-
-    ``device`` is the device the ranking runs on (``cuda``: NCCL, otherwise gloo). The timeout
-    is generous because ranks meet only at start and at the end, after their whole shard.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
-        return ProcessGroup()
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dist = torch.distributed
-    if dist.is_initialized():
-        return ProcessGroup(dist.get_rank(), dist.get_world_size(), local_rank, owns_init=False)
-    backend = "nccl" if torch.device(device or "cpu").type == "cuda" else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(torch.device(device).index if torch.device(device).index is not None else local_rank)
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=timeout_hours))
-    return ProcessGroup(dist.get_rank(), dist.get_world_size(), local_rank, owns_init=True)

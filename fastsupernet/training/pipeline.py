@@ -26,7 +26,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -342,6 +342,11 @@ class _Run:
             )
         self.dataset = load_data(cfg.data)
         self.info = self.dataset.info
+        if self.resume_ck is not None and self.resume_ck.data != self.info.to_dict():
+            raise TrainError(
+                f"{self.resume_path}: cannot resume: the data {cfg.data!r} now loads with another description "
+                f"({self.info.to_dict()}) than the run's ({self.resume_ck.data})"
+            )
         images, labels = _training_subset(self.dataset, cfg)
         self.train_x = images.to(self.device)
         self.train_y = labels.to(self.device)
@@ -420,6 +425,8 @@ class _Run:
         cfg, g = self.cfg, self.group
         if self.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            for tmp in self.ckpt_dir.glob(".step-*.tmp"):  # a write cut short by a kill
+                tmp.unlink(missing_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         ts = self.resume_ck.train_state if self.resume_ck is not None else None
         if ts is not None and self.is_main:

@@ -6,12 +6,16 @@ every loss is divided by the total shard count across ranks before ``backward`` 
 summed gradients are the mean over shards. Across ranks the gradients are summed with one
 all-reduce per update; every decision that depends on data (a non-finite loss, which probe
 paths to recover) is taken on values all-reduced first, so all ranks take it alike.
+
+The model is not wrapped in ``DistributedDataParallel``: a step runs several backward passes
+(the paths, then max-recover) and leaves parameters unused (other branch groups, identity
+shortcuts), which the explicit all-reduce handles without DDP's per-forward bookkeeping.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -98,7 +102,6 @@ class StepStats:
     largest_correct: float = 0.0  # correct predictions of the largest path over the global batch
     largest_seen: int = 0
     recovered: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -144,10 +147,12 @@ class Trainer:
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return
-        flat = torch._utils._flatten_dense_tensors(grads)
+        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for all gradients
         dist.all_reduce(flat)
-        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            g.copy_(synced)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def _teacher_logits(self, x: torch.Tensor, logits: torch.Tensor, plan: StepPlan) -> torch.Tensor | None:
         if not plan.students:

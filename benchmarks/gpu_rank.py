@@ -1,0 +1,278 @@
+"""Ranking on one GPU: throughput of the fast engine at the full protocol, and precision fidelity.
+
+    python benchmarks/gpu_rank.py                 # on a CUDA machine (a section of gpu_check.sh)
+    python benchmarks/gpu_rank.py --dry-run       # the same code path on CPU with tiny sizes
+
+1. Throughput: a randomly initialised Track-1 supernet (3x32x32, 100 classes; timing does not
+   depend on the weights), synthetic pixels, the full protocol (5,000 recalibration images in
+   batches of 128, 10,000 evaluation images), the first ``--candidates`` official candidates
+   (default 1,000), fp32. Results stream per group of networks; the timed phase stops after
+   ``--throughput-s`` seconds and reports what finished. Printed: candidates/s, the
+   prefix-sharing ratio of the timed set and of all 50,000, peak GPU memory against the
+   engine's limit, and a PROJECTION (not a measurement) of the time for all 50,000: the
+   measured seconds per computed multiply-add times the multiply-adds all 50,000 need.
+   With time left, tf32 and bf16 are timed on a smaller set the same way (their first
+   group includes Triton's compile and autotuning; reported separately).
+2. Fidelity: a supernet trained for a few hundred steps on the bundled Fashion-MNIST subset
+   (on the GPU, seconds), ``--tau-candidates`` random candidates (default 200) at the bundled
+   data's protocol (1,200 recalibration images, 2,000 test images): Kendall tau of tf32 and bf16
+   vs fp32 accuracies (target >= 0.98), fp32 fast vs the reference engine on the first 30, and a
+   candidate's logits alone vs inside the whole set.
+
+Writes a JSON summary with ``--json PATH``. Exit status 1 if a fidelity target is missed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fastsupernet import Supernet, Track1Space, load_data, read_candidates
+from fastsupernet.data import normalize
+from fastsupernet.io import official_candidates_path
+from fastsupernet.metrics import kendall_tau
+from fastsupernet.ranking.engines import Protocol, RankData, make_engine, prefix_sharing, prepare_data
+
+TAU_TARGET = 0.98
+_T0 = time.perf_counter()
+
+
+def _left(args) -> float:
+    """Seconds left before ``--deadline-s`` (counted from the start of the script)."""
+    return args.deadline_s - (time.perf_counter() - _T0)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _synthetic(dev, recal: int, evals: int, batch: int) -> RankData:
+    g = torch.Generator(device="cpu").manual_seed(1)
+    return RankData(
+        recal_x=torch.randn(recal, 3, 32, 32, generator=g).to(dev),
+        eval_x=torch.randn(evals, 3, 32, 32, generator=g).to(dev),
+        eval_y=torch.randint(0, 100, (evals,), generator=g).to(dev),
+        recal_batch=batch,
+    )
+
+
+def _timed_score(engine, archs, budget_s: float, dev) -> tuple[int, float, list[int]]:
+    """Score until done or ``budget_s`` passed (checked as groups finish); (candidates done, seconds, their indices)."""
+    _sync(dev)
+    t0 = time.perf_counter()
+    done = []
+    for s in engine.score(archs):
+        done.append(s.index)
+        if time.perf_counter() - t0 > budget_s:
+            break
+    _sync(dev)
+    return len(done), time.perf_counter() - t0, done
+
+
+def throughput(args, dev, out: dict) -> None:
+    torch.manual_seed(0)
+    model = Supernet(in_channels=3, num_classes=100).to(dev)
+    every = list(read_candidates(official_candidates_path()).values())
+    archs = every[: args.candidates]
+    data = _synthetic(dev, args.recal_images, args.eval_images, 128)
+    total_all, shared_all = prefix_sharing(model, every)
+    out["all_50000"] = {"candidates": len(every), "macs_per_image_total": total_all,
+                        "macs_per_image_shared": shared_all, "sharing_ratio": total_all / shared_all}
+    print(f"all {len(every)} official candidates: prefix sharing {total_all / shared_all:.3f}x "
+          f"({total_all / 1e9:.0f} G -> {shared_all / 1e9:.0f} G multiply-adds per image)")
+    # warm-up: CUDA context, cuBLAS, allocator (tiny data, a few candidates)
+    warm = _synthetic(dev, 256, 256, 128)
+    list(make_engine("fast", model, warm).score(archs[:4]))
+    images = data.recal_x.shape[0] + data.eval_x.shape[0]
+    rows = []
+    budget_end = time.perf_counter() + args.throughput_s
+    for precision, n_cand in (("fp32", len(archs)), ("tf32", args.other_candidates), ("bf16", args.other_candidates)):
+        if precision == "bf16" and dev.type != "cuda":
+            print("bf16: skipped (needs CUDA)")
+            continue
+        left = min(budget_end - time.perf_counter(), _left(args))
+        if precision != "fp32" and left < 10:
+            print(f"{precision}: skipped (time budget spent)")
+            continue
+        sub = archs[:n_cand]
+        if not sub:
+            continue
+        if precision != "fp32":  # compile + autotune the Triton kernels first, on the same batch shapes
+            t = time.perf_counter()
+            list(make_engine("fast", model, _synthetic(dev, 256, 256, 128), precision=precision).score(sub[:8]))
+            _sync(dev)
+            print(f"{precision}: Triton compile/autotune warm-up {time.perf_counter() - t:.1f} s")
+            left = budget_end - time.perf_counter()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+        engine = make_engine("fast", model, data, precision=precision, memory_limit_bytes=args.memory_limit)
+        budget = args.fp32_s if precision == "fp32" else max(left, 1.0)
+        n_done, secs, done = _timed_score(engine, sub, budget, dev)
+        finished = [sub[i] for i in done]
+        tot, shr = prefix_sharing(model, finished) if finished else (0, 1)
+        computed = engine.stats.macs_per_image_computed if n_done == len(sub) else shr
+        row = {
+            "precision": precision, "candidates": n_done, "of": len(sub), "seconds": secs,
+            "candidates_per_s": n_done / secs, "images": images, "groups": engine.stats.groups,
+            "sharing_ratio_timed": tot / shr, "tflops_effective": 2 * computed * images / secs / 1e12,
+            "memory_limit_bytes": engine.memory_limit_bytes,
+        }
+        if dev.type == "cuda":
+            row["peak_working_bytes"] = torch.cuda.max_memory_allocated(dev) - base
+        # projection: measured seconds per computed multiply-add x what all 50,000 need (shared)
+        row["projected_50000_s"] = secs / computed * shared_all if computed else math.nan
+        rows.append(row)
+        mem = (f", peak working memory {row['peak_working_bytes'] / 2**30:.2f} GiB of a "
+               f"{row['memory_limit_bytes'] / 2**30:.2f} GiB limit" if "peak_working_bytes" in row else "")
+        print(f"{precision}: {n_done}/{len(sub)} candidates x {images} images in {secs:.1f} s = "
+              f"{n_done / secs:.2f} candidates/s, {row['tflops_effective']:.1f} TFLOP/s effective, "
+              f"prefix sharing of the timed set {tot / shr:.3f}x, {engine.stats.groups} groups{mem}; "
+              f"PROJECTED all 50,000: {row['projected_50000_s'] / 60:.1f} min (a projection, not a measurement)")
+    out["throughput"] = rows
+
+
+def _train_mini(dev, steps: int) -> tuple[Supernet, object]:
+    """A Track-1 supernet trained briefly on the bundled Fashion-MNIST subset (largest + random paths)."""
+    data = load_data("fashion-mnist")
+    info = data.info
+    torch.manual_seed(0)
+    model = Supernet(in_channels=info.in_channels, num_classes=info.num_classes).to(dev)
+    space = model.space
+    x_all = normalize(data.train_images, info, device=dev)
+    y_all = data.train_labels.to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    rng = random.Random(0)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(0, x_all.shape[0], (128,), generator=g).to(dev)
+        arch = space.largest() if step % 2 == 0 else space.sample(rng)
+        loss = F.cross_entropy(model(x_all[idx], arch), y_all[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model, data
+
+
+def fidelity(args, dev, out: dict) -> bool:
+    t = time.perf_counter()
+    model, data = _train_mini(dev, args.train_steps)
+    _sync(dev)
+    print(f"fidelity: trained {args.train_steps} steps in {time.perf_counter() - t:.1f} s")
+    protocol = Protocol(recal_images=args.tau_recal, eval_images=args.tau_eval)
+    rd = prepare_data(data, protocol, dev)
+    archs = Track1Space().sample_many(args.tau_candidates, seed=7)
+    scores, not_run = {}, []
+    for precision in ("fp32", "bf16", "tf32"):
+        if precision == "bf16" and dev.type != "cuda":
+            continue
+        if precision != "fp32" and _left(args) < 15:
+            print(f"fidelity: {precision} NOT RUN (deadline --deadline-s {args.deadline_s:.0f} s near)")
+            not_run.append(precision)
+            continue
+        t = time.perf_counter()
+        eng = make_engine("fast", model, rd, precision=precision)
+        scores[precision] = sorted(eng.score(archs), key=lambda s: s.index)
+        _sync(dev)
+        print(f"fidelity: fast {precision} on {len(archs)} candidates in {time.perf_counter() - t:.1f} s")
+    ok = True
+    res = {"candidates": len(archs), "protocol": protocol.to_dict(), "precisions_not_run": not_run}
+    acc32 = [s.acc for s in scores["fp32"]]
+    for precision in scores:
+        if precision == "fp32":
+            continue
+        acc = [s.acc for s in scores[precision]]
+        tau = kendall_tau(acc32, acc)
+        res[f"tau_{precision}_vs_fp32"] = tau
+        res[f"max_abs_acc_diff_{precision}"] = max(abs(a - b) for a, b in zip(acc32, acc))
+        good = tau >= TAU_TARGET
+        ok &= good
+        print(f"fidelity: Kendall tau {precision} vs fp32 = {tau:.4f} (target >= {TAU_TARGET}: "
+              f"{'met' if good else 'MISSED'}), largest accuracy change {res[f'max_abs_acc_diff_{precision}']:.4f}")
+    n_ref = min(args.ref_candidates, len(archs)) if _left(args) > 10 else 2
+    t = time.perf_counter()
+    ref = sorted(make_engine("reference", model, rd).score(archs[:n_ref]), key=lambda s: s.index)
+    _sync(dev)
+    ref_s = time.perf_counter() - t
+    tau_ref = kendall_tau([s.acc for s in ref], acc32[:n_ref])
+    diff = max(abs(a.acc - b.acc) for a, b in zip(ref, scores["fp32"]))
+    res.update(tau_fast_vs_reference=tau_ref, max_abs_acc_diff_fast_vs_reference=diff, reference_seconds=ref_s,
+               reference_candidates=n_ref)
+    good = not (tau_ref < 0.99) and diff <= 2 / rd.eval_x.shape[0]
+    ok &= good
+    print(f"fidelity: fp32 fast vs reference on {n_ref} candidates: tau {tau_ref:.4f}, largest accuracy "
+          f"difference {diff:.5f} ({'ok' if good else 'MISSED'}); reference took {ref_s:.1f} s "
+          f"({n_ref / ref_s:.2f} candidates/s at this protocol)")
+    fast = make_engine("fast", model, rd)
+    x = rd.eval_x[:256]
+    group = archs[:50]
+    k = len(group) // 2
+    together = fast._logits(group, x)
+    alone = fast._logits([group[k]], x)[0]
+    d = (alone - together[k]).abs().max().item()
+    res["independence_max_abs_logit_diff"] = d
+    print(f"fidelity: a candidate's logits alone vs among {len(group)}: largest difference {d:.3g}")
+    out["fidelity"] = res
+    return ok
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: checks the code path only")
+    p.add_argument("--candidates", type=int, default=1000)
+    p.add_argument("--other-candidates", type=int, default=300, help="candidates timed in tf32 and bf16")
+    p.add_argument("--recal-images", type=int, default=5000)
+    p.add_argument("--eval-images", type=int, default=10000)
+    p.add_argument("--fp32-s", type=float, default=40.0, help="stop the fp32 timing after this many seconds")
+    p.add_argument("--throughput-s", type=float, default=60.0, help="time for the whole throughput phase")
+    p.add_argument("--memory-limit", type=int, default=16 << 30, help="fast engine working memory, bytes")
+    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--tau-candidates", type=int, default=200)
+    p.add_argument("--tau-recal", type=int, default=None, help="recalibration images (default: the whole split)")
+    p.add_argument("--tau-eval", type=int, default=None, help="test images (default: all)")
+    p.add_argument("--ref-candidates", type=int, default=30)
+    p.add_argument("--deadline-s", type=float, default=1e9,
+                   help="skip the remaining precisions once fewer than ~15 s of this budget are left")
+    p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--skip-fidelity", action="store_true")
+    p.add_argument("--json", default=None, help="write the summary here")
+    args = p.parse_args(argv)
+    if args.dry_run:
+        dev = torch.device("cpu")
+        args.candidates, args.other_candidates = min(args.candidates, 6), min(args.other_candidates, 4)
+        args.recal_images, args.eval_images = 128, 64
+        args.fp32_s, args.throughput_s = 600.0, 600.0
+        args.memory_limit = 256 << 20
+        args.train_steps, args.tau_candidates = 4, 8
+        args.tau_recal, args.tau_eval, args.ref_candidates = 32, 64, 3
+    else:
+        if not torch.cuda.is_available():
+            print("gpu_rank: no CUDA GPU (use --dry-run on CPU)", file=sys.stderr)
+            return 2
+        dev = torch.device("cuda")
+        print(f"gpu_rank: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
+    out: dict = {"device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev)}
+    t0 = time.perf_counter()
+    ok = True
+    if not args.skip_throughput:
+        throughput(args, dev, out)
+    if not args.skip_fidelity:
+        ok = fidelity(args, dev, out)
+    out["seconds"] = time.perf_counter() - t0
+    print(f"gpu_rank: done in {out['seconds']:.0f} s{'' if ok else ' (a fidelity target was MISSED)'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0 if ok or args.dry_run else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
