@@ -5,7 +5,8 @@
 #
 # Sections ("# --- section: NAME") run in order and stop at the first failure: the card, the
 # build of the CUDA extension, the GPU kernel tests, the kernel benchmark table and the ranking
-# engine (throughput and precision fidelity, benchmarks/gpu_rank.py). Every step
+# engine (throughput and precision fidelity, benchmarks/gpu_rank.py), the training step (batched
+# vs loop, and the projected pipeline time, benchmarks/gpu_train.py). Every step
 # has its own time limit, and all steps together at most GPU_CHECK_LIMIT_S seconds (default 240).
 #
 # Environment: PYTHON (default python, else python3), MAX_JOBS (default: all cores),
@@ -116,6 +117,12 @@ section ranking
 RANK_LEFT=$((DEADLINE - SECONDS < 90 ? DEADLINE - SECONDS : 90))
 step 90 "${PYTHON}" benchmarks/gpu_rank.py --candidates 1000 --other-candidates 0 --fp32-s 30 --throughput-s 30 \
   --tau-candidates 100 --tau-recal 512 --tau-eval 1000 --ref-candidates 10 --deadline-s $((RANK_LEFT - 5))
+
+# --- section: training
+section training
+# one K-path training step, batched vs loop (fp32/bf16, NCHW/channels_last), and the projected
+# time of configs/track1_seed.yaml; the script stops starting configurations after --budget-s
+step 60 "${PYTHON}" benchmarks/gpu_train.py --reps 3 --budget-s 35
 
 section done
 printf '%s\n' "${TIMES[@]}"

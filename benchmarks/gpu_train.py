@@ -7,8 +7,9 @@ On a CUDA GPU (the "training" section of ``benchmarks/gpu_check.sh``):
 1. Times one training step (forward + backward + SGD update) of the largest path + 8 random
    paths on a batch of 3x32x32 images, enhanced Track-1 supernet, 100 classes: the loop of
    single paths vs one ``forward_paths`` pass, in float32 and under bf16 autocast, NCHW and
-   channels_last, and with the conv backward batched (``FASTSUPERNET_CONV_BACKWARD=batched``)
-   or looped. Medians of ``--reps`` steps after warm-up, CUDA-synchronised. Next to each: the
+   channels_last, with the conv backward batched (``FASTSUPERNET_CONV_BACKWARD=batched``) or
+   looped, and with the Triton conv backend (which computes in bf16 under autocast; the CUDA
+   kernels compute in float32). Medians of ``--reps`` steps after warm-up, CUDA-synchronised. Next to each: the
    floor, the step's FLOPs (3 x forward multiply-adds x 2) at the measured GEMM rate of that
    precision (a 4096^3 matmul).
 2. Projects the pipeline of ``--config`` (epochs, batch size, paths per step, teacher and
@@ -37,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import SPACE, gemm_rate, make_model, make_steps, sample_archs, step_flops  # noqa: E402
 
+from fastsupernet.ops import ENV_VAR  # noqa: E402
 from fastsupernet.ops.conv import BACKWARD_ENV_VAR  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,6 +134,8 @@ def main() -> int:
     ap.add_argument("--config", default=str(ROOT / "configs" / "track1_seed.yaml"))
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--budget-s", type=float, default=40.0,
+                    help="start no further configuration after this many seconds (the projection still runs)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, toy sizes: checks the script, numbers mean nothing")
     args = ap.parse_args()
 
@@ -156,17 +160,26 @@ def main() -> int:
         rates[torch.bfloat16] = gemm_rate(4096, device="cuda", dtype=torch.bfloat16)
 
     # ---------------------------------------------------------------- step timings
-    variants = [(None, False, None), (None, False, "batched"), (torch.bfloat16, False, None),
-                (torch.bfloat16, True, None), (None, True, None)]
+    # (autocast dtype, channels_last, conv backward mode, conv backend of the batched path)
+    variants = [(None, False, None, None), (None, False, "batched", None), (None, True, None, None),
+                (torch.bfloat16, False, None, None), (torch.bfloat16, True, None, None),
+                (torch.bfloat16, True, None, "triton")]
     rows, best = [], None
-    for amp, cl, bwd in variants:
-        label = f"{'bf16' if amp else 'fp32'} {'channels_last' if cl else 'NCHW'} backward={bwd or 'auto'}"
+    t_start = time.perf_counter()
+    for amp, cl, bwd, backend in variants:
+        if args.dry_run and backend == "triton":
+            continue  # CPU tensors would need the Triton interpreter
+        if time.perf_counter() - t_start > args.budget_s:
+            print(f"  (time budget of {args.budget_s:.0f} s spent: remaining configurations skipped)")
+            break
+        label = (f"{'bf16' if amp else 'fp32'} {'channels_last' if cl else 'NCHW'} backward={bwd or 'auto'}"
+                 f"{' ' + backend if backend else ''}")
         try:
             model = make_model().to(device)
             x = x0.to(memory_format=torch.channels_last) if cl else x0
             if cl:
                 model = model.to(memory_format=torch.channels_last)
-            with env(BACKWARD_ENV_VAR, bwd):
+            with env(BACKWARD_ENV_VAR, bwd), env(ENV_VAR, backend):
                 t = timed(make_steps(model, archs, x, y, autocast_dtype=amp), reps, sync)
         except Exception as exc:  # report and go on: one failing option must not hide the others
             print(f"  {label}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
@@ -177,7 +190,7 @@ def main() -> int:
         floor = flops / rates.get(amp, rates[None])
         rows.append((label, t, floor))
         if best is None or t["batched"] < best[1]["batched"]:
-            best = (label, t, amp, cl, bwd)
+            best = (label, t, amp, cl, bwd, backend)
     if not rows:
         print("gpu_train: every configuration failed", file=sys.stderr)
         return 1
@@ -190,7 +203,7 @@ def main() -> int:
               f"{batch / t['batched']:14.0f} {floor * 1e3:9.3f} {t['batched'] / floor:8.1f}")
 
     # ---------------------------------------------------------------- projection
-    label, _, amp, cl, bwd = best
+    label, _, amp, cl, bwd, backend = best
     stages, notes = load_stages(Path(args.config))
     needed_train = sorted({s["paths"] for s in stages} | {1})
     needed_fwd = sorted({s["probes"] for s in stages if s["probes"]} | {1})
@@ -200,7 +213,7 @@ def main() -> int:
         model = model.to(memory_format=torch.channels_last)
         x = x0.to(memory_format=torch.channels_last)
     train_t, fwd_t = {}, {}
-    with env(BACKWARD_ENV_VAR, bwd):
+    with env(BACKWARD_ENV_VAR, bwd), env(ENV_VAR, backend):
         for k in needed_train:
             a = [SPACE.largest()] + sample_archs(2, k - 1)[1:] if k > 1 else [SPACE.largest()]
             train_t[k] = timed({"batched": make_steps(model, a, x, y, autocast_dtype=amp)["batched"]}, reps, sync)["batched"]

@@ -25,7 +25,6 @@ not depend on the seed, so two seeds of a candidate see the same images.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from .data import DataInfo, Dataset, augment_batch, load_data, normalize
 from .space import Arch, ChannelSpace
 from .supernet import StaticNet, SupernetConfig
+from .training.pipeline import lr_at
 
 __all__ = [
     "Recipe",
@@ -186,14 +186,6 @@ class CandidateRun:
     seconds: float
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    if warmup > 0 and step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return 0.5 * peak * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-
 def _batches(n: int, batch: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
     order = torch.randperm(n, generator=gen)
     for i in range(0, n - batch + 1, batch):  # full batches only: BN never sees a tiny batch
@@ -254,7 +246,7 @@ def train_candidate(arch: Arch, recipe: Recipe, seed: int, data: StandaloneData,
             if recipe.crop_padding or data.hflip:
                 x = augment_batch(x, generator=gen, pad=recipe.crop_padding, hflip=data.hflip)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, warmup, recipe.lr)
+                g["lr"] = lr_at(step, total, recipe.lr, warmup, 0.0)
             loss = F.cross_entropy(net(x), data.train_y[idx])
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {float(loss)} at step {step} for {arch}")

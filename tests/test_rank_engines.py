@@ -165,8 +165,8 @@ def test_reference_engine_restores_model_state(trained, fmnist):
 # ----------------------------------------------------------------------------- fast vs reference
 def test_fast_matches_reference_logits_and_predictions(trained, fmnist):
     """Per candidate: logits allclose on every image, at most 2 of 1,024 predictions differ."""
-    rd = prepare_data(fmnist, Protocol(recal_images=80, recal_batch=32, eval_images=1024))
-    archs = _archs(3, seed=11)
+    rd = prepare_data(fmnist, Protocol(recal_images=48, recal_batch=32, eval_images=1024))
+    archs = Track1Space().sample_many(2, seed=11)
     fast, ref = make_engine("fast", trained, rd), make_engine("reference", trained, rd)
     got = fast._logits(archs, rd.eval_x)
     for k, a in enumerate(archs):
@@ -188,7 +188,7 @@ def _tau_check(trained, rd, n):
 
 
 def test_fast_vs_reference_kendall_tau_100_candidates(trained, fmnist):
-    _tau_check(trained, prepare_data(fmnist, Protocol(recal_images=32, recal_batch=32, eval_images=96)), 100)
+    _tau_check(trained, prepare_data(fmnist, Protocol(recal_images=16, recal_batch=16, eval_images=64)), 100)
 
 
 @pytest.mark.slow

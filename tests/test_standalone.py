@@ -14,7 +14,6 @@ from fastsupernet.standalone import (
     RecipeError,
     groundtruth,
     load_recipe,
-    lr_at,
     prepare_standalone_data,
     train_candidate,
 )
@@ -71,12 +70,6 @@ def test_data_resized_subset_fixed(tiny_data):
     assert torch.equal(d.train_y, again.train_y) and torch.equal(d.train_x, again.train_x)
     with pytest.raises(RecipeError, match="train_images"):
         prepare_standalone_data(load_recipe({"train_images": 10**7}))
-
-
-def test_lr_schedule_warmup_then_cosine():
-    lrs = [lr_at(s, 100, 10, 0.1) for s in range(100)]
-    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-3
 
 
 def test_train_candidate_seeded_and_learns(tiny_data):

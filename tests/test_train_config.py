@@ -48,6 +48,7 @@ def test_defaults_and_yaml_float(tmp_path):
     assert cfg.stages[1].optimizer.lr == pytest.approx(0.02)
     assert cfg.stages[0].optimizer.momentum == 0.9 and cfg.stages[0].init == "scratch"
     assert load_config(cfg.to_dict()).to_dict() == cfg.to_dict()
+    assert load_config({**doc, "data": "fashion-mnist@14"}).data == "fashion-mnist@14"  # resized at load
 
 
 @pytest.mark.parametrize(

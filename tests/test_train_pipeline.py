@@ -1,6 +1,7 @@
 """The training pipeline end to end on tiny data: run folder, metrics, checkpoints, exact resume
 after SIGKILL, refusals, the NaN stop, and the train/init commands."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -299,3 +300,17 @@ def test_max_recover_steps_again_for_exactly_the_paths_whose_loss_rose(tmp_path,
     shard = (torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g))
     stats = trainer.step([shard], space.sample_many(2, seed=1), probes)
     assert recovered == [probes[0], probes[2]] and stats.recovered == 2 and len(steps) == 3
+
+
+def test_speed_options_bf16_autocast_and_channels_last_run(tmp_path):
+    spec = make_tiny_data(tmp_path)
+    cfg = tiny_config(spec, metrics={"probes": 1, "recal_batches": 1, "batch_size": 32, "eval_images": 32})
+    cfg["stages"] = cfg["stages"][:1]
+    cfg["stages"][0].update(max_steps=2, speed={"bf16": True, "channels_last": True, "batched_paths": False})
+    res = train(cfg, out=tmp_path / "run")
+    ck = load_checkpoint(res.final_checkpoint)
+    assert all(t.dtype != torch.bfloat16 for t in ck.state_dict.values())  # fp32 weights, bf16 arithmetic
+    assert all(torch.isfinite(t).all() for t in ck.state_dict.values())
+    assert ck.state_dict["stem.weight"].is_contiguous()
+    rec = json.loads(res.metrics_file.read_text().splitlines()[-1])
+    assert math.isfinite(rec["loss"]) and 0 <= rec["probe_acc"]["largest"] <= 1

@@ -12,7 +12,7 @@
 // Algorithm. For a candidate, column q = (c, i, j) of its gradient (q = c kh kw + i kw + j,
 // which is also the column's offset inside a weight row) is the dot product, over every
 // (image, output pixel), of a grad_out row with the input shifted by tap (i, j). Per work item
-// (a fixed run of images) and candidate, the item's images are packed once:
+// (a fixed run of images, sized by the shapes) and candidate, the item's images are packed once:
 //  * grad_out rows into [o][image][h'][Wv] (Wv = W' rounded up to whole vectors, zero tail);
 //  * input channels into a zero-padded scratch [c][image][row][phase][Wph] whose columns are
 //    split by stride phase (padded column u at phase u % s, index u / s), so that tap (i, j)
@@ -48,8 +48,12 @@ namespace {
 constexpr int kRows = 4;
 constexpr int kCols = 3;
 constexpr int kVecBytes = 32;
-// At most this many work items (each owns a partial gradient), at least one image each.
-constexpr int64_t kMaxItems = 8;
+// Images per work item: enough for about kItemElems output values per gradient row (so a
+// tile's lane sums are amortised over hundreds of vector steps), few enough that a
+// candidate's packed gradient rows stay in L2, and at least kMinItems items when N allows
+// (both threads busy). Depends on N and the shapes only, never on the thread count.
+constexpr int64_t kItemElems = 2048;
+constexpr int64_t kMinItems = 4;
 
 #define FSN_WG_INLINE inline __attribute__((always_inline))
 
@@ -162,7 +166,8 @@ at::Tensor multi_conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::Te
   if (N == 0) return grad;
 
   const bool avx = use_avx2();
-  const int64_t per_item = div_up(N, kMaxItems);
+  const int64_t per_image = std::max<int64_t>(1, Ho * (stride == 1 ? Wo + kw - 1 : Wo));
+  const int64_t per_item = std::clamp<int64_t>(div_up(kItemElems, per_image), 1, div_up(N, kMinItems));
   const int64_t items = div_up(N, per_item);
   std::vector<int64_t> res_off(K + 1, 0), g_off(K, 0);
   for (int64_t k = 0; k < K; ++k) {

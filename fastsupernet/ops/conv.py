@@ -191,7 +191,10 @@ def _input_grad_batched(g, x, weight, meta, stride, padding):
         r += iw
     g_in = list(accumulate(out_widths, initial=0))[:-1]
     rows = list(accumulate(in_widths, initial=0))[:-1]
-    if stride == 1:
+    strided_1x1 = stride > 1 and kh == 1 and padding == 0
+    if stride == 1 or strided_1x1:
+        # a strided 1x1 conv reads only pixels (h' s, w' s): its input gradient is the 1x1
+        # transposed conv of g written to those pixels, zero elsewhere
         src, pad = g, pad_t
     else:
         # rows/columns of x the strided windows never reach (at the bottom/right) get zero gradient
@@ -204,11 +207,13 @@ def _input_grad_batched(g, x, weight, meta, stride, padding):
     gx, _, _ = torch.ops.fastsupernet.multi_conv2d.default(
         src, wt, g_in, list(out_widths), list(in_widths), rows, 1, pad, None, None, None, "none", None, False
     )
-    if list(in_offsets) == rows and sum(in_widths) == C:  # candidates tile x in order
+    if not (list(in_offsets) == rows and sum(in_widths) == C):  # candidates do not tile x in order
+        idx = torch.tensor([c for io, iw in zip(in_offsets, in_widths) for c in range(io, io + iw)], device=x.device)
+        gx = gx.new_zeros((N, C, gx.shape[2], gx.shape[3])).index_add_(1, idx, gx)
+    if not strided_1x1:
         return gx
     grad_x = torch.zeros_like(x, memory_format=torch.contiguous_format)
-    idx = torch.tensor([c for io, iw in zip(in_offsets, in_widths) for c in range(io, io + iw)], device=x.device)
-    grad_x.index_add_(1, idx, gx)
+    grad_x[:, :, : (Ho - 1) * stride + 1 : stride, : (Wo - 1) * stride + 1 : stride] = gx
     return grad_x
 
 

@@ -34,19 +34,23 @@ Engines (:func:`make_engine`):
     batch of images, estimated per level) under ``memory_limit_bytes``, whatever the number of
     candidates. The recalibration and test tensors themselves are not counted (they are
     prepared once, :func:`prepare_data`). Each network's numbers do not depend on which other
-    networks share its group or run (the kernels compute every candidate's channels
-    independently; tests check equality).
+    networks share its group or run: the kernels compute every candidate's channels
+    independently, the BN arithmetic is elementwise with correctly rounded operations (one
+    Triton pass per level during recalibration on CUDA), and the classifier and loss run in
+    float64; on CPU the numbers are bitwise identical (tested).
 
-Precision: ``fp32`` (TF32 off), ``tf32`` (TF32 tensor cores allowed on CUDA; the same as
-``fp32`` on CPU) and ``bf16`` (bfloat16 activations, float32 statistics and BN folding; CUDA
-only: on CPU it raises ``ValueError``).
+Precision: ``fp32`` (TF32 off), ``tf32`` (TF32 tensor cores allowed on CUDA: cuDNN/cuBLAS
+for the reference engine, the Triton convolution with ``input_precision="tf32"`` for the fast
+one; the same as ``fp32`` on CPU) and ``bf16`` (bfloat16 activations and weights with float32
+accumulation, float64 statistics, float32 BN folding: autocast for the reference engine, the
+Triton convolution for the fast one; CUDA only: on CPU it raises ``ValueError``). ``tf32`` and
+``bf16`` are checked against ``fp32`` by ``benchmarks/gpu_rank.py`` (Kendall tau >= 0.98).
 """
 from __future__ import annotations
 
 import contextlib
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -80,7 +84,7 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 #: Working-memory budget of the fast engine when none is given: this fraction of the free GPU
 #: memory, or this many bytes on CPU.
 DEFAULT_GPU_MEMORY_FRACTION = 0.5
-DEFAULT_CPU_MEMORY_BYTES = 1 << 30
+DEFAULT_CPU_MEMORY_BYTES = 2 << 30
 
 
 # ----------------------------------------------------------------------------- protocol and data
@@ -232,7 +236,10 @@ class Engine:
 
     @contextlib.contextmanager
     def _precision(self):
-        """TF32 allowed only under ``tf32`` (restored afterwards); bf16 autocast under ``bf16`` (reference)."""
+        """CUDA: TF32 matmul/cuDNN allowed only under ``tf32``; the global flags are restored on exit.
+
+        Entered around each piece of computation, never across a ``yield``, so the caller's code
+        between results runs with its own flags."""
         if self.data.device.type != "cuda":
             yield
             return
@@ -434,6 +441,12 @@ class FastEngine(Engine):
             worst = max(worst, 2 * prev2 + 2 * prev + 5 * a)
         return elt * worst + 4 * img
 
+    def _fits(self, channels: Sequence[int], n_img: int) -> bool:
+        """Working memory under the limit, and every packed level below 2**31 elements (the
+        kernels index a tensor with 32-bit offsets)."""
+        largest = max(c * s * s for c, s in zip(channels, self._sizes))
+        return n_img * self._bytes_per_image(channels) <= self.memory_limit_bytes and n_img * largest < 2**31
+
     def _groups(self, networks: Sequence[tuple[int, ...]]) -> list[list[int]]:
         """Consecutive runs of the sorted networks whose working memory fits the limit."""
         n_img = max(self.recal_batch, self.eval_batch)
@@ -447,11 +460,11 @@ class FastEngine(Engine):
             run = [remap(w) for w in net]
             lcp = tree._lcp(prev, net) if cur else 0
             trial = channels[:lcp] + [c + r for c, r in zip(channels[lcp:], run[lcp:])]
-            if cur and n_img * self._bytes_per_image(trial) > self.memory_limit_bytes:
+            if cur and not self._fits(trial, n_img):
                 groups.append(cur)
                 cur, channels = [], [0] * depth
                 trial = list(run)
-            if not cur and n_img * self._bytes_per_image(trial) > self.memory_limit_bytes:
+            if not cur and not self._fits(trial, n_img):
                 need = n_img * self._bytes_per_image(trial)
                 raise ValueError(
                     f"memory_limit_bytes={self.memory_limit_bytes} is too small for one network "
@@ -539,7 +552,10 @@ class FastEngine(Engine):
         recal: train-mode BN from each call's statistics (accumulated into ``consts``); else the
         folded eval BN in the epilogue.
         """
-        acts: dict[int, torch.Tensor] = {-1: x.to(self._act_dtype)}
+        x = x.to(self._act_dtype)
+        if self._triton:  # the Triton kernels' fast layout; every later activation keeps it
+            x = x.contiguous(memory_format=torch.channels_last)
+        acts: dict[int, torch.Tensor] = {-1: x}
         eps = self.model.config.bn_eps
         for d, lv in enumerate(plan.levels):
             conv, sc = self._mods[d]
@@ -580,7 +596,8 @@ class FastEngine(Engine):
         y = _affine(y, scale, shift)
         if r is not None:
             y.add_(_affine(r, r_scale, r_shift) if r_scale is not None else r.float())
-        return ops.apply_activation(y, act, slope).to(self._act_dtype)
+        y = y.relu_() if act == "relu" else ops.apply_activation(y, act, slope)
+        return y.to(self._act_dtype)
 
     def _batch_bn(self, s, q, n, gamma, beta, t: _LevelTensors, which: str, eps: float):
         """Scale/shift normalising with this batch's statistics; adds them to the running sums."""
@@ -666,8 +683,8 @@ class FastEngine(Engine):
         last = plan.levels[-1]
         f = max(last.run[i] for i in plan.leaf_of)
         sentinel = last.channels  # a zero column appended to the pooled features
-        feat_idx, w_rows, w_cols = [], [], []
-        for j, leaf in enumerate(plan.leaf_of):
+        feat_idx = []
+        for leaf in plan.leaf_of:
             r = last.run[leaf]
             feat_idx.append([last.offsets[leaf] + c for c in range(r)] + [sentinel] * (f - r))
         feat_idx_t = torch.tensor(feat_idx, device=dev)
@@ -749,7 +766,7 @@ def make_engine(name: str, model: Supernet, data: RankData, *, precision: str = 
     The model is moved to the data's device (``nn.Module.to``, in place). The recalibration
     batch size is ``data.recal_batch`` (the protocol's, set by :func:`prepare_data`).
     ``memory_limit_bytes`` bounds the fast engine's working memory (default: half the free GPU
-    memory, or 1 GiB on CPU); the reference engine needs one batch at a time and ignores it.
+    memory, or 2 GiB on CPU); the reference engine needs one batch at a time and ignores it.
     """
     if name not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {name!r}")

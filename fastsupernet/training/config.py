@@ -21,7 +21,7 @@ from typing import Any, Literal, Mapping, Union
 
 import yaml
 
-from ..data import parse_data_spec
+from ..data import parse_data_spec, split_resolution
 from ..space import ChannelSpace, get_space
 from ..supernet import SupernetConfig
 
@@ -371,7 +371,7 @@ def _check(cfg: TrainConfig) -> None:
     except ValueError as e:
         raise _fail(src, "space", str(e)) from None
     try:
-        parse_data_spec(cfg.data)
+        parse_data_spec(split_resolution(cfg.data)[0])
     except ValueError as e:
         raise _fail(src, "data", str(e)) from None
     need(cfg.train_images is None or cfg.train_images >= 1, "train_images", f"must be >= 1 or null, got {cfg.train_images}")

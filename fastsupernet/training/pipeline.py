@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-import torch.distributed as dist
 import yaml
 
 from .._atomic import atomic_write_text
 from ..checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from ..data import DataInfo, Dataset, augment_batch, load_data, normalize
+from ..distributed import ProcessGroup, process_group_from_env
 from ..space import ChannelSpace
 from ..supernet import Supernet
 from .config import StageConfig, TrainConfig, config_diff, load_config
@@ -88,21 +88,9 @@ def lr_at(step: int, total: int, lr: float, warmup_steps: int, min_lr: float) ->
 # ----------------------------------------------------------------------------- set-up
 
 
-@dataclass
-class _Group:
-    rank: int
-    world: int
-    device: torch.device
-    owns: bool
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def _setup_group(device_opt: str) -> _Group:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+def _resolve_device(device_opt: str) -> torch.device:
+    """The config's ``device`` for this process (the local rank's GPU under torchrun)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
     if device_opt == "auto":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     elif device_opt == "cuda":
@@ -113,13 +101,7 @@ def _setup_group(device_opt: str) -> _Group:
         if not torch.cuda.is_available():
             raise TrainError(f"device {device_opt!r}: CUDA is not available here")
         torch.cuda.set_device(device)
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        owns = True
-    if dist.is_initialized():
-        return _Group(dist.get_rank(), dist.get_world_size(), device, owns)
-    return _Group(0, 1, device, owns)
+    return device
 
 
 def _run_dir(cfg: TrainConfig, out: str | os.PathLike | None) -> Path:
@@ -316,21 +298,23 @@ def train(
     cfg = load_config(cfg)
     if data is not None:
         cfg = cfg.replace(data=data)
-    group = _setup_group(cfg.device)
+    device = _resolve_device(cfg.device)
+    group = process_group_from_env(device)
     try:
-        return _Run(cfg, group, _run_dir(cfg, out), resume).run()
+        return _Run(cfg, group, device, _run_dir(cfg, out), resume).run()
     finally:
-        if group.owns:
-            dist.destroy_process_group()
+        group.close()
 
 
 class _Run:
-    def __init__(self, cfg: TrainConfig, group: _Group, run_dir: Path, resume: bool | str | os.PathLike) -> None:
+    def __init__(
+        self, cfg: TrainConfig, group: ProcessGroup, device: torch.device, run_dir: Path, resume: bool | str | os.PathLike
+    ) -> None:
         self.cfg, self.group, self.run_dir = cfg, group, run_dir
         self.ckpt_dir = run_dir / "checkpoints"
         self.is_main = group.rank == 0
         self.space = cfg.get_space()
-        self.device = group.device
+        self.device = device
         self.resume_path: Path | None = None
         self.resume_ck = None
         if resume:
@@ -375,8 +359,8 @@ class _Run:
                 f"{path}: cannot resume: the config differs from the run's at {', '.join(diff)} "
                 f"(the run's config is {self.run_dir / 'config.yaml'})"
             )
-        if int(ts["world_size"]) != self.group.world:
-            raise TrainError(f"{path}: the run used {ts['world_size']} process(es); resume it with the same number, not {self.group.world}")
+        if int(ts["world_size"]) != self.group.world_size:
+            raise TrainError(f"{path}: the run used {ts['world_size']} process(es); resume it with the same number, not {self.group.world_size}")
         self.resume_path, self.resume_ck = path, ck
 
     # ------------------------------------------------------------------ helpers
@@ -475,11 +459,11 @@ class _Run:
     ) -> Supernet:
         cfg, g, dev = self.cfg, self.group, self.device
         name = st.name or f"stage{si}"
-        shards_total = g.world * st.accumulate
+        shards_total = g.world_size * st.accumulate
         if st.batch_size % shards_total:
             raise TrainError(
                 f"{cfg.source}: stages[{si}].batch_size {st.batch_size} is not divisible by "
-                f"{g.world} process(es) x accumulate {st.accumulate}"
+                f"{g.world_size} process(es) x accumulate {st.accumulate}"
             )
         cuda = dev.type == "cuda"
         channels_last = cuda if st.speed.channels_last == "auto" else bool(st.speed.channels_last)
@@ -505,17 +489,18 @@ class _Run:
             restore_rng_state(state["rng"])
         trainer = Trainer(
             model, opt, st, teacher=teacher, largest=self.space.largest(), batched=batched,
-            autocast_dtype=torch.bfloat16 if bf16 else None, world_size=g.world,
+            autocast_dtype=torch.bfloat16 if bf16 else None, world_size=g.world_size,
         )
         sampler = PathSampler(self.space, st.sampling.rule, st.sampling.paths, cfg.seed)
         hflip = self.info.hflip if st.augment.hflip == "auto" else bool(st.augment.hflip)
-        local = st.batch_size // g.world
+        local = st.batch_size // g.world_size
         every = cfg.checkpoint.every_steps
         show = self.is_main and cfg.progress is not False
         from tqdm.auto import tqdm
 
-        # disable=None: tqdm shows the bar only when stderr is a terminal
-        bar = tqdm(total=total, initial=start, desc=name, unit="step", disable=(None if cfg.progress == "auto" else False) if show else True)
+        # tqdm's disable=None shows the bar only when stderr is a terminal ("auto")
+        disable = True if not show else (None if cfg.progress == "auto" else False)
+        bar = tqdm(total=total, initial=start, desc=name, unit="step", disable=disable)
         orders: dict[int, torch.Tensor] = {}
         epoch_t0 = time.perf_counter()
         epoch_images0 = stats.v["images"]
@@ -573,7 +558,10 @@ class _Run:
             model = model.to(memory_format=torch.contiguous_format)
         return model
 
-    def _checkpoint(self, si, name, model, opt, teacher, stats, spe, total, base, done, lr, st) -> None:
+    def _checkpoint(
+        self, si: int, name: str, model: Supernet, opt: torch.optim.Optimizer, teacher: Supernet | None,
+        stats: _EpochStats, spe: int, total: int, base: int, done: int, lr: float, st: StageConfig,
+    ) -> None:
         if not self.is_main:
             return
         ts = {
@@ -585,7 +573,7 @@ class _Run:
             "stage_total": total,
             "stage_complete": done == total,
             "global_step": base + done,
-            "world_size": self.group.world,
+            "world_size": self.group.world_size,
             "optimizer": opt.state_dict(),
             "scheduler": {"kind": "warmup_cosine", "step": done, "total": total,
                           "warmup_steps": st.schedule.warmup_steps, "last_lr": lr},
