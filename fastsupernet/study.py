@@ -65,23 +65,47 @@ class StudyError(ValueError):
 
 
 def spread_candidates(n: int, *, seed: int = 0, pool: int = 20000, space: ChannelSpace | None = None) -> dict[str, Arch]:
-    """``n`` distinct architectures spread evenly over the multiply-add range of a seeded pool.
+    """``n`` distinct architectures spread evenly over the space's multiply-add range.
 
-    Draws ``pool`` uniform samples, sorts them by multiply-adds at the space's default shape and
-    keeps the ones at ``n`` evenly spaced ranks, so small, medium and large networks are all
-    represented (a plain uniform sample crowds around the mean). Ids are ``arch1..archN`` in
-    increasing multiply-adds.
+    A seeded pool of ``pool`` architectures is drawn with a random overall size per
+    architecture (``u ~ U(0, 1)``; each position takes the choice nearest to ``u`` of its range,
+    jittered by a normal step of one choice), so the pool reaches from the smallest to the
+    largest networks, not only around the mean as uniform sampling does. Then for ``n`` evenly
+    spaced multiply-add targets between the pool's extremes the nearest unused architecture is
+    kept. Ids are ``arch1..archN`` in increasing multiply-adds; same arguments, same list.
     """
     sp = space if space is not None else Track1Space()
     if n < 1 or n > pool:
         raise ValueError(f"n must be in [1, pool={pool}], got {n}")
+    rng = np.random.default_rng(seed)
     cands: dict[tuple[int, ...], Arch] = {}
-    for a in sp.sample_many(pool, seed=seed):
+    for _ in range(pool):
+        u = rng.random()
+        values = []
+        for choices in sp.choices:
+            k = int(np.clip(np.rint(u * (len(choices) - 1) + rng.normal()), 0, len(choices) - 1))
+            values.append(choices[k])
+        a = Arch(tuple(values), sp.num_network_positions)
         cands.setdefault(tuple(a.widths), a)
     archs = list(cands.values())
     macs = np.asarray(sp.costs(archs)[0], dtype=np.float64)
     order = np.argsort(macs, kind="stable")
-    picks = np.unique(np.round(np.linspace(0, len(order) - 1, n)).astype(int))
+    sorted_macs = macs[order]
+    used: set[int] = set()
+    picks: list[int] = []
+    for target in np.linspace(sorted_macs[0], sorted_macs[-1], n):
+        pos = int(np.searchsorted(sorted_macs, target))
+        best = None
+        for d in range(len(order)):  # nearest unused, looking outwards
+            for q in (pos - d, pos + d):
+                if 0 <= q < len(order) and q not in used:
+                    if best is None or abs(sorted_macs[q] - target) < abs(sorted_macs[best] - target):
+                        best = q
+            if best is not None and d > 0:
+                break
+        used.add(best)
+        picks.append(best)
+    picks.sort()
     return {f"arch{i + 1}": archs[order[p]] for i, p in enumerate(picks)}
 
 
