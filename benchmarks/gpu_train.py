@@ -122,8 +122,8 @@ def forward_only(model, archs, x, autocast_dtype):
     dev = x.device.type
 
     def run() -> None:
-        with torch.no_grad(), torch.autocast(dev, dtype=autocast_dtype or torch.float32,
-                                             enabled=autocast_dtype is not None):
+        amp = contextlib.nullcontext() if autocast_dtype is None else torch.autocast(dev, dtype=autocast_dtype)
+        with torch.no_grad(), amp:
             model.forward_paths(x, archs)
 
     return run

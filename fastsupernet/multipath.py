@@ -6,12 +6,13 @@ and activation K separate passes. Here the K paths' activations are kept *packed
 channels*, ``(N, sum_k width_k, H, W)``, path k owning its own block of channels, so that:
 
 * every conv layer is one :func:`fastsupernet.ops.multi_conv2d` call (the stem: all K paths
-  read the same image, offset 0; later layers: path k reads its own block), its backward one
-  batched call per layer (see :func:`fastsupernet.ops.conv.conv_backward`);
-* train-mode BatchNorm of all paths is one ``F.batch_norm`` over the packed tensor: its
-  per-channel statistics are exactly per-path statistics, and the affine parameters are
-  gathered from the packed BN rows by index, so autograd scatter-adds their gradients back
-  into the shared rows (eval mode: BN folded into the conv's epilogue);
+  read the same image, offset 0; later layers: path k reads its own block), its backward
+  batched as well (see :func:`fastsupernet.ops.conv.conv_backward`);
+* train-mode BatchNorm of all paths is one pass over the packed tensor: its per-channel
+  statistics are exactly per-path statistics (taken by the conv's epilogue, in float64), and
+  the affine parameters are gathered from the packed BN rows by index, so autograd
+  scatter-adds their gradients back into the shared rows (eval mode: BN folded into the
+  conv's epilogue);
 * ReLU, residual additions and PReLU are elementwise on the packed tensor;
 * global average pooling is one call; only the small classifier runs per path.
 
@@ -20,8 +21,8 @@ Values and gradients (with respect to the input and every parameter) equal those
 its own batch statistics) and in eval mode (running statistics).
 
 Train mode does **not** update the BN running statistics: the paths of one step share BN
-rows, so "the" running statistics of a row after K paths is not well defined anyway, and
-supernet ranking re-estimates BN statistics per candidate before evaluating it.
+rows, so updating them once per path would make them depend on the order of the paths, and
+supernet ranking re-estimates BN statistics per candidate before evaluating it anyway.
 
 Two levels:
 
@@ -30,8 +31,8 @@ Two levels:
   per block, where each path's residual comes from; per path, its classifier rows.
 * :func:`run_plan` runs a plan on *packed parameter tensors* given by name (the supernet's
   ``named_parameters``/``named_buffers`` names), with no module in sight: a set of K
-  independent static networks packed into such tensors (disjoint rows per path) runs through
-  the same function.
+  independent static networks packed into such tensors (disjoint rows per path, one PReLU
+  slope per block shared by the paths) runs through the same function.
 
 :func:`forward_paths` (also ``Supernet.forward_paths``) is the two together; it evaluates a
 repeated architecture once and returns its logits in every position that names it.
@@ -202,6 +203,38 @@ def _index(rows: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
+class _BatchNormFromSums(torch.autograd.Function):
+    """Train-mode BatchNorm of a conv output whose per-channel float64 sum and sum of squares the
+    conv's epilogue already took: one pass (``y * a + b``) instead of a statistics pass and a
+    normalising pass. Backward: aten's batch-norm backward with the saved mean and 1/std, so
+    the gradient (through the batch statistics too) is the one ``F.batch_norm`` gives."""
+
+    @staticmethod
+    def forward(ctx, y, s, q, gamma, beta, eps):
+        n = y.numel() // y.shape[1]
+        mean = s / n
+        var = (q / n - mean * mean).clamp_min(0.0)  # float64 sums: no cancellation trouble
+        # statistics in float32 for half-precision outputs, as aten's batch norm keeps them
+        stat_dtype = torch.float32 if y.dtype in (torch.float16, torch.bfloat16) else y.dtype
+        mean_t = mean.to(stat_dtype)
+        invstd_t = torch.rsqrt(var + eps).to(stat_dtype)
+        a = gamma.to(stat_dtype) * invstd_t
+        b = beta.to(stat_dtype) - mean_t * a
+        ctx.save_for_backward(y, gamma, mean_t, invstd_t)
+        ctx.eps = eps
+        return torch.addcmul(b.to(y.dtype).view(1, -1, 1, 1), y, a.to(y.dtype).view(1, -1, 1, 1))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y, gamma, mean, invstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gy, gg, gb = torch.ops.aten.native_batch_norm_backward(
+            grad_out.to(y.dtype).contiguous(), y, gamma, None, None, mean, invstd, True, ctx.eps,
+            [need[0], need[3], need[4]],
+        )
+        return gy, None, None, gg, gb, None
+
+
 def _conv_dtype(h: torch.Tensor, backend: str | None) -> torch.dtype | None:
     """The dtype a conv runs in under autocast (``None``: autocast off, keep the input's).
 
@@ -244,8 +277,8 @@ def _conv_bn(
     beta = t[f"{p.name}.bn_bias"].index_select(0, idx)
     meta = (p.in_offsets, p.in_widths, p.out_widths, p.row_offsets)
     if training:
-        y = ops.multi_conv2d(h, weight, *meta, stride=p.stride, padding=p.padding, backend=backend)
-        y = F.batch_norm(y, None, None, gamma, beta, training=True, eps=eps)
+        y, s, q = ops.multi_conv2d(h, weight, *meta, stride=p.stride, padding=p.padding, stats=True, backend=backend)
+        y = _BatchNormFromSums.apply(y, s, q, gamma, beta, eps)
         if residual is not None:
             y = y + residual
         if activation == "relu":

@@ -190,8 +190,11 @@ def conv_case(seed: int, dtype=torch.float64):
 
 
 @needs_cpp
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_batched_conv_backward_matches_aten_loop(monkeypatch, dtype):
+@pytest.mark.parametrize("dtype, cpu_kernel", [(torch.float64, ""), (torch.float32, ""), (torch.float32, "generic")])
+def test_batched_conv_backward_matches_aten_loop(monkeypatch, dtype, cpu_kernel):
+    """Both the AVX2 and the portable (FASTSUPERNET_CPU_KERNEL=generic) kernels."""
+    if cpu_kernel:
+        monkeypatch.setenv("FASTSUPERNET_CPU_KERNEL", cpu_kernel)
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     for seed in range(25):
         x, weight, grad, meta, stride, padding = conv_case(seed, dtype)

@@ -374,3 +374,51 @@ def test_fast_engine_fused_light_pass_matches(trained, fmnist):
     fused = make_engine("fast", trained, rd)
     fused._fused_light = True
     torch.testing.assert_close(fused._logits(archs, rd.eval_x), plain._logits(archs, rd.eval_x), rtol=RTOL, atol=ATOL)
+
+
+def _emulated_triton_conv(seen: list):
+    """Stands in for ``multi_conv2d_triton`` on CPU: the reference conv in float32 on the given
+    dtype's values, output in x's dtype and memory format (as the Triton kernel does)."""
+    from fastsupernet.ops import reference
+
+    def conv(x, weight, io, iw, ow, ro, stride, padding, scale, shift, residual, activation, slope, stats, *,
+             input_precision="ieee"):
+        seen.append((x.dtype, weight.dtype, x.is_contiguous(memory_format=torch.channels_last), input_precision))
+        y = reference.multi_conv2d(x.float(), weight.float(), io, iw, ow, ro, stride=stride, padding=padding,
+                                   scale=scale, shift=shift, residual=None if residual is None else residual.float(),
+                                   activation=activation, prelu_slope=slope)
+        s, q = reference.channel_stats(reference.multi_conv2d(x.float(), weight.float(), io, iw, ow, ro,
+                                                              stride=stride, padding=padding))
+        fmt = torch.channels_last if x.stride(1) < x.stride(3) else torch.contiguous_format
+        empty = torch.empty(0, dtype=torch.float64)
+        out = y.to(x.dtype).contiguous(memory_format=fmt)
+        return (out, s, q) if stats else (out, empty, empty)
+
+    return conv
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_fast_engine_gpu_precision_plumbing(trained, fmnist, monkeypatch, precision):
+    """The CUDA tf32/bf16 path (Triton conv, channels_last, bf16 activations and weights) with
+    an emulated Triton conv on CPU: tf32 gives the fp32 numbers, bf16 the same predictions
+    up to rounding."""
+    pytest.importorskip("triton")
+    import fastsupernet.ops.triton_conv as triton_conv
+
+    seen: list = []
+    monkeypatch.setattr(triton_conv, "multi_conv2d_triton", _emulated_triton_conv(seen))
+    rd = prepare_data(fmnist, Protocol(recal_images=128, recal_batch=64, eval_images=64))
+    archs = Track1Space().sample_many(3, seed=9)
+    plain = make_engine("fast", trained, rd)
+    gpu = make_engine("fast", trained, rd)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    gpu.precision, gpu._act_dtype, gpu._triton = precision, dtype, True
+    gpu._weights = {k: w.to(dtype) for k, w in gpu._weights.items()}
+    got, want = gpu._logits(archs, rd.eval_x), plain._logits(archs, rd.eval_x)
+    assert seen and all(s[0] == s[1] == dtype and s[2] for s in seen)
+    assert all(s[3] == ("tf32" if precision == "tf32" else "ieee") for s in seen)
+    if precision == "tf32":
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+    else:
+        assert not torch.equal(got, want)
+        assert (got.argmax(-1) != want.argmax(-1)).float().mean() <= 0.1

@@ -487,6 +487,8 @@ class FastEngine(Engine):
                 x, weight, in_offsets, in_widths, out_widths, rows, stride, padding, scale, shift, residual,
                 activation, slope, stats, input_precision="tf32" if self.precision == "tf32" else "ieee",
             )
+            # the kernel keeps channels_last from x, except from a 1-channel image (ambiguous strides)
+            out = out.contiguous(memory_format=torch.channels_last)
             return (out, s, q) if stats else out
         return ops.multi_conv2d(x, weight, in_offsets, in_widths, out_widths, rows, stride=stride, padding=padding,
                                 scale=scale, shift=shift, residual=residual, activation=activation,
