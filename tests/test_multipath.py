@@ -126,7 +126,6 @@ def test_other_space_channels_classes_resolution(backend):
     """One input channel, 10 classes, 14x14 images (7x7 and 4x4 after the strides)."""
     dtype = torch.float64
     model = make_model(SupernetConfig.enhanced((2, 3)), dtype, space=SMALL, in_channels=1, num_classes=10)
-    model.config  # enhanced width map 4->5 applies to this space's width 4
     archs = archs_for(SMALL, 4, 3, duplicate=True)
     x = torch.randn(3, 1, 14, 14, dtype=dtype, generator=torch.Generator().manual_seed(1))
     for train in (True, False):

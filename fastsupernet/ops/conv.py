@@ -127,7 +127,7 @@ def backward_mode(device: torch.device) -> str:
     """How the conv part of the backward runs: ``"batched"`` or ``"loop"``.
 
     ``batched``: the input gradient of all K candidates is one ``multi_conv2d`` call (compiled
-    kernel) on transposed, flipped weights, the weight gradient one
+    kernel) on transposed, flipped weights (strided 3x3 layers loop), the weight gradient one
     ``multi_conv2d_weight_grad`` call, where the device has those kernels (else that part
     loops). ``loop``: aten's convolution backward per candidate. Set by the environment
     variable ``FASTSUPERNET_CONV_BACKWARD`` (read at every call); ``auto`` (default) is
@@ -170,19 +170,23 @@ def _conv_grads_loop(g, x, weight, meta, stride, padding, need_x, need_w):
 def _input_grad_batched(g, x, weight, meta, stride, padding):
     """grad x of all candidates in one compiled ``multi_conv2d`` call, or None where unsupported.
 
-    The input gradient of a convolution is the convolution of the output gradient (zeros
-    inserted between its pixels for stride > 1) with the transposed, spatially flipped
-    weight, padded by kernel - 1 - padding. Candidate k's transposed weight is
-    ``weight[rows_k, :in_k]`` swapped and flipped (a small copy), stacked by rows; it reads
-    its own channel block of the output gradient and writes its in_k channels.
+    The input gradient of a stride-1 convolution is the convolution of the output gradient
+    with the transposed, spatially flipped weight, padded by kernel - 1 - padding; a strided
+    1x1 convolution (no padding) reads only pixels (h' s, w' s), so its input gradient is that
+    1x1 convolution of g written to those pixels, zero elsewhere. Candidate k's transposed
+    weight is ``weight[rows_k, :in_k]`` swapped and flipped (a small copy), stacked by rows; it
+    reads its own channel block of the output gradient and writes its in_k channels. Strided
+    3x3 layers return None (the caller loops aten's backward over them: measured faster than
+    one call on a zero-dilated gradient, which wastes 3/4 of its multiplies at stride 2).
     """
     in_offsets, in_widths, out_widths, row_offsets = meta
     kh, kw = weight.shape[2], weight.shape[3]
     pad_t = kh - 1 - padding
-    if (kh != kw or pad_t < 0 or x.dtype not in (torch.float32, torch.float64)
-            or not _has_compiled("multi_conv2d", x.device)):
+    strided_1x1 = stride > 1 and kh == 1 and kw == 1 and padding == 0
+    if (kh != kw or pad_t < 0 or (stride > 1 and not strided_1x1)
+            or x.dtype not in (torch.float32, torch.float64) or not _has_compiled("multi_conv2d", x.device)):
         return None
-    N, C, H, W = x.shape
+    N, C = x.shape[0], x.shape[1]
     Ho, Wo = g.shape[2], g.shape[3]
     wt = weight.new_zeros((sum(in_widths), max(out_widths), kh, kw))
     r = 0
@@ -191,23 +195,8 @@ def _input_grad_batched(g, x, weight, meta, stride, padding):
         r += iw
     g_in = list(accumulate(out_widths, initial=0))[:-1]
     rows = list(accumulate(in_widths, initial=0))[:-1]
-    strided_1x1 = stride > 1 and kh == 1 and padding == 0
-    if stride > 1 and not strided_1x1 and os.environ.get("FSN_EXP_S2LOOP"):
-        return None
-    if stride == 1 or strided_1x1:
-        # a strided 1x1 conv reads only pixels (h' s, w' s): its input gradient is the 1x1
-        # transposed conv of g written to those pixels, zero elsewhere
-        src, pad = g, pad_t
-    else:
-        # rows/columns of x the strided windows never reach (at the bottom/right) get zero gradient
-        extra_h = H - ((Ho - 1) * stride + kh - 2 * padding)
-        extra_w = W - ((Wo - 1) * stride + kw - 2 * padding)
-        hd, wd = (Ho - 1) * stride + 1, (Wo - 1) * stride + 1
-        src = g.new_zeros((N, g.shape[1], hd + 2 * pad_t + extra_h, wd + 2 * pad_t + extra_w))
-        src[:, :, pad_t : pad_t + hd : stride, pad_t : pad_t + wd : stride] = g
-        pad = 0
     gx, _, _ = torch.ops.fastsupernet.multi_conv2d.default(
-        src, wt, g_in, list(out_widths), list(in_widths), rows, 1, pad, None, None, None, "none", None, False
+        g, wt, g_in, list(out_widths), list(in_widths), rows, 1, pad_t, None, None, None, "none", None, False
     )
     if not (list(in_offsets) == rows and sum(in_widths) == C):  # candidates do not tile x in order
         idx = torch.tensor([c for io, iw in zip(in_offsets, in_widths) for c in range(io, io + iw)], device=x.device)
