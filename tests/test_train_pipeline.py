@@ -211,7 +211,7 @@ def test_train_and_init_commands(tmp_path, capsys):
 
     assert main(["init", "--config", str(ROOT / "configs" / "mini_seed.yaml"), "--out", str(tmp_path / "i.pt")]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["branches"] == [1, 1, 1] and info["data"] == "fashion-mnist" and info["parameters"] > 0
+    assert info["branches"] == [1, 1, 1] and info["data"] == "fashion-mnist@14" and info["parameters"] > 0
     ck = load_checkpoint(tmp_path / "i.pt")
     assert ck.train_state is None and ck.data["num_classes"] == 10 and ck.config.residual_activation == "prelu"
     assert main(["init", "--space", "track1", "--data", spec, "--branches", "4,8,16", "--enhanced",
