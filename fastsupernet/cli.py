@@ -220,7 +220,8 @@ def cmd_groundtruth(args: argparse.Namespace) -> int:
         raise CLIError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     res = groundtruth(cands, args.out, args.config, seeds=seeds, space=space, resume=args.resume,
                       progress=not args.no_progress)
-    _print_json({"out": str(res.out), "candidates": len(cands), "trained": res.trained, "reused": res.reused})
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun, rank 0 reports
+        _print_json({"out": str(res.out), "candidates": len(cands), "trained": res.trained, "reused": res.reused})
     return 0
 
 

@@ -170,6 +170,7 @@ def test_groundtruth_torchrun_two_ranks_match_one(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "fastsupernet", *common, "--out", str(two)], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert len([line for line in r.stdout.splitlines() if line.startswith("{")]) == 1  # rank 0 reports
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert {k: v for k, v in a.items() if k != "_meta"} == {k: v for k, v in b.items() if k != "_meta"}
     j0, j1 = (tmp_path / "two.json.journal").read_text(), (tmp_path / "two.json.journal.1").read_text()
