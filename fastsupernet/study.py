@@ -56,7 +56,6 @@ __all__ = [
 BUDGET_TOLERANCE = 0.05
 
 _RESOURCES = Path(__file__).resolve().parent / "resources"
-_REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -115,16 +114,15 @@ def spread_candidates(n: int, *, seed: int = 0, pool: int = 20000, space: Channe
 def preset_path(name: str) -> Path:
     """The YAML file of the training preset ``name`` (e.g. ``mini_seed``).
 
-    Looks in the installed package (``fastsupernet/resources/configs/NAME.yaml``) first, then in
-    the source checkout's ``configs/NAME.yaml``.
+    Presets ship inside the package (``fastsupernet/resources/configs/NAME.yaml``); the
+    checkout's ``configs/`` folder links to the same files.
     """
     if not _NAME.match(name):
         raise StudyError(f"preset name {name!r}: expected letters, digits, '_', '.', '-' (such as mini_seed)")
-    tried = [_RESOURCES / "configs" / f"{name}.yaml", _REPO_CONFIGS / f"{name}.yaml"]
-    for path in tried:
-        if path.is_file():
-            return path
-    raise StudyError(f"no training preset named {name!r}: looked for {tried[0]} and {tried[1]}")
+    path = _RESOURCES / "configs" / f"{name}.yaml"
+    if not path.is_file():
+        raise StudyError(f"no training preset named {name!r}: looked for {path}")
+    return path
 
 
 def load_pipeline_config(spec: "str | os.PathLike | Mapping | Any"):
