@@ -203,6 +203,8 @@ def _add_groundtruth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue a killed run from its journal")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--space", default="track1", help="search space of the architectures (default track1)")
+    p.add_argument("--pack", type=int, default=1, metavar="K",
+                   help="train up to K candidates of a seed at once through multi_conv2d (default 1: one at a time)")
     p.set_defaults(func=cmd_groundtruth)
 
 
@@ -218,8 +220,10 @@ def cmd_groundtruth(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise CLIError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    if args.pack < 1:
+        raise CLIError(f"--pack must be a positive integer, got {args.pack}")
     res = groundtruth(cands, args.out, args.config, seeds=seeds, space=space, resume=args.resume,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, pack=args.pack)
     if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun, rank 0 reports
         _print_json({"out": str(res.out), "candidates": len(cands), "trained": res.trained, "reused": res.reused})
     return 0

@@ -235,6 +235,17 @@ class _BatchNormFromSums(torch.autograd.Function):
         return gy, None, None, gg, gb, None
 
 
+@torch.no_grad()
+def _update_running(t: Mapping[str, torch.Tensor], name: str, idx: torch.Tensor, s: torch.Tensor, q: torch.Tensor,
+                    n: int, momentum: float) -> None:
+    """``nn.BatchNorm2d``'s running-statistics update (batch mean, unbiased batch variance) of rows ``idx``."""
+    mean = s / n
+    var = (q / n - mean * mean).clamp_min(0.0) * (n / max(n - 1, 1))
+    for key, batch in ((f"{name}.running_mean", mean), (f"{name}.running_var", var)):
+        run = t[key]
+        run.index_copy_(0, idx, torch.lerp(run.index_select(0, idx), batch.to(run.dtype), momentum))
+
+
 def _conv_dtype(h: torch.Tensor, backend: str | None) -> torch.dtype | None:
     """The dtype a conv runs in under autocast (``None``: autocast off, keep the input's).
 
@@ -262,11 +273,14 @@ def _conv_bn(
     residual: torch.Tensor | None = None,
     activation: str = "none",
     slope: torch.Tensor | None = None,
+    running_momentum: float | None = None,
 ) -> torch.Tensor:
     """``multi_conv2d``, each path's BN, ``+ residual``, activation (``slope``: one shared PReLU slope).
 
     Train mode: BN with batch statistics after the conv (statistics must exist before a batch
-    can be normalised). Eval mode: BN folded into scale/shift and everything in the conv's epilogue.
+    can be normalised); with ``running_momentum`` the running statistics of the rows read are
+    updated as ``nn.BatchNorm2d`` does. Eval mode: BN folded into scale/shift and everything in
+    the conv's epilogue.
     """
     weight = t[f"{p.name}.weight"]
     dt = _conv_dtype(h, backend)
@@ -278,6 +292,8 @@ def _conv_bn(
     meta = (p.in_offsets, p.in_widths, p.out_widths, p.row_offsets)
     if training:
         y, s, q = ops.multi_conv2d(h, weight, *meta, stride=p.stride, padding=p.padding, stats=True, backend=backend)
+        if running_momentum is not None:
+            _update_running(t, p.name, idx, s, q, y.numel() // y.shape[1], running_momentum)
         y = _BatchNormFromSums.apply(y, s, q, gamma, beta, eps)
         if residual is not None:
             y = y + residual
@@ -319,26 +335,30 @@ def run_plan(
     *,
     training: bool,
     backend: str | None = None,
+    running_momentum: float | None = None,
 ) -> torch.Tensor:
     """Logits (K, N, num_classes) of the plan's K paths on ``x``, from packed tensors by name.
 
     ``tensors`` maps each layer's ``{name}.weight/.bn_weight/.bn_bias/.running_mean/
     .running_var``, each block's PReLU slope and ``classifier_weight``/``classifier_bias`` to
     packed tensors (:func:`model_tensors` of a supernet). ``training``: BN with each path's
-    batch statistics (running statistics are read only in eval mode and never written).
+    batch statistics (running statistics are read only in eval mode and written only with
+    ``running_momentum``: an ``nn.BatchNorm2d``-style update, meaningful when no two paths
+    share a BN row, as for packed independent networks).
     ``backend`` is passed to every ``multi_conv2d`` call. Under autocast each conv runs in the
     autocast dtype where its backend computes in it (Triton), else in float32.
     """
     if x.dim() != 4 or x.shape[1] != plan.in_channels:
         raise ValueError(f"input has shape {tuple(x.shape)}, the plan expects (N, {plan.in_channels}, H, W)")
     eps, K = plan.eps, plan.num_paths
-    h = _conv_bn(x, plan.stem, tensors, training, eps, backend, activation="relu")
+    m = running_momentum
+    h = _conv_bn(x, plan.stem, tensors, training, eps, backend, activation="relu", running_momentum=m)
     for blk in plan.blocks:
-        y = _conv_bn(h, blk.conv1, tensors, training, eps, backend, activation="relu")
-        sc = _conv_bn(h, blk.shortcut, tensors, training, eps, backend) if blk.shortcut else None
+        y = _conv_bn(h, blk.conv1, tensors, training, eps, backend, activation="relu", running_momentum=m)
+        sc = _conv_bn(h, blk.shortcut, tensors, training, eps, backend, running_momentum=m) if blk.shortcut else None
         h = _conv_bn(y, blk.conv2, tensors, training, eps, backend, residual=_residual(h, sc, blk, K),
                      activation="prelu" if blk.prelu else "relu",
-                     slope=tensors[blk.prelu] if blk.prelu else None)
+                     slope=tensors[blk.prelu] if blk.prelu else None, running_momentum=m)
     feats = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)
     w, b = tensors["classifier_weight"], tensors["classifier_bias"]
     n, logits = plan.num_classes, []

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -35,8 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from .data import DataInfo, Dataset, augment_batch, load_data, normalize
+from .multipath import ConvPlan, MultiPathPlan, build_plan, run_plan
 from .space import Arch, ChannelSpace
-from .supernet import StaticNet, SupernetConfig
+from .supernet import StaticNet, Supernet, SupernetConfig
 from .training.pipeline import lr_at
 
 __all__ = [
@@ -46,6 +48,9 @@ __all__ = [
     "StandaloneData",
     "prepare_standalone_data",
     "train_candidate",
+    "train_candidates",
+    "pack_networks",
+    "unpack_networks",
     "CandidateRun",
 ]
 
@@ -258,6 +263,156 @@ def train_candidate(arch: Arch, recipe: Recipe, seed: int, data: StandaloneData,
     return CandidateRun(acc, test_loss, time.perf_counter() - t0)
 
 
+# ----------------------------------------------------------------- several candidates at once
+def _static_layer(net: StaticNet, name: str) -> tuple[torch.nn.Conv2d, torch.nn.BatchNorm2d]:
+    """The conv and BN of ``net`` that the supernet layer ``name`` (``stem``, ``stages.s.b.conv1``...) is."""
+    if name == "stem":
+        return net.stem_conv, net.stem_bn
+    _, s, b, which = name.split(".")
+    blk = net.stages[int(s)][int(b)]
+    return {"conv1": (blk.conv1, blk.bn1), "conv2": (blk.conv2, blk.bn2),
+            "shortcut": (blk.shortcut_conv, blk.shortcut_bn)}[which]
+
+
+def _packed_plan(space: ChannelSpace, archs: Sequence[Arch], info: DataInfo, recipe: Recipe) -> MultiPathPlan:
+    """A multi-path plan of ``archs`` in which no two paths share a weight row: K separate networks."""
+    sn = Supernet(space, SupernetConfig(shortcut=recipe.shortcut), in_channels=info.in_channels,
+                  num_classes=info.num_classes)
+    plan = build_plan(sn, archs)
+
+    def own_rows(p: ConvPlan) -> ConvPlan:
+        return replace(p, row_offsets=tuple(accumulate(p.out_widths, initial=0))[:-1])
+
+    blocks = tuple(replace(b, conv1=own_rows(b.conv1), conv2=own_rows(b.conv2),
+                           shortcut=own_rows(b.shortcut) if b.shortcut is not None else None) for b in plan.blocks)
+    n = info.num_classes
+    return replace(plan, stem=own_rows(plan.stem), blocks=blocks, classifier_rows=tuple(k * n for k in range(len(archs))))
+
+
+def _plan_layers(plan: MultiPathPlan) -> list[tuple[ConvPlan, Sequence[int]]]:
+    """Every conv layer of the plan with the paths (network indices) that run it, in order."""
+    out: list[tuple[ConvPlan, Sequence[int]]] = [(plan.stem, range(plan.num_paths))]
+    for b in plan.blocks:
+        out += [(b.conv1, range(plan.num_paths)), (b.conv2, range(plan.num_paths))]
+        if b.shortcut is not None:
+            out.append((b.shortcut, b.shortcut_paths))
+    return out
+
+
+def pack_networks(nets: Sequence[StaticNet], plan: MultiPathPlan) -> dict[str, torch.Tensor]:
+    """The packed tensors (:func:`~fastsupernet.multipath.run_plan` names) holding ``nets``' weights."""
+    t: dict[str, torch.Tensor] = {}
+    for p, paths in _plan_layers(plan):
+        pairs = [_static_layer(nets[k], p.name) for k in paths]
+        w = torch.zeros(p.out_channels, max(p.in_widths), p.kernel, p.kernel)
+        for (conv, _), r in zip(pairs, p.row_offsets):
+            w[r : r + conv.out_channels, : conv.in_channels] = conv.weight.detach()
+        t[f"{p.name}.weight"] = w
+        for key, attr in (("bn_weight", "weight"), ("bn_bias", "bias"), ("running_mean", "running_mean"),
+                          ("running_var", "running_var")):
+            t[f"{p.name}.{key}"] = torch.cat([getattr(bn, attr).detach() for _, bn in pairs]).clone()
+    n = plan.num_classes
+    cw = torch.zeros(n * len(nets), max(plan.feature_widths))
+    for net, r in zip(nets, plan.classifier_rows):
+        cw[r : r + n, : net.classifier.in_features] = net.classifier.weight.detach()
+    t["classifier_weight"] = cw
+    t["classifier_bias"] = torch.cat([net.classifier.bias.detach() for net in nets]).clone()
+    return t
+
+
+@torch.no_grad()
+def unpack_networks(tensors: Mapping[str, torch.Tensor], plan: MultiPathPlan, nets: Sequence[StaticNet]) -> None:
+    """Copy the packed tensors back into ``nets`` (the inverse of :func:`pack_networks`)."""
+    for p, paths in _plan_layers(plan):
+        for k, r in zip(paths, p.row_offsets):
+            conv, bn = _static_layer(nets[k], p.name)
+            conv.weight.copy_(tensors[f"{p.name}.weight"][r : r + conv.out_channels, : conv.in_channels])
+            for key, attr in (("bn_weight", "weight"), ("bn_bias", "bias"), ("running_mean", "running_mean"),
+                              ("running_var", "running_var")):
+                getattr(bn, attr).copy_(tensors[f"{p.name}.{key}"][r : r + conv.out_channels])
+    n = plan.num_classes
+    for net, r in zip(nets, plan.classifier_rows):
+        net.classifier.weight.copy_(tensors["classifier_weight"][r : r + n, : net.classifier.in_features])
+        net.classifier.bias.copy_(tensors["classifier_bias"][r : r + n])
+
+
+def train_candidates(
+    archs: Sequence[Arch], recipe: Recipe, seed: int, data: StandaloneData, space: ChannelSpace,
+    *, backend: str | None = None, nets_out: list[StaticNet] | None = None,
+) -> list[CandidateRun]:
+    """Train several candidates at once, each exactly as :func:`train_candidate` would with ``seed``.
+
+    The K networks are packed side by side along channels and every layer of all K runs as one
+    ``multi_conv2d`` call (forward and backward). Each keeps its own initialisation, weights,
+    BN statistics and optimizer state; all K see the batches and augmentation that ``seed``
+    gives any one of them, so each result equals its :func:`train_candidate` result up to
+    float rounding. Each run's ``seconds`` is its share of the whole. ``nets_out`` (a list)
+    receives the trained networks.
+    """
+    if not archs:
+        return []
+    t0 = time.perf_counter()
+    cfg = SupernetConfig(shortcut=recipe.shortcut)
+    if cfg.residual_activation != "relu":  # one shared PReLU slope per block would couple the networks
+        raise ValueError("train_candidates packs ReLU networks only")
+    nets = []
+    for a in archs:
+        torch.manual_seed(seed)  # the initialisation train_candidate gives this arch
+        nets.append(build_standalone(space, a, data.info, recipe))
+    plan = _packed_plan(space, archs, data.info, recipe)
+    t = pack_networks(nets, plan)
+    decay = [v for k, v in t.items() if k.endswith("weight") and v.dim() > 1]
+    no_decay = [v for k, v in t.items() if k.endswith(("bn_weight", "bn_bias", "classifier_bias"))]
+    for v in decay + no_decay:
+        v.requires_grad_(True)
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        nesterov=recipe.nesterov and recipe.momentum > 0,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    n = data.train_x.shape[0]
+    if n < recipe.batch_size:
+        raise RecipeError(f"batch_size {recipe.batch_size} exceeds the {n} training images")
+    per_epoch = n // recipe.batch_size
+    total = per_epoch * recipe.epochs
+    warmup = int(round(recipe.warmup_epochs * per_epoch))
+    momentum = nets[0].stem_bn.momentum
+    step = 0
+    for _ in range(recipe.epochs):
+        for idx in _batches(n, recipe.batch_size, gen):
+            x = data.train_x[idx]
+            if recipe.crop_padding or data.hflip:
+                x = augment_batch(x, generator=gen, pad=recipe.crop_padding, hflip=data.hflip)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, recipe.lr, warmup, 0.0)
+            logits = run_plan(plan, x, t, training=True, backend=backend, running_momentum=momentum)
+            y = data.train_y[idx]
+            losses = torch.stack([F.cross_entropy(z, y) for z in logits])
+            bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+            if bad:
+                raise FloatingPointError(f"loss became {float(losses[bad[0]])} at step {step} for {archs[bad[0]]}")
+            opt.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            opt.step()
+            step += 1
+    correct = torch.zeros(len(archs), dtype=torch.long)
+    loss_sum = torch.zeros(len(archs), dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(0, data.test_x.shape[0], 1000):
+            logits = run_plan(plan, data.test_x[i : i + 1000], t, training=False, backend=backend)
+            tgt = data.test_y[i : i + 1000]
+            correct += (logits.argmax(2) == tgt).sum(1)
+            loss_sum += torch.stack([F.cross_entropy(z.double(), tgt, reduction="sum") for z in logits])
+    if nets_out is not None:
+        unpack_networks(t, plan, nets)
+        nets_out.extend(nets)
+    m = max(1, data.test_x.shape[0])
+    share = (time.perf_counter() - t0) / len(archs)
+    return [CandidateRun(int(c) / m, float(l) / m, share) for c, l in zip(correct, loss_sum)]
+
+
 # ----------------------------------------------------------------------------- ground truth
 @dataclass(frozen=True)
 class GroundTruthResult:
@@ -285,6 +440,14 @@ def _assign(todo: list[tuple[Arch, int]], costs: Sequence[float], world: int, ra
     return mine
 
 
+def _packs(work: Sequence[tuple[Arch, int]], pack: int) -> list[list[tuple[Arch, int]]]:
+    """``work`` cut into runs of at most ``pack`` trainings of one seed, in order of first appearance."""
+    by_seed: dict[int, list[tuple[Arch, int]]] = {}
+    for item in work:
+        by_seed.setdefault(item[1], []).append(item)
+    return [items[i : i + pack] for items in by_seed.values() for i in range(0, len(items), pack)]
+
+
 def groundtruth(
     archs: Mapping[str, Arch],
     out: str | os.PathLike,
@@ -295,6 +458,7 @@ def groundtruth(
     resume: bool = False,
     progress: bool = True,
     meta: Mapping[str, Any] | None = None,
+    pack: int = 1,
 ) -> GroundTruthResult:
     """Train every candidate of ``archs`` with every seed; write their mean test accuracy to ``out``.
 
@@ -305,6 +469,11 @@ def groundtruth(
     by multiply-adds; rank r > 0 journals to ``OUT.journal.r``) and rank 0 writes the output.
     The output is a challenge-shape file: per id ``acc`` (mean over seeds), ``accs`` and
     ``losses`` per seed, and ``_meta`` with the recipe and seeds.
+
+    ``pack`` > 1 trains up to that many candidates of one seed at once (:func:`train_candidates`,
+    the same function up to float rounding); they are journaled when the pack finishes. On the
+    2-core CPU at 14x14 packing measured slower than one at a time (benchmarks/RESULTS.md), so
+    the default is 1.
     """
     from . import io as fio
     from .distributed import process_group_from_env
@@ -314,6 +483,8 @@ def groundtruth(
     rec = load_recipe(recipe)
     sp = space if space is not None else Track1Space()
     seeds = [int(s) for s in seeds]
+    if isinstance(pack, bool) or not isinstance(pack, int) or pack < 1:
+        raise ValueError(f"pack must be a positive integer, got {pack!r}")
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
     out = Path(out)
@@ -347,13 +518,18 @@ def groundtruth(
             bar = tqdm(total=len(mine), desc=desc, unit="run", dynamic_ncols=True)
         own = journal_path(out, group.rank)
         with Journal(own, fp, resume=True) as journal:
-            for a, s in mine:
-                run = train_candidate(a, rec, s, data, sp)
-                journal.append({"arch": str(a), "seed": s, "acc": run.acc, "loss": run.loss,
-                                "seconds": round(run.seconds, 3)})
+            for chunk in _packs(mine, pack):
+                s = chunk[0][1]
+                if len(chunk) == 1:
+                    runs = [train_candidate(chunk[0][0], rec, s, data, sp)]
+                else:
+                    runs = train_candidates([a for a, _ in chunk], rec, s, data, sp)
+                for (a, _), run in zip(chunk, runs):
+                    journal.append({"arch": str(a), "seed": s, "acc": run.acc, "loss": run.loss,
+                                    "seconds": round(run.seconds, 3)})
                 if bar is not None:
-                    bar.set_postfix(acc=f"{run.acc:.4f}")
-                    bar.update(1)
+                    bar.set_postfix(acc=f"{runs[-1].acc:.4f}")
+                    bar.update(len(chunk))
         if bar is not None:
             bar.close()
         group.barrier()

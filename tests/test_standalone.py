@@ -176,3 +176,41 @@ def test_groundtruth_torchrun_two_ranks_match_one(tmp_path):
     j0, j1 = (tmp_path / "two.json.journal").read_text(), (tmp_path / "two.json.journal.1").read_text()
     n0, n1 = len(j0.splitlines()) - 1, len(j1.splitlines()) - 1
     assert n0 >= 1 and n1 >= 1 and n0 + n1 == 6  # 3 networks x 2 seeds, shared by the two ranks
+
+
+def test_train_candidates_packed_equals_one_at_a_time(tiny_data):
+    """Several candidates trained at once through multi_conv2d: in float64 each result is the
+    one-at-a-time result (same init, batches, augmentation, BN running statistics, SGD)."""
+    import dataclasses
+
+    from fastsupernet.standalone import train_candidates
+
+    sp = Track1Space()
+    archs = sp.sample_many(3, seed=11) + [sp.parse("4-4-4-4-4-4-4-4-4-4-4-4-4-4-4-4-4-4-4-4")]
+    r = load_recipe(dict(TINY, epochs=2, batch_size=64, lr=0.05, crop_padding=1))
+    d64 = dataclasses.replace(tiny_data, train_x=tiny_data.train_x.double(), test_x=tiny_data.test_x.double())
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        nets = []
+        packed = train_candidates(archs, r, 1, d64, sp, nets_out=nets)
+        single = [train_candidate(a, r, 1, d64, sp) for a in archs]
+    finally:
+        torch.set_default_dtype(old)
+    assert len(nets) == len(archs) and all(n.run_widths == a.widths for n, a in zip(nets, archs))
+    for p, s in zip(packed, single):
+        assert p.acc == pytest.approx(s.acc, abs=1e-12)
+        assert p.loss == pytest.approx(s.loss, rel=1e-9)
+    assert len({round(p.loss, 6) for p in packed}) == len(archs)  # four different networks
+
+
+def test_groundtruth_pack_journals_every_training(tmp_path):
+    sp = Track1Space()
+    archs = {f"arch{i}": a for i, a in enumerate(sp.sample_many(3, seed=4), 1)}
+    out = tmp_path / "gt.json"
+    res = groundtruth(archs, out, TINY, seeds=[0, 1], progress=False, pack=2)
+    assert res.trained == 6
+    raw = json.loads(out.read_text())
+    assert all(len(raw[k]["accs"]) == 2 and 0 < raw[k]["acc"] < 1 for k in archs)
+    with pytest.raises(ValueError, match="pack"):
+        groundtruth(archs, tmp_path / "x.json", TINY, pack=0)

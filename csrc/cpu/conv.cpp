@@ -57,7 +57,7 @@
 //    |y - exact| <= d u A / (1 - d u) (2 d u A for the portable version, which rounds the
 //    product and the sum). Zero-padded weights of a merged block add exact zeros.
 //  * epilogue: at most 3 more roundings (scale/shift as one FMA, or two roundings in the
-//    portable version and on the last short vector of a row; + residual; PReLU product),
+//    portable version; + residual; PReLU product),
 //    each relative to the value at that point.
 //  * statistics: the float32 (or float64) outputs before the epilogue, widened to float64
 //    (squares of float32 values are exact), added in a fixed order; for n = N H' W' values

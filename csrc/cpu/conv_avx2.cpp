@@ -32,6 +32,14 @@ struct Vec<float> {
   static FSN_TARGET FSN_INLINE R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static FSN_TARGET FSN_INLINE R add(R a, R b) { return _mm256_add_ps(a, b); }
   static FSN_TARGET FSN_INLINE R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  // Lanes [0, n) of a vector, 1 <= n <= 8: all-ones mask, the masked load/store (no access to
+  // the other lanes' memory), and the vector with the other lanes zeroed.
+  static FSN_TARGET FSN_INLINE __m256i mask(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static FSN_TARGET FSN_INLINE R load_n(const float* p, int n) { return _mm256_maskload_ps(p, mask(n)); }
+  static FSN_TARGET FSN_INLINE void store_n(float* p, R v, int n) { _mm256_maskstore_ps(p, mask(n), v); }
+  static FSN_TARGET FSN_INLINE R keep_n(R v, int n) { return _mm256_and_ps(v, _mm256_castsi256_ps(mask(n))); }
   // max(0, y) returns y when y is NaN (the second operand), as torch.relu does
   static FSN_TARGET FSN_INLINE R relu(R y) { return _mm256_max_ps(_mm256_setzero_ps(), y); }
   static FSN_TARGET FSN_INLINE R prelu(R y, R slope) {
@@ -85,6 +93,12 @@ struct Vec<double> {
   static FSN_TARGET FSN_INLINE R fma(R a, R b, R c) { return _mm256_fmadd_pd(a, b, c); }
   static FSN_TARGET FSN_INLINE R add(R a, R b) { return _mm256_add_pd(a, b); }
   static FSN_TARGET FSN_INLINE R mul(R a, R b) { return _mm256_mul_pd(a, b); }
+  static FSN_TARGET FSN_INLINE __m256i mask(int n) {
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+  }
+  static FSN_TARGET FSN_INLINE R load_n(const double* p, int n) { return _mm256_maskload_pd(p, mask(n)); }
+  static FSN_TARGET FSN_INLINE void store_n(double* p, R v, int n) { _mm256_maskstore_pd(p, mask(n), v); }
+  static FSN_TARGET FSN_INLINE R keep_n(R v, int n) { return _mm256_and_pd(v, _mm256_castsi256_pd(mask(n))); }
   static FSN_TARGET FSN_INLINE R relu(R y) { return _mm256_max_pd(_mm256_setzero_pd(), y); }
   static FSN_TARGET FSN_INLINE R prelu(R y, R slope) {
     const R ge = _mm256_cmp_pd(y, _mm256_setzero_pd(), _CMP_GE_OQ);

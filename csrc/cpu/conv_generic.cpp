@@ -36,6 +36,20 @@ struct Vec {
   static FSN_INLINE void store(T* p, const R& x) {
     for (int l = 0; l < L; ++l) p[l] = x.v[l];
   }
+  // Lanes [0, n) only, 1 <= n <= L (no access to the other lanes' memory; keep_n zeroes them).
+  static FSN_INLINE R load_n(const T* p, int n) {
+    R r = zero();
+    for (int l = 0; l < n; ++l) r.v[l] = p[l];
+    return r;
+  }
+  static FSN_INLINE void store_n(T* p, const R& x, int n) {
+    for (int l = 0; l < n; ++l) p[l] = x.v[l];
+  }
+  static FSN_INLINE R keep_n(const R& x, int n) {
+    R r = zero();
+    for (int l = 0; l < n; ++l) r.v[l] = x.v[l];
+    return r;
+  }
   static FSN_INLINE R bcast(const T* p) { return set1(*p); }
   static FSN_INLINE R set1(T s) {
     R r;

@@ -50,36 +50,6 @@ struct TileArgs {
   double* lanes;            // per row: kStatLanes sums then kStatLanes sums of squares, or nullptr
 };
 
-template <typename T>
-FSN_INLINE T epilogue_scalar(T y, const TileArgs<T>& t, int r, int64_t pos) {
-  if (t.scale != nullptr) y = y * t.scale[r];
-  if (t.shift != nullptr) y = y + t.shift[r];
-  if (t.res != nullptr) y = y + t.res[r * t.plane + pos];
-  if (t.act == kActRelu) {
-    y = y > T(0) ? y : (y == y ? T(0) : y);  // NaN stays NaN
-  } else if (t.act == kActPrelu) {
-    y = y >= T(0) ? y : y * t.slope[r];
-  }
-  return y;
-}
-
-// Epilogue, statistics and store of the first len[v] values of vals (row r, vector v).
-template <typename T>
-FSN_NOINLINE void store_short(const T* vals, const TileArgs<T>& t, int r, int v) {
-  double* ls = t.lanes != nullptr ? t.lanes + r * 2 * kStatLanes : nullptr;
-  T* orow = t.out + r * t.plane;
-  const int64_t d = t.dst[v];
-  for (int i = 0; i < t.len[v]; ++i) {
-    const T y = vals[i];
-    if (ls != nullptr) {
-      const double w = static_cast<double>(y);
-      ls[i] += w;
-      ls[kStatLanes + i] += w * w;
-    }
-    orow[d + i] = epilogue_scalar(y, t, r, d + i);
-  }
-}
-
 // One register tile: MR rows x NV vectors. Accumulates sum_k a[k][r] * src_v[tap[k]] in the
 // order k = 0, 1, ..., depth - 1 (one fused multiply-add per term where the ISA has FMA),
 // then applies the epilogue, updates the statistics and stores.
@@ -146,28 +116,29 @@ FSN_TARGET void tile(const TileArgs<T>& t) {
     typename V::S vs = V::stats_zero(), vq = V::stats_zero();
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) {
+      // A short vector (the end of an output row narrower than a multiple of L) keeps its
+      // first len[v] lanes: masked residual load and store, other lanes out of the statistics
+      // (they were computed from neighbouring input values).
       const int64_t d = t.dst[v];
-      if (t.len[v] == L) {
-        R y = acc[r][v];
-        if (ls != nullptr) V::stats_add(vs, vq, y);
-        if (t.scale != nullptr) {
-          y = t.shift != nullptr ? V::fma(y, sc, sh) : V::mul(y, sc);
-        } else if (t.shift != nullptr) {
-          y = V::add(y, sh);
-        }
-        if (rrow != nullptr) y = V::add(y, V::load(rrow + d));
-        if (t.act == kActRelu) {
-          y = V::relu(y);
-        } else if (t.act == kActPrelu) {
-          y = V::prelu(y, sl);
-        }
+      const int n = t.len[v];
+      const bool full = n == L;
+      R y = acc[r][v];
+      if (ls != nullptr) V::stats_add(vs, vq, full ? y : V::keep_n(y, n));
+      if (t.scale != nullptr) {
+        y = t.shift != nullptr ? V::fma(y, sc, sh) : V::mul(y, sc);
+      } else if (t.shift != nullptr) {
+        y = V::add(y, sh);
+      }
+      if (rrow != nullptr) y = V::add(y, full ? V::load(rrow + d) : V::load_n(rrow + d, n));
+      if (t.act == kActRelu) {
+        y = V::relu(y);
+      } else if (t.act == kActPrelu) {
+        y = V::prelu(y, sl);
+      }
+      if (full) {
         V::store(orow + d, y);
       } else {
-        // Short vector at the end of an output row: the lanes beyond len[v] were computed
-        // from neighbouring input values and are dropped.
-        alignas(64) T tmp[L];
-        V::store(tmp, acc[r][v]);
-        store_short(tmp, t, r, v);
+        V::store_n(orow + d, y, n);
       }
     }
     if (ls != nullptr) V::stats_flush(ls, ls + kStatLanes, vs, vq);
