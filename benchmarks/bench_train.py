@@ -150,6 +150,9 @@ def test_train_step(benchmark, setup, kind):
 
 # --------------------------------------------------------------------------- table
 def main() -> None:
+    from fastsupernet.allocator import tune_cpu_allocator
+
+    tuned = tune_cpu_allocator()  # as the command line does (FASTSUPERNET_CPU_ALLOCATOR=system: glibc default)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--pairs", type=int, default=5)
@@ -170,7 +173,8 @@ def main() -> None:
     floor = flops / rate
     med = {k: statistics.median(v) for k, v in times.items()}
     pair_ratios = [a / b for a, b in zip(times["loop"], times["batched"])]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch} at 3x32x32, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, allocator {'heap' if tuned else 'system'}; "
+          f"batch {args.batch} at 3x32x32, "
           f"{len(archs)} paths (largest + {len(archs) - 1} random, seed {args.seed}); {args.pairs} interleaved pairs")
     print(f"GEMM 1024^3: {rate / 1e9:.1f} GFLOP/s; step FLOPs {flops / 1e9:.2f} G; floor {floor * 1e3:.0f} ms")
     print(f"{'step':8s} {'median ms':>10s} {'images/s':>9s} {'GFLOP/s':>8s} {'x floor':>8s}")

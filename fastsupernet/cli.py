@@ -414,7 +414,7 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
             "ground truth; also for the zero-training proxies (channels, params, macs) and the ceiling "
             "(seed-to-seed Kendall tau of the ground truth's per-seed accuracies). Training budgets are "
             "counted in path-images (batch size x paths trained, summed over steps) and a difference above "
-            "5%% is flagged. Writes OUT_DIR/study.json, OUT_DIR/study.md (a markdown table) and one "
+            "5% is flagged. Writes OUT_DIR/study.json, OUT_DIR/study.md (a markdown table) and one "
             "OUT_DIR/scatter_NAME.png per pipeline. Default pipelines: baseline=mini_baseline, "
             "seed=mini_seed. " + _STUDY_PRINTS
         ),
@@ -551,3 +551,17 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         sys.stderr.write(f"error: {_one_line(e)}\n")
         return EXIT_BAD_INPUT
+
+
+def run() -> int:
+    """The program (``python -m fastsupernet``, the ``fastsupernet`` script): :func:`main` after
+    tuning the CPU allocator for large tensors (:func:`fastsupernet.allocator.tune_cpu_allocator`,
+    a whole-process choice, so made here and not in :func:`main`, which tests call in-process)."""
+    from .allocator import tune_cpu_allocator
+
+    try:
+        tune_cpu_allocator()
+    except ValueError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return EXIT_BAD_INPUT
+    return main()
