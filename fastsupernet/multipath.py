@@ -274,6 +274,7 @@ def _conv_bn(
     activation: str = "none",
     slope: torch.Tensor | None = None,
     running_momentum: float | None = None,
+    sync_bn: bool = False,
 ) -> torch.Tensor:
     """``multi_conv2d``, each path's BN, ``+ residual``, activation (``slope``: one shared PReLU slope).
 
@@ -290,6 +291,17 @@ def _conv_bn(
     gamma = t[f"{p.name}.bn_weight"].index_select(0, idx)
     beta = t[f"{p.name}.bn_bias"].index_select(0, idx)
     meta = (p.in_offsets, p.in_widths, p.out_widths, p.row_offsets)
+    if training and sync_bn:  # statistics over every process: the all-reducing plain BatchNorm
+        from .ops.reference import sync_batch_norm
+        from .supernet import sync_group
+
+        y = ops.multi_conv2d(h, weight, *meta, stride=p.stride, padding=p.padding, backend=backend)
+        y = sync_batch_norm(y, gamma, beta, None, None, momentum=None, eps=eps, group=sync_group())
+        if residual is not None:
+            y = y + residual
+        if activation == "relu":
+            return F.relu(y)
+        return F.prelu(y, slope.reshape(1)) if activation == "prelu" else y
     if training:
         y, s, q = ops.multi_conv2d(h, weight, *meta, stride=p.stride, padding=p.padding, stats=True, backend=backend)
         if running_momentum is not None:
@@ -336,6 +348,7 @@ def run_plan(
     training: bool,
     backend: str | None = None,
     running_momentum: float | None = None,
+    sync_bn: bool = False,
 ) -> torch.Tensor:
     """Logits (K, N, num_classes) of the plan's K paths on ``x``, from packed tensors by name.
 
@@ -344,21 +357,23 @@ def run_plan(
     packed tensors (:func:`model_tensors` of a supernet). ``training``: BN with each path's
     batch statistics (running statistics are read only in eval mode and written only with
     ``running_momentum``: an ``nn.BatchNorm2d``-style update, meaningful when no two paths
-    share a BN row, as for packed independent networks).
+    share a BN row, as for packed independent networks). ``sync_bn``: train-mode statistics over
+    the batches of every process of ``torch.distributed``'s default group (SyncBN; no running
+    statistics update then).
     ``backend`` is passed to every ``multi_conv2d`` call. Under autocast each conv runs in the
     autocast dtype where its backend computes in it (Triton), else in float32.
     """
     if x.dim() != 4 or x.shape[1] != plan.in_channels:
         raise ValueError(f"input has shape {tuple(x.shape)}, the plan expects (N, {plan.in_channels}, H, W)")
     eps, K = plan.eps, plan.num_paths
-    m = running_momentum
-    h = _conv_bn(x, plan.stem, tensors, training, eps, backend, activation="relu", running_momentum=m)
+    o = {"running_momentum": running_momentum, "sync_bn": sync_bn}
+    h = _conv_bn(x, plan.stem, tensors, training, eps, backend, activation="relu", **o)
     for blk in plan.blocks:
-        y = _conv_bn(h, blk.conv1, tensors, training, eps, backend, activation="relu", running_momentum=m)
-        sc = _conv_bn(h, blk.shortcut, tensors, training, eps, backend, running_momentum=m) if blk.shortcut else None
+        y = _conv_bn(h, blk.conv1, tensors, training, eps, backend, activation="relu", **o)
+        sc = _conv_bn(h, blk.shortcut, tensors, training, eps, backend, **o) if blk.shortcut else None
         h = _conv_bn(y, blk.conv2, tensors, training, eps, backend, residual=_residual(h, sc, blk, K),
                      activation="prelu" if blk.prelu else "relu",
-                     slope=tensors[blk.prelu] if blk.prelu else None, running_momentum=m)
+                     slope=tensors[blk.prelu] if blk.prelu else None, **o)
     feats = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)
     w, b = tensors["classifier_weight"], tensors["classifier_bias"]
     n, logits = plan.num_classes, []
@@ -391,7 +406,8 @@ def forward_paths(
             unique.append(a)
         where.append(first[a.widths])
     plan = build_plan(model, unique)
-    out = run_plan(plan, x, model_tensors(model), training=model.training, backend=backend)
+    out = run_plan(plan, x, model_tensors(model), training=model.training, backend=backend,
+                   sync_bn=bool(getattr(model, "sync_bn", False)))
     if len(unique) == len(parsed):
         return out
     return out.index_select(0, torch.tensor(where, device=out.device))

@@ -180,6 +180,11 @@ class LayerSlice:
     kernel: int
 
 
+def sync_group():
+    """The process group SyncBN reduces over: ``torch.distributed``'s default group."""
+    return torch.distributed.group.WORLD
+
+
 class PackedConvBN(nn.Module):
     """A conv layer whose branch groups are stacked in one parameter, with its packed BatchNorm."""
 
@@ -199,6 +204,7 @@ class PackedConvBN(nn.Module):
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
         self.momentum = cfg.bn_momentum
         self.eps = cfg.bn_eps
+        self.sync_bn = False  # train-mode statistics over every process (Supernet.set_sync_bn)
 
     def forward(self, x: torch.Tensor, width: int, run_width: int) -> torch.Tensor:
         off = self.groups.offset_of(width)
@@ -215,6 +221,7 @@ class PackedConvBN(nn.Module):
             momentum=self.momentum,
             eps=self.eps,
             num_batches_tracked=self.num_batches_tracked,
+            group=sync_group() if self.sync_bn and self.training else None,
         )
 
     def reset_running_stats(self) -> None:
@@ -345,6 +352,21 @@ class Supernet(nn.Module):
         from .multipath import forward_paths
 
         return forward_paths(self, x, archs, backend=backend)
+
+    @property
+    def sync_bn(self) -> bool:
+        """Whether train-mode BN takes its statistics over every process (see :meth:`set_sync_bn`)."""
+        return self.stem.sync_bn
+
+    def set_sync_bn(self, on: bool) -> "Supernet":
+        """Train-mode BN statistics over the batches of every process of the ``torch.distributed``
+        default group (SyncBN; needs an initialised group when on), or per process (off, the
+        default). Applies to ``forward`` and ``forward_paths``; returns ``self``."""
+        if on and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError("set_sync_bn(True) needs an initialised torch.distributed process group")
+        for m in self.conv_layers():
+            m.sync_bn = bool(on)
+        return self
 
     def reset_running_stats(self) -> None:
         """Reset every BN layer's running statistics (before BN recalibration)."""

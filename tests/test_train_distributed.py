@@ -58,3 +58,40 @@ def test_two_ranks_equal_one_process_accumulating_two_shards(tmp_path):
     # the update moved the weights: the comparison is not between two untouched initialisations
     start = load_checkpoint(tmp_path / "ddp" / "stage0-largest.pt").build_supernet().grow((2, 2, 2), 2)
     assert not torch.equal(start.stem.weight, ddp.state_dict["stem.weight"])
+
+
+def test_sync_bn_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
+    """With sync_bn, BN of 2 processes takes the statistics of both shards: the run equals one
+    process that forwards each whole batch at once (weights and BN running statistics)."""
+    pytest.importorskip("torch.distributed.run")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    spec = make_tiny_data(tmp_path)
+    cfg = tiny_config(spec, metrics={"probes": 1, "recal_batches": 1, "batch_size": 16, "eval_images": 32})
+    cfg["stages"][1]["loss"] = {"kind": "distill", "teacher": "live", "alpha": 0.2}
+    cfg["stages"][1]["max_steps"] = 4
+    for st in cfg["stages"]:
+        st["sync_bn"] = True
+    path = tmp_path / "sync.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "fastsupernet", "train", "--config", str(path), "--out", str(tmp_path / "ddp")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp = load_checkpoint(json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][0])["final_checkpoint"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = load_checkpoint(train(cfg, out=tmp_path / "single").final_checkpoint)
+    finally:
+        torch.set_num_threads(threads)
+    for name, b in single.state_dict.items():
+        if b.is_floating_point():
+            torch.testing.assert_close(ddp.state_dict[name], b, rtol=1e-4, atol=2e-5, msg=name)
+    # stage 0 runs single paths (running statistics updated): they are the whole batch's
+    s0 = load_checkpoint(tmp_path / "ddp" / "stage0-largest.pt").state_dict["stem.running_var"]
+    s1 = load_checkpoint(tmp_path / "single" / "stage0-largest.pt").state_dict["stem.running_var"]
+    torch.testing.assert_close(s0, s1, rtol=1e-4, atol=1e-6)

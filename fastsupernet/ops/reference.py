@@ -6,7 +6,7 @@ the gradient of the slice into the full packed parameter.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ __all__ = [
     "sliced_conv2d",
     "multi_conv2d",
     "sliced_batch_norm",
+    "sync_batch_norm",
     "sliced_linear",
     "channel_stats",
     "apply_activation",
@@ -136,6 +137,50 @@ def multi_conv2d(
     return y
 
 
+def sync_batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    *,
+    momentum: float | None,
+    eps: float,
+    group: Any,
+) -> torch.Tensor:
+    """Training-mode BatchNorm of ``x`` (N, C, H, W) with the statistics of the whole batch of
+    every process of the ``torch.distributed`` ``group`` (SyncBN).
+
+    Per-channel sums and sums of squares (float64) are all-reduced with autograd's
+    ``all_reduce``, so the backward pass all-reduces their gradients too and each process gets
+    the gradient of the global batch's normalisation. The running statistics (when given) move
+    towards the global batch mean and unbiased variance by ``momentum``, as ``F.batch_norm``'s.
+    Every process of the group must call it for the same layers in the same order.
+    """
+    from torch.distributed.nn.functional import all_reduce
+
+    c = x.shape[1]
+    dims = [0] + list(range(2, x.dim()))
+    local = torch.cat([
+        x.sum(dims, dtype=torch.float64),
+        (x * x).sum(dims, dtype=torch.float64),
+        torch.full((1,), float(x.numel() // max(c, 1)), dtype=torch.float64, device=x.device),
+    ])
+    total = all_reduce(local, group=group)
+    n = total[-1]
+    mean = total[:c] / n
+    var = (total[c : 2 * c] / n - mean * mean).clamp_min(0.0)
+    if running_mean is not None and running_var is not None and momentum:
+        with torch.no_grad():
+            unbiased = var * (n / (n - 1).clamp_min(1.0))
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+    shape = [1, c] + [1] * (x.dim() - 2)
+    scale = weight.double() * torch.rsqrt(var + eps)
+    shift = bias.double() - mean * scale
+    return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
+
+
 def sliced_batch_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -148,11 +193,14 @@ def sliced_batch_norm(
     momentum: float | None,
     eps: float,
     num_batches_tracked: torch.Tensor | None = None,
+    group: Any = None,
 ) -> torch.Tensor:
     """BatchNorm over the channels ``[row_offset, row_offset + C)`` of packed BN tensors.
 
     In training mode the running statistics of that slice are updated in place
-    (``momentum=None``: cumulative average, which needs ``num_batches_tracked``).
+    (``momentum=None``: cumulative average, which needs ``num_batches_tracked``). With a
+    ``torch.distributed`` ``group``, training-mode statistics are those of the batch of every
+    process of the group (:func:`sync_batch_norm`).
     """
     c = x.shape[1]
     sl = slice(row_offset, row_offset + c)
@@ -164,6 +212,9 @@ def sliced_batch_norm(
         if num_batches_tracked is None:
             raise ValueError("sliced_batch_norm: momentum=None (cumulative average) needs num_batches_tracked")
         momentum = 1.0 / float(num_batches_tracked.item())
+    if training and group is not None:
+        return sync_batch_norm(x, weight[sl], bias[sl], running_mean[sl], running_var[sl], momentum=momentum,
+                               eps=eps, group=group)
     return F.batch_norm(
         x,
         running_mean[sl],

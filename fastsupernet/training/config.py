@@ -172,7 +172,9 @@ class StageConfig:
     ``epochs``: passes over the training images; ``max_steps`` caps the stage's steps (tiny
     runs). ``batch_size`` is the global batch of one step; it is split over the ranks and then
     into ``accumulate`` shards per rank, each forwarded alone (its own BN batch statistics),
-    gradients averaged over all shards.
+    gradients averaged over all shards. ``sync_bn``: under ``torchrun``, BN takes its batch
+    statistics over the shards of every rank (SyncBN; the shards of one rank's ``accumulate``
+    still normalise separately); no effect in a single process.
     """
 
     supernet: SupernetSection

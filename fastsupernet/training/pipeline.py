@@ -474,6 +474,7 @@ class _Run:
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         model.train()
+        model.set_sync_bn(st.sync_bn and g.world_size > 1)  # the frozen teacher below inherits it
         o = st.optimizer
         opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
         teacher = None

@@ -37,16 +37,19 @@ def probe_accuracy(
 ) -> list[float]:
     """Top-1 accuracy of each candidate on ``eval_images`` after BN recalibration on ``recal_batches``.
 
-    Inputs are normalised float tensors already on the model's device.
+    Inputs are normalised float tensors already on the model's device. Recalibration is per
+    process (SyncBN, if on, is off meanwhile: one process runs the probes).
     """
     layers = model.conv_layers()
     saved = {name: buf.clone() for name, buf in model.named_buffers()}
     momenta = [m.momentum for m in layers]
+    synced = [m.sync_bn for m in layers]
     was_training = model.training
     out = []
     try:
         for m in layers:
             m.momentum = None  # cumulative average over the recalibration batches
+            m.sync_bn = False
         for arch in archs:
             model.reset_running_stats()
             model.train()
@@ -59,8 +62,8 @@ def probe_accuracy(
                 correct += int((pred == eval_labels[i : i + batch_size]).sum())
             out.append(correct / max(1, eval_images.shape[0]))
     finally:
-        for m, mom in zip(layers, momenta):
-            m.momentum = mom
+        for m, mom, sync in zip(layers, momenta, synced):
+            m.momentum, m.sync_bn = mom, sync
         bufs = dict(model.named_buffers())
         for name, value in saved.items():
             bufs[name].copy_(value)
