@@ -231,3 +231,29 @@ def test_demo_without_the_shipped_ground_truth_names_the_file(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(missing) in err and "--gt" in err
     assert not (tmp_path / "demo").exists()  # nothing trained or written
+
+
+def test_shipped_ground_truth_is_the_benchmarks_computed_file():
+    """The shipped mini ground truth: the 100 benchmark candidates, two seeds each, made with the
+    recorded recipe, its accuracies the means of its per-seed values (never recomputed here)."""
+    from pathlib import Path
+
+    from fastsupernet.io import read_candidates, read_meta
+    from fastsupernet.standalone import load_recipe
+    from fastsupernet.study import shipped_ground_truth_path
+
+    shipped = shipped_ground_truth_path()
+    if not shipped.is_file():
+        pytest.skip(f"{shipped} is not shipped yet (benchmarks/mini_gt/README.md: being computed)")
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "mini_gt"
+    cands = read_candidates(bench / "candidates100.json")
+    raw = json.loads(shipped.read_text())
+    gt = {k: v for k, v in raw.items() if k != "_meta"}
+    assert set(gt) == set(cands)
+    for k, v in gt.items():
+        assert v["arch"] == str(cands[k])
+        assert len(v["accs"]) == 2 and all(0.0 < a < 1.0 for a in v["accs"])
+        assert v["acc"] == pytest.approx(sum(v["accs"]) / 2, abs=1e-12)
+    meta = read_meta(shipped)
+    assert meta["seeds"] == [0, 1]
+    assert load_recipe(meta["recipe"]) == load_recipe(bench / "recipe_pilotC.yaml")
