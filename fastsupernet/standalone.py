@@ -222,21 +222,19 @@ def evaluate_network(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bat
     return correct / n, loss / n
 
 
-def train_candidate(arch: Arch, recipe: Recipe, seed: int, data: StandaloneData, space: ChannelSpace) -> CandidateRun:
-    """Train ``arch`` from scratch with ``recipe`` and ``seed``; its test accuracy and loss."""
-    t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    net = build_standalone(space, arch, data.info, recipe)
-    gen = torch.Generator().manual_seed(seed)
-    decay, no_decay = [], []
-    for name, p in net.named_parameters():
-        (no_decay if p.dim() == 1 else decay).append(p)
-    opt = torch.optim.SGD(
+def _recipe_sgd(recipe: Recipe, decay: list, no_decay: list) -> torch.optim.SGD:
+    """The recipe's SGD: weight decay on ``decay`` (weights), none on ``no_decay`` (BN, biases)."""
+    return torch.optim.SGD(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=recipe.lr,
         momentum=recipe.momentum,
         nesterov=recipe.nesterov and recipe.momentum > 0,
     )
+
+
+def _recipe_steps(recipe: Recipe, data: StandaloneData, seed: int, opt: torch.optim.Optimizer):
+    """(step, batch indices, augmented batch) of every step ``seed`` gives, the lr of ``opt`` set for it."""
+    gen = torch.Generator().manual_seed(seed)
     n = data.train_x.shape[0]
     if n < recipe.batch_size:
         raise RecipeError(f"batch_size {recipe.batch_size} exceeds the {n} training images")
@@ -244,7 +242,6 @@ def train_candidate(arch: Arch, recipe: Recipe, seed: int, data: StandaloneData,
     total = per_epoch * recipe.epochs
     warmup = int(round(recipe.warmup_epochs * per_epoch))
     step = 0
-    net.train()
     for _ in range(recipe.epochs):
         for idx in _batches(n, recipe.batch_size, gen):
             x = data.train_x[idx]
@@ -252,13 +249,27 @@ def train_candidate(arch: Arch, recipe: Recipe, seed: int, data: StandaloneData,
                 x = augment_batch(x, generator=gen, pad=recipe.crop_padding, hflip=data.hflip)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, recipe.lr, warmup, 0.0)
-            loss = F.cross_entropy(net(x), data.train_y[idx])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {float(loss)} at step {step} for {arch}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            yield step, idx, x
             step += 1
+
+
+def train_candidate(arch: Arch, recipe: Recipe, seed: int, data: StandaloneData, space: ChannelSpace) -> CandidateRun:
+    """Train ``arch`` from scratch with ``recipe`` and ``seed``; its test accuracy and loss."""
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    net = build_standalone(space, arch, data.info, recipe)
+    decay, no_decay = [], []
+    for name, p in net.named_parameters():
+        (no_decay if p.dim() == 1 else decay).append(p)
+    opt = _recipe_sgd(recipe, decay, no_decay)
+    net.train()
+    for step, idx, x in _recipe_steps(recipe, data, seed, opt):
+        loss = F.cross_entropy(net(x), data.train_y[idx])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {float(loss)} at step {step} for {arch}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     acc, test_loss = evaluate_network(net, data.test_x, data.test_y)
     return CandidateRun(acc, test_loss, time.perf_counter() - t0)
 
@@ -365,38 +376,18 @@ def train_candidates(
     no_decay = [v for k, v in t.items() if k.endswith(("bn_weight", "bn_bias", "classifier_bias"))]
     for v in decay + no_decay:
         v.requires_grad_(True)
-    opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.lr,
-        momentum=recipe.momentum,
-        nesterov=recipe.nesterov and recipe.momentum > 0,
-    )
-    gen = torch.Generator().manual_seed(seed)
-    n = data.train_x.shape[0]
-    if n < recipe.batch_size:
-        raise RecipeError(f"batch_size {recipe.batch_size} exceeds the {n} training images")
-    per_epoch = n // recipe.batch_size
-    total = per_epoch * recipe.epochs
-    warmup = int(round(recipe.warmup_epochs * per_epoch))
+    opt = _recipe_sgd(recipe, decay, no_decay)
     momentum = nets[0].stem_bn.momentum
-    step = 0
-    for _ in range(recipe.epochs):
-        for idx in _batches(n, recipe.batch_size, gen):
-            x = data.train_x[idx]
-            if recipe.crop_padding or data.hflip:
-                x = augment_batch(x, generator=gen, pad=recipe.crop_padding, hflip=data.hflip)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, recipe.lr, warmup, 0.0)
-            logits = run_plan(plan, x, t, training=True, backend=backend, running_momentum=momentum)
-            y = data.train_y[idx]
-            losses = torch.stack([F.cross_entropy(z, y) for z in logits])
-            bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
-            if bad:
-                raise FloatingPointError(f"loss became {float(losses[bad[0]])} at step {step} for {archs[bad[0]]}")
-            opt.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            opt.step()
-            step += 1
+    for step, idx, x in _recipe_steps(recipe, data, seed, opt):
+        logits = run_plan(plan, x, t, training=True, backend=backend, running_momentum=momentum)
+        y = data.train_y[idx]
+        losses = torch.stack([F.cross_entropy(z, y) for z in logits])
+        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+        if bad:
+            raise FloatingPointError(f"loss became {float(losses[bad[0]])} at step {step} for {archs[bad[0]]}")
+        opt.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        opt.step()
     correct = torch.zeros(len(archs), dtype=torch.long)
     loss_sum = torch.zeros(len(archs), dtype=torch.float64)
     with torch.no_grad():
