@@ -18,6 +18,18 @@ from train_tiny import make_tiny_data, tiny_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _train_two_ranks(config: Path, out: Path) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m fastsupernet train`` (gloo, 1 thread per rank); must succeed."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "fastsupernet", "train", "--config", str(config), "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
 def test_two_ranks_equal_one_process_accumulating_two_shards(tmp_path):
     pytest.importorskip("torch.distributed.run")
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
@@ -29,13 +41,7 @@ def test_two_ranks_equal_one_process_accumulating_two_shards(tmp_path):
     cfg["stages"][1]["max_steps"] = 6
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "fastsupernet", "train", "--config", str(path), "--out", str(tmp_path / "ddp")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = _train_two_ranks(path, tmp_path / "ddp")
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     assert len(lines) == 1  # rank 0 alone prints the result
     ddp = load_checkpoint(json.loads(lines[0])["final_checkpoint"])
@@ -74,13 +80,7 @@ def test_sync_bn_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
         st["sync_bn"] = True
     path = tmp_path / "sync.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "fastsupernet", "train", "--config", str(path), "--out", str(tmp_path / "ddp")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = _train_two_ranks(path, tmp_path / "ddp")
     ddp = load_checkpoint(json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][0])["final_checkpoint"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
