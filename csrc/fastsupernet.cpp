@@ -3,7 +3,8 @@
 //
 // Each schema is defined exactly once, here. Backends add kernels elsewhere with
 // TORCH_LIBRARY_IMPL(fastsupernet, <DispatchKey>, m):
-//   csrc/cpu/channel_stats.cpp, csrc/cpu/conv.cpp, csrc/cpu/conv_weight_grad.cpp -> CPU
+//   csrc/cpu/channel_stats.cpp, csrc/cpu/conv.cpp, csrc/cpu/conv_weight_grad.cpp,
+//   csrc/cpu/bn_act.cpp -> CPU
 //   csrc/cuda/channel_stats_binding.cpp, csrc/cuda/conv_binding.cpp  -> CUDA (only built when torch has CUDA)
 //
 // The module itself exports nothing to Python: importing it runs the static registrations
@@ -60,4 +61,20 @@ TORCH_LIBRARY(fastsupernet, m) {
   m.def(
       "multi_conv2d_weight_grad(Tensor grad_out, Tensor x, Tensor weight, int[] in_offsets, int[] in_widths, "
       "int[] out_widths, int[] row_offsets, int stride, int padding) -> Tensor");
+
+  // BatchNorm affine + residual + activation in one pass (CPU; CUDA runs the Triton version):
+  // out = act((y * scale[c] + shift[c]) + r), r = residual * res_scale[c] + res_shift[c] (both
+  // given), residual (neither), or 0 (no residual); act "none" | "relu" | "prelu" with one shared
+  // slope (1 element). Each product and sum is rounded on its own.
+  m.def(
+      "bn_act(Tensor y, Tensor scale, Tensor shift, Tensor? residual, Tensor? res_scale, Tensor? res_shift, "
+      "str activation, Tensor? slope) -> Tensor");
+  // Backward of train-mode BatchNorm (batch statistics mean/invstd of y, scale = gamma * invstd,
+  // shift = beta - mean * scale) followed by bn_act without residual affine: gradients of y
+  // (through the statistics too), of the residual (empty without one), of gamma, beta and the
+  // shared PReLU slope (empty unless prelu). CPU kernel: csrc/cpu/bn_act.cpp.
+  m.def(
+      "bn_act_backward(Tensor grad_out, Tensor y, Tensor scale, Tensor shift, Tensor? residual, str activation, "
+      "Tensor? slope, Tensor mean, Tensor invstd) -> (Tensor grad_y, Tensor grad_residual, Tensor grad_gamma, "
+      "Tensor grad_beta, Tensor grad_slope)");
 }

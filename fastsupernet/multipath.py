@@ -235,6 +235,54 @@ class _BatchNormFromSums(torch.autograd.Function):
         return gy, None, None, gg, gb, None
 
 
+class _BatchNormAct(torch.autograd.Function):
+    """``act(BN(y) + residual)`` in train mode from the conv's sums, one compiled pass each way
+    (``fastsupernet::bn_act`` / ``bn_act_backward``, CPU) instead of the separate affine,
+    residual add, activation and their backwards. Same values and gradients as
+    :class:`_BatchNormFromSums` followed by the add and the activation."""
+
+    @staticmethod
+    def forward(ctx, y, s, q, gamma, beta, eps, residual, activation, slope):
+        n = y.numel() // y.shape[1]
+        mean = s / n
+        var = (q / n - mean * mean).clamp_min(0.0)
+        mean_t = mean.to(y.dtype)
+        invstd_t = torch.rsqrt(var + eps).to(y.dtype)
+        a = gamma.to(y.dtype) * invstd_t
+        b = beta.to(y.dtype) - mean_t * a
+        sl = slope.reshape(1) if activation == "prelu" else None
+        out = torch.ops.fastsupernet.bn_act(y, a, b, residual, None, None, activation, sl)
+        ctx.save_for_backward(y, a, b, residual, sl, mean_t, invstd_t)
+        ctx.activation = activation
+        ctx.param_dtype = gamma.dtype
+        ctx.slope_shape = slope.shape if sl is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y, a, b, residual, sl, mean, invstd = ctx.saved_tensors
+        gy, gr, gg, gb, gs = torch.ops.fastsupernet.bn_act_backward(
+            grad_out.to(y.dtype), y, a, b, residual, ctx.activation, sl, mean, invstd
+        )
+        g_res = gr if residual is not None else None
+        g_slope = gs.reshape(ctx.slope_shape) if sl is not None else None
+        return gy, None, None, gg.to(ctx.param_dtype), gb.to(ctx.param_dtype), None, g_res, None, g_slope
+
+
+def _fused_bn_act(y: torch.Tensor, residual: torch.Tensor | None, backend: str | None) -> bool:
+    """Whether :class:`_BatchNormAct` serves this layer: the compiled CPU backend is in use and
+    the tensors are float32/float64 of one dtype."""
+    if y.device.type != "cpu" or y.dtype not in (torch.float32, torch.float64):
+        return False
+    if residual is not None and (residual.dtype != y.dtype or residual.shape != y.shape):
+        return False
+    if ops.resolve_backend(y.device, backend, "multi_conv2d") != "cpp":
+        return False
+    from .ops._extension import has_kernel
+
+    return has_kernel("bn_act", "CPU")
+
+
 @torch.no_grad()
 def _update_running(t: Mapping[str, torch.Tensor], name: str, idx: torch.Tensor, s: torch.Tensor, q: torch.Tensor,
                     n: int, momentum: float) -> None:
@@ -306,6 +354,8 @@ def _conv_bn(
         y, s, q = ops.multi_conv2d(h, weight, *meta, stride=p.stride, padding=p.padding, stats=True, backend=backend)
         if running_momentum is not None:
             _update_running(t, p.name, idx, s, q, y.numel() // y.shape[1], running_momentum)
+        if _fused_bn_act(y, residual, backend):
+            return _BatchNormAct.apply(y, s, q, gamma, beta, eps, residual, activation, slope)
         y = _BatchNormFromSums.apply(y, s, q, gamma, beta, eps)
         if residual is not None:
             y = y + residual

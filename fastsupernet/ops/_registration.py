@@ -27,3 +27,17 @@ def _channel_stats_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 from .conv import register_compiled  # noqa: E402
 
 register_compiled()
+
+
+@torch.library.register_fake("fastsupernet::bn_act")
+def _bn_act_fake(y, scale, shift, residual, res_scale, res_shift, activation, slope):
+    torch._check(y.dim() == 4, lambda: f"fastsupernet::bn_act expects (N, C, H, W), got {y.dim()} dims")
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("fastsupernet::bn_act_backward")
+def _bn_act_backward_fake(grad_out, y, scale, shift, residual, activation, slope, mean, invstd):
+    gy = torch.empty_like(y, memory_format=torch.contiguous_format)
+    gr = torch.empty_like(gy) if residual is not None else y.new_empty((0,))
+    gs = slope.new_empty((1,)) if activation == "prelu" else scale.new_empty((0,))
+    return gy, gr, scale.new_empty(scale.shape), scale.new_empty(scale.shape), gs

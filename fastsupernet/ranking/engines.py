@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops._extension import has_kernel
 from ..data import Dataset, normalize
 from ..space import Arch
 from ..supernet import Supernet
@@ -414,6 +415,10 @@ class FastEngine(Engine):
                     self._weights[id(m)] = m.weight.detach().to(self._act_dtype).contiguous()
         self._triton = dev.type == "cuda" and self.precision in ("tf32", "bf16")
         self._fused_light = dev.type == "cuda" and _triton_available()
+        # the compiled one-pass CPU version (float32 activations; bf16 runs the torch ops)
+        self._compiled_light = (dev.type == "cpu" and self._act_dtype == torch.float32
+                                and ops.resolve_backend(dev, None, "multi_conv2d") == "cpp"
+                                and has_kernel("bn_act", "CPU"))
         if self.memory_limit_bytes is None:
             if dev.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(dev)
@@ -590,11 +595,16 @@ class FastEngine(Engine):
 
     def _light(self, y, scale, shift, r, r_scale, r_shift, act: str, slope) -> torch.Tensor:
         """Recalibration: ``act(y * scale + shift + residual)``, the residual with its own BN when
-        ``r_scale`` is given; one Triton pass on CUDA, separately rounded torch ops on CPU."""
+        ``r_scale`` is given; one pass (Triton on CUDA, compiled on CPU) or separately rounded
+        torch ops, every product and sum rounded on its own in all three."""
         if self._fused_light:
             from .triton_bn import bn_act
 
             return bn_act(y, scale, shift, r, r_scale, r_shift, act, slope)
+        if (self._compiled_light and y.dtype == torch.float32 and y.is_contiguous()
+                and (r is None or r.dtype == torch.float32)):
+            return torch.ops.fastsupernet.bn_act(y, scale, shift, r, r_scale, r_shift, act,
+                                                 slope if act == "prelu" else None)
         y = _affine(y, scale, shift)
         if r is not None:
             y.add_(_affine(r, r_scale, r_shift) if r_scale is not None else r.float())

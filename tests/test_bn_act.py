@@ -1,0 +1,194 @@
+"""CPU kernels of ``fastsupernet::bn_act`` and ``fastsupernet::bn_act_backward``.
+
+Oracle: the same formulas in float64 from the same (float32) inputs: the forward
+``act((y * scale + shift) + r)`` and, for the backward, autograd through plain train-mode
+BatchNorm, the residual add and the activation.
+
+Error bounds. Forward: at most five roundings, each relative to the magnitude of the value
+then, so |out - oracle| <= 8 u (|y scale| + |shift| + |r|) max(1, |slope|) with u = 2**-24
+(float32) or 2**-53 (float64). Backward: the per-channel sums are accumulated in float64, so
+the float32 gradient's error is a few roundings of its terms: we allow 1e-5 relative to the
+largest gradient of the tensor (float32) and compare float64 runs with ``gradcheck``.
+Inputs are ``randn * 2 + 0.5`` (never zero). The ops allocate their outputs, so instead of
+poisoning buffers we check shapes, dtypes and that every value is finite.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastsupernet.ops._extension import has_kernel, load
+
+pytestmark = pytest.mark.skipif(load() is None or not has_kernel("bn_act", "CPU"),
+                                reason="fastsupernet._C (with bn_act) is not built")
+
+OPS = torch.ops.fastsupernet
+SHAPES = [(3, 5, 7, 9), (2, 16, 8, 8), (1, 3, 1, 1), (4, 7, 14, 14)]
+ACTS = ["none", "relu", "prelu"]
+
+
+def _rand(*shape, dtype=torch.float32, seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else hash(shape) % 2**31)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+
+
+def _act(z, act, slope):
+    if act == "relu":
+        return z.clamp_min(0)
+    if act == "prelu":
+        return torch.where(z > 0, z, slope.to(z.dtype) * z)
+    return z
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("res", ["none", "plain", "affine"])
+def test_forward_matches_float64_oracle(shape, act, res):
+    n, c, h, w = shape
+    y, a, b = _rand(*shape, seed=1), _rand(c, seed=2), _rand(c, seed=3)
+    r = _rand(*shape, seed=4) if res != "none" else None
+    ra, rb = (_rand(c, seed=5), _rand(c, seed=6)) if res == "affine" else (None, None)
+    slope = _rand(1, seed=7) * 0.1 if act == "prelu" else None
+    out = OPS.bn_act(y, a, b, r, ra, rb, act, slope)
+    assert out.shape == y.shape and out.dtype == torch.float32 and out.is_contiguous()
+    assert torch.isfinite(out).all()
+    view = (1, -1, 1, 1)
+    z = y.double() * a.double().view(view) + b.double().view(view)
+    mag = (y.double() * a.double().view(view)).abs() + b.double().abs().view(view)
+    if r is not None:
+        rr = r.double() if ra is None else r.double() * ra.double().view(view) + rb.double().view(view)
+        z = z + rr
+        mag = mag + rr.abs() + (0 if ra is None else (r.double() * ra.double().view(view)).abs())
+    ref = _act(z, act, slope.double() if slope is not None else None)
+    bound = 8 * 2.0**-24 * mag * (max(1.0, abs(slope.item())) if slope is not None else 1.0)
+    assert ((out.double() - ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_forward_is_the_separately_rounded_torch_sequence(act):
+    """Bitwise equal to mul, add, add, activation as separate float32 torch ops: the ranking
+    engine's position-independence argument rests on it."""
+    y, a, b, r = _rand(3, 6, 5, 11, seed=11), _rand(6, seed=12), _rand(6, seed=13), _rand(3, 6, 5, 11, seed=14)
+    ra, rb = _rand(6, seed=15), _rand(6, seed=16)
+    slope = torch.tensor([0.25])
+    v = (1, -1, 1, 1)
+    z = y.mul(a.view(v)).add(b.view(v)).add(r.mul(ra.view(v)).add(rb.view(v)))
+    want = {"none": z, "relu": z.relu(), "prelu": F.prelu(z, slope)}[act]
+    got = OPS.bn_act(y, a, b, r, ra, rb, act, slope if act == "prelu" else None)
+    assert torch.equal(got, want)
+
+
+def test_forward_nan_propagates_through_relu():
+    y = torch.tensor([float("nan"), -1.0, 2.0]).view(1, 3, 1, 1)
+    out = OPS.bn_act(y, torch.ones(3), torch.zeros(3), None, None, None, "relu", None)
+    assert torch.isnan(out[0, 0]).all() and out[0, 1].item() == 0.0 and out[0, 2].item() == 2.0
+
+
+def _fused(y, gamma, beta, residual, act, slope, eps=1e-5):
+    from fastsupernet.multipath import _BatchNormAct
+
+    yd = y.detach()
+    s = yd.double().sum((0, 2, 3))
+    q = (yd.double() ** 2).sum((0, 2, 3))
+    return _BatchNormAct.apply(y, s, q, gamma, beta, eps, residual, act, slope)
+
+
+def _plain(y, gamma, beta, residual, act, slope, eps=1e-5):
+    z = F.batch_norm(y, None, None, gamma, beta, training=True, eps=eps)
+    if residual is not None:
+        z = z + residual
+    if act == "relu":
+        return F.relu(z)
+    return F.prelu(z, slope.reshape(1)) if act == "prelu" else z
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (4, 7, 14, 14), (2, 3, 1, 1)])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_backward_matches_float64_autograd(shape, act, with_residual):
+    n, c, h, w = shape
+    y32 = _rand(*shape, seed=21).requires_grad_()
+    g32, b32 = _rand(c, seed=22).requires_grad_(), _rand(c, seed=23).requires_grad_()
+    r32 = _rand(*shape, seed=24).requires_grad_() if with_residual else None
+    s32 = torch.tensor([0.2], requires_grad=True) if act == "prelu" else None
+    out = _fused(y32, g32, b32, r32, act, s32)
+    grad = _rand(*shape, seed=25)
+    leaves32 = [t for t in (y32, g32, b32, r32, s32) if t is not None]
+    got = torch.autograd.grad(out, leaves32, grad)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves32]
+    it = iter(leaves64)
+    y64, g64, b64 = next(it), next(it), next(it)
+    r64 = next(it) if with_residual else None
+    s64 = next(it) if act == "prelu" else None
+    ref_out = _plain(y64, g64, b64, r64, act, s64)
+    want = torch.autograd.grad(ref_out, leaves64, grad.double())
+    assert torch.allclose(out.double(), ref_out, rtol=1e-5, atol=1e-5 * ref_out.abs().max().item())
+    # grad_y is a difference of terms of size |gamma| invstd |dL/dz|, which can cancel (two
+    # values per channel): its bound is relative to those terms, the others' to themselves
+    invstd = torch.rsqrt(y64.detach().var((0, 2, 3), unbiased=False) + 1e-5)
+    term = (g64.detach().abs() * invstd).max().item() * grad.abs().max().item() * max(1.0, 0.2)
+    for i, (gg, ww) in enumerate(zip(got, want)):
+        assert gg.dtype == torch.float32 and gg.shape == ww.shape and torch.isfinite(gg).all()
+        scale = max(ww.abs().max().item(), term if i == 0 else 0.0, 1e-3)
+        assert (gg.double() - ww).abs().max().item() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_gradcheck_float64(act):
+    torch.manual_seed(0)
+    y = (torch.randn(3, 4, 5, 3, dtype=torch.float64) * 2 + 0.5).requires_grad_()
+    gamma = (torch.randn(4, dtype=torch.float64) + 1).requires_grad_()
+    beta = torch.randn(4, dtype=torch.float64).requires_grad_()
+    r = torch.randn(3, 4, 5, 3, dtype=torch.float64).requires_grad_()
+    slope = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
+    if act == "prelu":
+        fn, inputs = (lambda y, g, b, r, s: _fused(y, g, b, r, act, s)), (y, gamma, beta, r, slope)
+    else:
+        fn, inputs = (lambda y, g, b, r: _fused(y, g, b, r, act, None)), (y, gamma, beta, r)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_backward_does_not_depend_on_thread_count():
+    shape = (8, 24, 16, 16)
+    y, r, grad = _rand(*shape, seed=31), _rand(*shape, seed=32), _rand(*shape, seed=33)
+    a, b = _rand(24, seed=34), _rand(24, seed=35)
+    mean, invstd = y.mean((0, 2, 3)), torch.rsqrt(y.var((0, 2, 3), unbiased=False) + 1e-5)
+    slope = torch.tensor([0.1])
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(OPS.bn_act_backward(grad, y, a, b, r, "prelu", slope, mean, invstd))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for t0, t1 in zip(results[0], other):
+            assert torch.equal(t0, t1)
+
+
+def test_bad_input_is_named():
+    y = _rand(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="activation must be"):
+        OPS.bn_act(y, torch.ones(3), torch.zeros(3), None, None, None, "gelu", None)
+    with pytest.raises(RuntimeError, match=r"scale must have shape \(3,\)"):
+        OPS.bn_act(y, torch.ones(4), torch.zeros(3), None, None, None, "relu", None)
+    with pytest.raises(RuntimeError, match="residual must have y's shape"):
+        OPS.bn_act(y, torch.ones(3), torch.zeros(3), _rand(2, 3, 4, 5), None, None, "relu", None)
+    with pytest.raises(RuntimeError, match="needs a 1-element slope"):
+        OPS.bn_act(y, torch.ones(3), torch.zeros(3), None, None, None, "prelu", None)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        OPS.bn_act(y.half(), torch.ones(3).half(), torch.zeros(3).half(), None, None, None, "relu", None)
+
+
+def test_opcheck():
+    opcheck = getattr(torch.library, "opcheck", None)
+    if opcheck is None:  # pragma: no cover
+        pytest.skip("torch.library.opcheck not available")
+    y, a, b, r = _rand(2, 3, 4, 5), _rand(3), _rand(3), _rand(2, 3, 4, 5)
+    slope = torch.tensor([0.2])
+    opcheck(OPS.bn_act.default, (y, a, b, r, _rand(3), _rand(3), "prelu", slope),
+            test_utils=("test_schema", "test_faketensor"))
+    opcheck(OPS.bn_act_backward.default, (_rand(2, 3, 4, 5), y, a, b, r, "prelu", slope, _rand(3), _rand(3).abs()),
+            test_utils=("test_schema", "test_faketensor"))
