@@ -9,7 +9,8 @@ then, so |out - oracle| <= 8 u (|y scale| + |shift| + |r|) max(1, |slope|) with 
 (float32) or 2**-53 (float64). Backward: the per-channel sums are accumulated in float64, so
 the float32 gradient's error is a few roundings of its terms: we allow 1e-5 relative to the
 largest gradient of the tensor (float32) and compare float64 runs with ``gradcheck``.
-Inputs are ``randn * 2 + 0.5`` (never zero). The ops allocate their outputs, so instead of
+Inputs are ``randn * 2 + 0.5`` (never zero); rows of 9 and 14 values exercise the AVX2
+kernel's 8-wide body and its scalar tail. The ops allocate their outputs, so instead of
 poisoning buffers we check shapes, dtypes and that every value is finite.
 """
 from __future__ import annotations
@@ -106,7 +107,11 @@ def _plain(y, gamma, beta, residual, act, slope, eps=1e-5):
 @pytest.mark.parametrize("shape", [(3, 5, 7, 9), (4, 7, 14, 14), (2, 3, 1, 1)])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_backward_matches_float64_autograd(shape, act, with_residual):
+@pytest.mark.parametrize("kernel", ["default", "generic"])
+def test_backward_matches_float64_autograd(shape, act, with_residual, kernel, monkeypatch):
+    """Both float32 kernels: AVX2 (default where the CPU has it) and the portable one."""
+    if kernel == "generic":
+        monkeypatch.setenv("FASTSUPERNET_CPU_KERNEL", "generic")
     n, c, h, w = shape
     y32 = _rand(*shape, seed=21).requires_grad_()
     g32, b32 = _rand(c, seed=22).requires_grad_(), _rand(c, seed=23).requires_grad_()
