@@ -13,7 +13,8 @@ channels*, ``(N, sum_k width_k, H, W)``, path k owning its own block of channels
   the affine parameters are gathered from the packed BN rows by index, so autograd
   scatter-adds their gradients back into the shared rows (eval mode: BN folded into the
   conv's epilogue);
-* ReLU, residual additions and PReLU are elementwise on the packed tensor;
+* ReLU, residual additions and PReLU are elementwise on the packed tensor (on CPU the BN
+  affine, residual add and activation are one compiled pass each way, ``fastsupernet::bn_act``);
 * global average pooling is one call; only the small classifier runs per path.
 
 Values and gradients (with respect to the input and every parameter) equal those of
