@@ -20,6 +20,9 @@ On a CUDA GPU (the "training" section of ``benchmarks/gpu_check.sh``):
 
 ``--dry-run`` runs everything on CPU at toy sizes (a few images at 16x16, 3 paths, one rep) to
 check the script itself; its numbers mean nothing.
+
+``--cpu`` measures on this machine's CPU at the real sizes (fp32, NCHW only; ``--reps``
+defaults to 2 there): the projection of the pipeline on a CPU, for comparison with a GPU's.
 """
 from __future__ import annotations
 
@@ -137,17 +140,25 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=40.0,
                     help="start no further configuration after this many seconds (the projection still runs)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, toy sizes: checks the script, numbers mean nothing")
+    ap.add_argument("--cpu", action="store_true", help="measure on the CPU at the real sizes (fp32, NCHW)")
     args = ap.parse_args()
 
     if args.dry_run:
         device, batch, res, reps, k_rand = torch.device("cpu"), 4, 16, 1, 2
+    elif args.cpu:
+        from fastsupernet.allocator import tune_cpu_allocator
+
+        tune_cpu_allocator()
+        reps = args.reps if "--reps" in sys.argv else 2
+        device, batch, res, k_rand = torch.device("cpu"), args.batch, 32, 8
     else:
         if not torch.cuda.is_available():
             print("gpu_train: no CUDA GPU (use --dry-run to check the script on CPU)", file=sys.stderr)
             return 2
         device, batch, res, reps, k_rand = torch.device("cuda"), args.batch, 32, args.reps, 8
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (dry run)"
+    name = (torch.cuda.get_device_name(0) if device.type == "cuda"
+            else f"CPU ({torch.get_num_threads()} threads)" if args.cpu else "CPU (dry run)")
     print(f"gpu_train: {name}, torch {torch.__version__}; batch {batch} at 3x{res}x{res}, "
           f"largest + {k_rand} random paths, medians of {reps} steps")
 
@@ -155,7 +166,7 @@ def main() -> int:
     x0 = torch.randn(batch, 3, res, res, generator=g).to(device)
     y = torch.randint(0, 100, (batch,), generator=g).to(device)
     archs = sample_archs(1, k_rand)
-    rates = {None: gemm_rate(256 if args.dry_run else 4096, device=device.type)}
+    rates = {None: gemm_rate(256 if args.dry_run else 1024 if args.cpu else 4096, device=device.type)}
     if device.type == "cuda":
         rates[torch.bfloat16] = gemm_rate(4096, device="cuda", dtype=torch.bfloat16)
 
@@ -169,6 +180,8 @@ def main() -> int:
     for amp, cl, bwd, backend in variants:
         if args.dry_run and backend == "triton":
             continue  # CPU tensors would need the Triton interpreter
+        if args.cpu and (amp is not None or cl or backend):
+            continue  # the CPU recipe: fp32, NCHW, the compiled kernels
         if time.perf_counter() - t_start > args.budget_s:
             print(f"  (time budget of {args.budget_s:.0f} s spent: remaining configurations skipped)")
             break
@@ -242,7 +255,7 @@ def main() -> int:
               f"path(s)/step, teacher {s['teacher']}, {s['probes']} probes: {per * 1e3:7.2f} ms/step -> "
               f"{steps * per / 3600:6.2f} h" + (f" (+{steps * extra / 3600:.2f} h if every probe recovers)" if extra else ""))
     print(f"  total: {total / 3600:.2f} h projected ({total_upper / 3600:.2f} h if every probe path is recovered "
-          f"every step); target <= 1 h on one H100")
+          f"every step) on {name}; target <= 1 h on one H100")
     return 0
 
 
