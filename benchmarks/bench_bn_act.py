@@ -101,7 +101,9 @@ def _median_ms(fn, reps: int = 15) -> float:
 
 def main() -> None:
     from fastsupernet.allocator import tune_cpu_allocator
+    from fastsupernet.ops._extension import require
 
+    require()  # registers torch.ops.fastsupernet.*
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()

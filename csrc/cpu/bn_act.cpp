@@ -144,6 +144,68 @@ void forward_planes(const T* y, const T* res, const T* scale, const T* shift, co
   }
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTSUPERNET_NO_AVX2)
+#define FSN_BN_HAVE_AVX2 1
+// The forward planes for float32 with AVX2 (the generic loop's PReLU select is not
+// vectorised): the same per-element arithmetic, 8 lanes at a time, then a scalar tail.
+template <Act A>
+__attribute__((target("avx2"))) void forward_planes_avx2(const float* y, const float* res, const float* scale,
+                                                        const float* shift, const float* rscale, const float* rshift,
+                                                        float* out, int64_t C, int64_t HW, int64_t plane_begin,
+                                                        int64_t plane_end, float slope) {
+  const __m256 vs = _mm256_set1_ps(slope), zero = _mm256_setzero_ps();
+  for (int64_t p = plane_begin; p < plane_end; ++p) {
+    const int64_t c = p % C;
+    const float a = scale[c], b = shift[c];
+    const float ra = rscale != nullptr ? rscale[c] : 1.0f, rb = rshift != nullptr ? rshift[c] : 0.0f;
+    const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), vra = _mm256_set1_ps(ra), vrb = _mm256_set1_ps(rb);
+    const float* yp = y + p * HW;
+    const float* rp = res != nullptr ? res + p * HW : nullptr;
+    float* op = out + p * HW;
+    int64_t i = 0;
+    for (; i + 8 <= HW; i += 8) {
+      __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(yp + i), va), vb);
+      if (rp != nullptr) {
+        __m256 r = _mm256_loadu_ps(rp + i);
+        if (rscale != nullptr) r = _mm256_add_ps(_mm256_mul_ps(r, vra), vrb);
+        v = _mm256_add_ps(v, r);
+      }
+      if constexpr (A == Act::kRelu) {
+        v = _mm256_blendv_ps(v, zero, _mm256_cmp_ps(v, zero, _CMP_LT_OQ));  // z < 0 ? 0 : z (NaN kept)
+      } else if constexpr (A == Act::kPrelu) {
+        v = _mm256_blendv_ps(_mm256_mul_ps(vs, v), v, _mm256_cmp_ps(v, zero, _CMP_GT_OQ));
+      }
+      _mm256_storeu_ps(op + i, v);
+    }
+    for (; i < HW; ++i) {
+      float v = yp[i] * a;
+      v = v + b;
+      if (rp != nullptr) {
+        float r = rp[i];
+        if (rscale != nullptr) {
+          r = r * ra;
+          r = r + rb;
+        }
+        v = v + r;
+      }
+      op[i] = activate<A>(v, slope);
+    }
+  }
+}
+#endif
+
+// AVX2 when the CPU has it, unless FASTSUPERNET_CPU_KERNEL=generic (read at every call).
+bool use_avx2() {
+#ifdef FSN_BN_HAVE_AVX2
+  static const bool cpu_ok = __builtin_cpu_supports("avx2");
+  if (!cpu_ok) return false;
+  const char* env = std::getenv("FASTSUPERNET_CPU_KERNEL");
+  return env == nullptr || std::strcmp(env, "generic") != 0;
+#else
+  return false;
+#endif
+}
+
 at::Tensor bn_act_cpu(const at::Tensor& y_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
                       const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& res_scale,
                       const std::optional<at::Tensor>& res_shift, c10::string_view activation,
@@ -183,8 +245,19 @@ at::Tensor bn_act_cpu(const at::Tensor& y_in, const at::Tensor& scale_in, const 
     const scalar_t* rsp = has_rs ? rs.data_ptr<scalar_t>() : nullptr;
     const scalar_t* rbp = has_rs ? rb.data_ptr<scalar_t>() : nullptr;
     const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(HW, 1));
+    const bool avx = use_avx2();
     at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
       with_act(act, [&](auto a) {
+#ifdef FSN_BN_HAVE_AVX2
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (avx) {
+            forward_planes_avx2<decltype(a)::value>(y.data_ptr<float>(), rp, scale.data_ptr<float>(),
+                                                    shift.data_ptr<float>(), rsp, rbp, out.data_ptr<float>(), C, HW,
+                                                    begin, end, s);
+            return;
+          }
+        }
+#endif
         forward_planes<decltype(a)::value, scalar_t>(y.data_ptr<scalar_t>(), rp, scale.data_ptr<scalar_t>(),
                                                      shift.data_ptr<scalar_t>(), rsp, rbp, out.data_ptr<scalar_t>(),
                                                      C, HW, begin, end, s);
@@ -246,8 +319,7 @@ void channel_pass2(const T* gz, const T* y, T k1, T k0, T k2, T* gy, int64_t N, 
   }
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTSUPERNET_NO_AVX2)
-#define FSN_BN_HAVE_AVX2 1
+#ifdef FSN_BN_HAVE_AVX2
 // Pass 1 for float32 with AVX2 (the compiler does not vectorise the generic version's selects):
 // the same per-element arithmetic; the float64 sums run over 4-lane accumulators.
 template <Act A, bool R>
@@ -317,18 +389,6 @@ __attribute__((target("avx2"))) void channel_pass1_avx2(const float* g, const fl
   sum_slope = ((lp[0] + lp[1]) + (lp[2] + lp[3])) + tp;
 }
 #endif
-
-// AVX2 when the CPU has it, unless FASTSUPERNET_CPU_KERNEL=generic (read at every call).
-bool use_avx2() {
-#ifdef FSN_BN_HAVE_AVX2
-  static const bool cpu_ok = __builtin_cpu_supports("avx2");
-  if (!cpu_ok) return false;
-  const char* env = std::getenv("FASTSUPERNET_CPU_KERNEL");
-  return env == nullptr || std::strcmp(env, "generic") != 0;
-#else
-  return false;
-#endif
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& y_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
