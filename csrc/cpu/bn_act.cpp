@@ -5,7 +5,7 @@
 // Forward, per element of channel c:
 //   z = (y * scale[c] + shift[c]) + r,   r = residual * res_scale[c] + res_shift[c] | residual | 0
 //   out = act(z)                         none | relu | prelu with one shared slope
-// every product and sum rounded on its own (the build passes -ffp-contract=off): an element's
+// every product and sum rounded on its own (fp-contract off for this file): an element's
 // result does not depend on where it sits in the tensor, which the ranking engine relies on
 // (a candidate's scores must not depend on which other candidates share its packed tensor).
 //
@@ -39,6 +39,14 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+#endif
+
+// No fused multiply-adds formed from separate products and sums in this file (whatever -march
+// the build uses): see the header.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#elif defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
 #endif
 
 namespace fastsupernet {
