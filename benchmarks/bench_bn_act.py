@@ -16,12 +16,11 @@ over the copy bandwidth measured in the same run.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_conv_cpu import _median_seconds
 
 SHAPE = (64, 144, 32, 32)
 
@@ -90,13 +89,7 @@ def test_bn_act(benchmark, case, direction, impl):
 
 
 def _median_ms(fn, reps: int = 15) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    return _median_seconds(fn, reps) * 1e3
 
 
 def main() -> None:

@@ -136,7 +136,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "track1_seed.yaml"))
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=None, help="steps timed per configuration (default 5; 2 with --cpu)")
     ap.add_argument("--budget-s", type=float, default=40.0,
                     help="start no further configuration after this many seconds (the projection still runs)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, toy sizes: checks the script, numbers mean nothing")
@@ -149,13 +149,12 @@ def main() -> int:
         from fastsupernet.allocator import tune_cpu_allocator
 
         tune_cpu_allocator()
-        reps = args.reps if "--reps" in sys.argv else 2
-        device, batch, res, k_rand = torch.device("cpu"), args.batch, 32, 8
+        device, batch, res, reps, k_rand = torch.device("cpu"), args.batch, 32, args.reps or 2, 8
     else:
         if not torch.cuda.is_available():
             print("gpu_train: no CUDA GPU (use --dry-run to check the script on CPU)", file=sys.stderr)
             return 2
-        device, batch, res, reps, k_rand = torch.device("cuda"), args.batch, 32, args.reps, 8
+        device, batch, res, reps, k_rand = torch.device("cuda"), args.batch, 32, args.reps or 5, 8
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     name = (torch.cuda.get_device_name(0) if device.type == "cuda"
             else f"CPU ({torch.get_num_threads()} threads)" if args.cpu else "CPU (dry run)")

@@ -204,6 +204,21 @@ def _index(rows: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
+def _batch_affine(y: torch.Tensor, s: torch.Tensor, q: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, 1/std, scale, shift) of train-mode BN from the float64 per-channel sums ``s``, ``q``
+    of ``y``: normalising is ``y * scale + shift``."""
+    n = y.numel() // y.shape[1]
+    mean = s / n
+    var = (q / n - mean * mean).clamp_min(0.0)  # float64 sums: no cancellation trouble
+    # statistics in float32 for half-precision outputs, as aten's batch norm keeps them
+    stat_dtype = torch.float32 if y.dtype in (torch.float16, torch.bfloat16) else y.dtype
+    mean_t = mean.to(stat_dtype)
+    invstd_t = torch.rsqrt(var + eps).to(stat_dtype)
+    a = gamma.to(stat_dtype) * invstd_t
+    return mean_t, invstd_t, a, beta.to(stat_dtype) - mean_t * a
+
+
 class _BatchNormFromSums(torch.autograd.Function):
     """Train-mode BatchNorm of a conv output whose per-channel float64 sum and sum of squares the
     conv's epilogue already took: one pass (``y * a + b``) instead of a statistics pass and a
@@ -212,15 +227,7 @@ class _BatchNormFromSums(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, s, q, gamma, beta, eps):
-        n = y.numel() // y.shape[1]
-        mean = s / n
-        var = (q / n - mean * mean).clamp_min(0.0)  # float64 sums: no cancellation trouble
-        # statistics in float32 for half-precision outputs, as aten's batch norm keeps them
-        stat_dtype = torch.float32 if y.dtype in (torch.float16, torch.bfloat16) else y.dtype
-        mean_t = mean.to(stat_dtype)
-        invstd_t = torch.rsqrt(var + eps).to(stat_dtype)
-        a = gamma.to(stat_dtype) * invstd_t
-        b = beta.to(stat_dtype) - mean_t * a
+        mean_t, invstd_t, a, b = _batch_affine(y, s, q, gamma, beta, eps)
         ctx.save_for_backward(y, gamma, mean_t, invstd_t)
         ctx.eps = eps
         return torch.addcmul(b.to(y.dtype).view(1, -1, 1, 1), y, a.to(y.dtype).view(1, -1, 1, 1))
@@ -244,13 +251,7 @@ class _BatchNormAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, s, q, gamma, beta, eps, residual, activation, slope):
-        n = y.numel() // y.shape[1]
-        mean = s / n
-        var = (q / n - mean * mean).clamp_min(0.0)
-        mean_t = mean.to(y.dtype)
-        invstd_t = torch.rsqrt(var + eps).to(y.dtype)
-        a = gamma.to(y.dtype) * invstd_t
-        b = beta.to(y.dtype) - mean_t * a
+        mean_t, invstd_t, a, b = _batch_affine(y, s, q, gamma, beta, eps)  # y is float32/float64 here
         sl = slope.reshape(1) if activation == "prelu" else None
         out = torch.ops.fastsupernet.bn_act(y, a, b, residual, None, None, activation, sl)
         ctx.save_for_backward(y, a, b, residual, sl, mean_t, invstd_t)

@@ -24,13 +24,10 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -40,6 +37,8 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+
+#include "cpu/conv_plan.h"  // conv::generic_kernel_forced
 
 // No fused multiply-adds formed from separate products and sums in this file (whatever -march
 // the build uses): see the header.
@@ -95,6 +94,25 @@ inline T activate(T z, T slope) {
   } else {
     return z;
   }
+}
+
+// One element of backward pass 1: z rebuilt from y (and the residual r when R), gz = g * act'(z)
+// into gz_out, and the float64 sums of gz, gz * y and (PReLU) g * z where the slope acts.
+template <Act A, bool R, typename T>
+inline void pass1_element(T y, T r, T g, T a, T b, T slope, T& gz_out, double& s1, double& s2, double& sp) {
+  T z = y * a;
+  z = z + b;
+  if constexpr (R) z = z + r;
+  T gz = g;
+  if constexpr (A == Act::kRelu) {
+    gz = z <= T(0) ? T(0) : g;
+  } else if constexpr (A == Act::kPrelu) {
+    gz = z > T(0) ? g : slope * g;
+    sp += z > T(0) ? 0.0 : static_cast<double>(g) * static_cast<double>(z);
+  }
+  gz_out = gz;
+  s1 += static_cast<double>(gz);
+  s2 += static_cast<double>(gz) * static_cast<double>(y);
 }
 
 // Calls f(std::integral_constant<Act, A>{}) for the runtime activation.
@@ -206,9 +224,7 @@ __attribute__((target("avx2"))) void forward_planes_avx2(const float* y, const f
 bool use_avx2() {
 #ifdef FSN_BN_HAVE_AVX2
   static const bool cpu_ok = __builtin_cpu_supports("avx2");
-  if (!cpu_ok) return false;
-  const char* env = std::getenv("FASTSUPERNET_CPU_KERNEL");
-  return env == nullptr || std::strcmp(env, "generic") != 0;
+  return cpu_ok && !conv::generic_kernel_forced();
 #else
   return false;
 #endif
@@ -288,20 +304,7 @@ void channel_pass1(const T* g, const T* y, const T* res, T a, T b, T slope, T* g
     T* zp = gz_out + off;
 #pragma omp simd reduction(+ : s1, s2, sp)
     for (int64_t i = 0; i < HW; ++i) {
-      T z = yp[i] * a;
-      z = z + b;
-      if constexpr (R) z = z + rp[i];
-      const T gi = gp[i];
-      T gz = gi;
-      if constexpr (A == Act::kRelu) {
-        gz = z <= T(0) ? T(0) : gi;
-      } else if constexpr (A == Act::kPrelu) {
-        gz = z > T(0) ? gi : slope * gi;
-        sp += z > T(0) ? 0.0 : static_cast<double>(gi) * static_cast<double>(z);
-      }
-      zp[i] = gz;
-      s1 += static_cast<double>(gz);
-      s2 += static_cast<double>(gz) * static_cast<double>(yp[i]);
+      pass1_element<A, R>(yp[i], R ? rp[i] : T(0), gp[i], a, b, slope, zp[i], s1, s2, sp);
     }
   }
   sum_gz = s1;
@@ -372,20 +375,7 @@ __attribute__((target("avx2"))) void channel_pass1_avx2(const float* g, const fl
       s2 = _mm256_add_pd(s2, _mm256_mul_pd(ghi, _mm256_cvtps_pd(_mm256_extractf128_ps(yv, 1))));
     }
     for (; i < HW; ++i) {
-      float z = yp[i] * a;
-      z = z + b;
-      if constexpr (R) z = z + rp[i];
-      const float gi = gp[i];
-      float gz = gi;
-      if constexpr (A == Act::kRelu) {
-        gz = z <= 0.0f ? 0.0f : gi;
-      } else if constexpr (A == Act::kPrelu) {
-        gz = z > 0.0f ? gi : slope * gi;
-        tp += z > 0.0f ? 0.0 : static_cast<double>(gi) * static_cast<double>(z);
-      }
-      zp[i] = gz;
-      t1 += static_cast<double>(gz);
-      t2 += static_cast<double>(gz) * static_cast<double>(yp[i]);
+      pass1_element<A, R>(yp[i], R ? rp[i] : 0.0f, gp[i], a, b, slope, zp[i], t1, t2, tp);
     }
   }
   alignas(32) double l1[4], l2[4], lp[4];

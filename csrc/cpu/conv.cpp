@@ -139,9 +139,7 @@ int parse_activation(const char* op, c10::string_view activation) {
 // FASTSUPERNET_CPU_KERNEL=generic forces the portable kernel (read at every call).
 bool use_avx2() {
   static const bool cpu_ok = conv::cpu_has_avx2_fma();
-  if (!cpu_ok) return false;
-  const char* env = std::getenv("FASTSUPERNET_CPU_KERNEL");
-  return env == nullptr || std::strcmp(env, "generic") != 0;
+  return cpu_ok && !conv::generic_kernel_forced();
 }
 
 // A 1-D per-row tensor (scale, shift) as a contiguous tensor of the compute dtype.

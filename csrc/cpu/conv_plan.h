@@ -16,6 +16,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace fastsupernet {
 namespace conv {
@@ -141,6 +143,13 @@ bool run_items_avx2(const ConvJob<double>& job, int64_t begin, int64_t end, doub
 void run_items_generic(const ConvJob<float>& job, int64_t begin, int64_t end, float* scratch, double* lanes);
 void run_items_generic(const ConvJob<double>& job, int64_t begin, int64_t end, double* scratch, double* lanes);
 bool cpu_has_avx2_fma();
+
+// FASTSUPERNET_CPU_KERNEL=generic forces the portable version of every CPU kernel (read at
+// every call, so tests can switch it).
+inline bool generic_kernel_forced() {
+  const char* env = std::getenv("FASTSUPERNET_CPU_KERNEL");
+  return env != nullptr && std::strcmp(env, "generic") == 0;
+}
 
 }  // namespace conv
 }  // namespace fastsupernet

@@ -98,9 +98,7 @@ namespace portable {
 bool use_avx2() {
 #ifdef FSN_WG_HAVE_AVX2
   static const bool cpu_ok = conv::cpu_has_avx2_fma();
-  if (!cpu_ok) return false;
-  const char* env = std::getenv("FASTSUPERNET_CPU_KERNEL");
-  return env == nullptr || std::strcmp(env, "generic") != 0;
+  return cpu_ok && !conv::generic_kernel_forced();
 #else
   return false;
 #endif
