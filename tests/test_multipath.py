@@ -4,13 +4,17 @@ Logits and every gradient (input and all parameters) must equal those of
 ``torch.stack([model(x, a) for a in archs])``: float64 to 1e-9 relative (the exactness check,
 on the reference and the compiled backend), float32 to 1e-3 of each tensor's largest magnitude
 (a smoke test of the float32 kernels: train-mode BN over 2 images and the PReLU slopes' sums
-with cancellation amplify rounding). Also the
+with cancellation amplify rounding). The float32 cases use fixed seeds: at these sizes some
+inputs sit on a ReLU kink, where a 1e-6 relative perturbation of the input moves some
+gradients by 5% even in float64, so a float32 run then differs from the loop by that much
+whichever kernel it uses. Also the
 batched conv backward (one multi_conv2d for the input gradient, one multi_conv2d_weight_grad
 for the weight gradient) against aten's convolution backward per candidate.
 """
 from __future__ import annotations
 
 import random
+import zlib
 
 import pytest
 import torch
@@ -111,7 +115,7 @@ def test_forward_paths_matches_loop(config, dtype, backend, k, duplicate, train)
     if backend == "cpp" and not HAS_CPP:
         pytest.skip("compiled extension not built")
     model = make_model(CONFIGS[config], dtype)
-    seed = hash((config, k, duplicate)) % 1000
+    seed = zlib.crc32(repr((config, k, duplicate)).encode()) % 1000  # the same in every process
     archs = archs_for(TRACK1, k, seed, duplicate)
     x = torch.randn(2, 3, 12, 12, dtype=dtype, generator=torch.Generator().manual_seed(seed)).to(dtype)
     ref, out, ref_grads, grads = loop_vs_batched(model, x, archs, backend, train)
