@@ -396,6 +396,8 @@ GEOMETRIES = [  # N, C, H, W, k, stride, padding
     (2, 3, 5, 5, 3, 1, 1), (2, 3, 5, 5, 3, 2, 1), (1, 4, 8, 8, 1, 1, 0), (1, 4, 8, 8, 1, 2, 0),
     (2, 5, 7, 9, 3, 2, 1), (1, 2, 16, 16, 3, 2, 1), (1, 2, 9, 16, 1, 1, 0), (3, 2, 1, 1, 1, 1, 0),
     (1, 3, 7, 7, 3, 1, 2), (1, 2, 6, 6, 5, 3, 2),
+    # float32 ones take the Winograd path (3x3, stride 1, W % 8 == 0, even H, widths >= 16)
+    (1, 20, 8, 8, 3, 1, 1), (1, 20, 6, 24, 3, 1, 1), (2, 20, 4, 16, 3, 1, 1),
 ]
 count = 0
 for dtype, (N, C, H, W, k, s, p), at_end in itertools.product(
@@ -433,7 +435,7 @@ def test_reads_stay_inside_the_tensors(kernel):
         env["FASTSUPERNET_CPU_KERNEL"] = "generic"
     proc = subprocess.run([sys.executable, "-c", _GUARD_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.strip() == "ok 40"
+    assert proc.stdout.strip() == "ok 52"
 
 
 # --- validation -----------------------------------------------------------------------------

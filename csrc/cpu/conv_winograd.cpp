@@ -1,0 +1,437 @@
+// Winograd F(2x2, 3x3) kernel of fastsupernet::multi_conv2d (float32, AVX2 + FMA).
+//
+// For a 3x3 stride-1 convolution with padding 1, each 2x2 output tile is
+//   Y = A^T [ sum_c (G g_c G^T) . (B^T d_c B) ] A
+// with d_c the 4x4 input patch of channel c, g_c the 3x3 filter, . the elementwise product:
+// 16 multiply-adds per channel per tile instead of 36 (2.25x fewer). Per chunk of images and
+// segment (candidates reading one input slice):
+//  1. the segment's channels are transformed once (V = B^T d B), stored as
+//     V[xi][channel][tile], tiles contiguous (the chunk is sized so that V stays in L2);
+//  2. per candidate and group of up to 24 tiles, for each xi, the GEMM of the transformed
+//     weights (U = G g G^T, per call, conv.cpp; a 4-row panel at a time) with V's panel of
+//     24 tiles, which stays in L1 for all the candidate's rows, into a buffer M[xi][row][tile];
+//  3. the output transform of that buffer, then the epilogue (statistics, scale/shift,
+//     residual, activation) and the store, on vectors of 8 contiguous output pixels.
+// Chunks hold a fixed number of images (from the shape only), so the statistics, added per
+// (chunk, row) and then over chunks in order, do not depend on the thread count.
+//
+// Rounding (u = 2^-24): V values take 3 roundings, U one (computed in float64), the GEMM one
+// FMA chain of in_width steps, the output transform 4 additions: the conv value before the
+// epilogue is within (in_width + 8) u A_w (1 + O(u)) of the exact one, where A_w is the same
+// algorithm run on absolute values (|A^T| [sum_c (|G| |g_c| |G^T|) . (|B^T| |d_c| |B|)] |A|).
+// tests/test_conv_cpu.py checks this bound per element.
+
+#include "cpu/conv_winograd.h"
+
+#include "cpu/conv_plan.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTSUPERNET_NO_AVX2)
+
+#include <immintrin.h>
+
+#include <algorithm>
+
+#define FSN_TARGET __attribute__((target("avx2,fma")))
+#define FSN_INLINE inline __attribute__((always_inline))
+
+namespace fastsupernet {
+namespace conv {
+namespace {
+
+constexpr int kXi = 16;        // transformed values per tile
+constexpr int kRowsW = 4;      // output rows per register tile
+constexpr int kVecsW = 3;      // vectors of 8 tiles per register tile
+constexpr int kGroup = 8 * kVecsW;
+
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+struct Scratch {
+  float* v;     // [kXi][seg_width][pp]
+  float* mb;    // [kXi][rows, padded to 4][kGroup]
+  float* rows;  // 16 arrays of tw + 16 values: even/odd columns of 4 patch rows, then their transforms
+  int64_t mb_stride;  // floats per xi in mb
+};
+
+int64_t max_pp(const WinogradJob& j) { return round_up(j.images_per_chunk * (j.H / 2) * (j.W / 2), 8); }
+
+Scratch carve(const WinogradJob& j, float* base) {
+  Scratch s;
+  s.mb_stride = round_up(j.max_out_w, kRowsW) * kGroup;
+  s.v = base;
+  s.mb = s.v + kXi * j.max_seg_width * max_pp(j);
+  s.rows = s.mb + kXi * s.mb_stride;
+  return s;
+}
+
+// Tiles [used, pp) of each of `planes` rows of pp values: zero (read by the last vector).
+void zero_tail(float* v, int64_t planes, int64_t pp, int64_t used) {
+  if (used == pp) return;
+  for (int64_t r = 0; r < planes; ++r) std::fill(v + r * pp + used, v + r * pp + pp, 0.0f);
+}
+
+// V = B^T d B for every tile of images [n0, n0 + nb) and channels [c0, c0 + width).
+// Columns are split into even and odd padded columns: tile tx reads padded columns
+// 2tx .. 2tx+3 = even[tx], odd[tx], even[tx+1], odd[tx+1]; padded column q is input column q-1.
+FSN_TARGET void transform_input(const WinogradJob& j, int64_t c0, int64_t width, int64_t n0, int64_t nb, int64_t pp,
+                                const Scratch& s) {
+  const int64_t th = j.H / 2, tw = j.W / 2, tiles = th * tw, q = tw + 1;
+  const int64_t stride = tw + 16;  // of the 16 arrays in s.rows
+  float* ev[4];
+  float* od[4];
+  float* te[4];
+  float* to[4];
+  for (int i = 0; i < 4; ++i) {
+    ev[i] = s.rows + (2 * i) * stride;
+    od[i] = s.rows + (2 * i + 1) * stride;
+    te[i] = s.rows + (8 + 2 * i) * stride;
+    to[i] = s.rows + (8 + 2 * i + 1) * stride;
+  }
+  const int64_t plane = width * pp;
+  for (int64_t nl = 0; nl < nb; ++nl) {
+    for (int64_t c = 0; c < width; ++c) {
+      const float* xc = j.x + (n0 + nl) * j.x_sN + (c0 + c) * j.x_sC;
+      for (int64_t ty = 0; ty < th; ++ty) {
+        for (int i = 0; i < 4; ++i) {
+          const int64_t iy = 2 * ty - 1 + i;
+          if (iy < 0 || iy >= j.H) {
+            std::fill(ev[i], ev[i] + q, 0.0f);
+            std::fill(od[i], od[i] + q, 0.0f);
+            continue;
+          }
+          const float* row = xc + iy * j.x_sH;
+          ev[i][0] = 0.0f;
+          for (int64_t t = 1; t < q; ++t) ev[i][t] = row[(2 * t - 1) * j.x_sW];
+          for (int64_t t = 0; t < tw; ++t) od[i][t] = row[2 * t * j.x_sW];
+          od[i][tw] = 0.0f;
+        }
+        // B^T along y (patch rows), on the even and the odd columns
+        for (int64_t t = 0; t < q; ++t) {
+          te[0][t] = ev[0][t] - ev[2][t];
+          te[1][t] = ev[1][t] + ev[2][t];
+          te[2][t] = ev[2][t] - ev[1][t];
+          te[3][t] = ev[1][t] - ev[3][t];
+          to[0][t] = od[0][t] - od[2][t];
+          to[1][t] = od[1][t] + od[2][t];
+          to[2][t] = od[2][t] - od[1][t];
+          to[3][t] = od[1][t] - od[3][t];
+        }
+        // B along x, stored at xi = 4 * iy + ix
+        float* dst = s.v + c * pp + nl * tiles + ty * tw;
+        for (int iy = 0; iy < 4; ++iy) {
+          const float* e = te[iy];
+          const float* o = to[iy];
+          float* d0 = dst + (4 * iy) * plane;
+          float* d1 = d0 + plane;
+          float* d2 = d1 + plane;
+          float* d3 = d2 + plane;
+          for (int64_t t = 0; t < tw; ++t) {
+            d0[t] = e[t] - e[t + 1];
+            d1[t] = o[t] + e[t + 1];
+            d2[t] = e[t + 1] - o[t];
+            d3[t] = o[t] - o[t + 1];
+          }
+        }
+      }
+    }
+  }
+  zero_tail(s.v, kXi * width, pp, nb * tiles);
+}
+
+// (e[0..8), o[0..8)) = even and odd lanes of the 16 values (a, b).
+FSN_TARGET FSN_INLINE void deinterleave(__m256 a, __m256 b, __m256& e, __m256& o) {
+  // per 128-bit half: a0 a2 b0 b2 | a4 a6 b4 b6, then the 64-bit pairs in order
+  e = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))),
+                                             _MM_SHUFFLE(3, 1, 2, 0)));
+  o = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))),
+                                             _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
+FSN_TARGET FSN_INLINE __m256i lane_mask(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// B along x: the 16 values of 8 tiles from (e0 = ev[t], e1 = ev[t + 1], o0 = od[t], o1 =
+// od[t + 1]) of patch row iy, stored at d + xi * plane (n < 8: the first n lanes only).
+FSN_TARGET FSN_INLINE void transform_x(__m256 e0, __m256 e1, __m256 o0, __m256 o1, float* d, int64_t plane, int64_t n) {
+  const __m256 u[4] = {_mm256_sub_ps(e0, e1), _mm256_add_ps(o0, e1), _mm256_sub_ps(e1, o0), _mm256_sub_ps(o0, o1)};
+  if (n == 8) {
+    for (int ix = 0; ix < 4; ++ix) _mm256_storeu_ps(d + ix * plane, u[ix]);
+  } else {
+    const __m256i mask = lane_mask(n);
+    for (int ix = 0; ix < 4; ++ix) _mm256_maskstore_ps(d + ix * plane, mask, u[ix]);
+  }
+}
+
+// B^T along y on 8 input columns from `col` of the 4 patch rows (nullptr: zero padding).
+FSN_TARGET FSN_INLINE void transform_y8(const float* const* row, int64_t col, __m256* t) {
+  __m256 a[4];
+  for (int i = 0; i < 4; ++i) a[i] = row[i] != nullptr ? _mm256_loadu_ps(row[i] + col) : _mm256_setzero_ps();
+  t[0] = _mm256_sub_ps(a[0], a[2]);
+  t[1] = _mm256_add_ps(a[1], a[2]);
+  t[2] = _mm256_sub_ps(a[2], a[1]);
+  t[3] = _mm256_sub_ps(a[1], a[3]);
+}
+
+FSN_TARGET FSN_INLINE void patch_rows(const WinogradJob& j, const float* xc, int64_t ty, const float** row) {
+  for (int i = 0; i < 4; ++i) {
+    const int64_t iy = 2 * ty - 1 + i;
+    row[i] = iy >= 0 && iy < j.H ? xc + iy * j.x_sH : nullptr;
+  }
+}
+
+// The input transform for rows of unit stride (W % 8 == 0), vectorised; the same arithmetic,
+// in the same order, as transform_input's scalar loops. Per tile row, the y-transformed
+// even and odd input columns are the padded columns od[t] and ev[t + 1]; ev[t] and od[t + 1]
+// are the same vectors moved by one lane, with the neighbouring block's value (or zero)
+// shifted in: no store is read back at another offset. W = 8: two tile rows per vector.
+FSN_TARGET void transform_input_rows(const WinogradJob& j, int64_t c0, int64_t width, int64_t n0, int64_t nb,
+                                     int64_t pp, const Scratch& s) {
+  const int64_t th = j.H / 2, tw = j.W / 2, tiles = th * tw, blocks = j.W / 16;
+  const int64_t plane = width * pp;
+  const __m256i right = _mm256_setr_epi32(7, 0, 1, 2, 3, 4, 5, 6), left = _mm256_setr_epi32(1, 2, 3, 4, 5, 6, 7, 0);
+  const __m256 zero = _mm256_setzero_ps();
+  float* even = s.rows;              // [iy][block][8]: y-transformed even input columns
+  float* odd = s.rows + 4 * tw;      // [iy][block][8]: odd input columns
+  // images outer, channels inner: the planes of an image are read in memory order
+  for (int64_t nl = 0; nl < nb; ++nl) {
+    for (int64_t c = 0; c < width; ++c) {
+      const float* xc = j.x + (n0 + nl) * j.x_sN + (c0 + c) * j.x_sC;
+      float* dst = s.v + c * pp + nl * tiles;
+      const float* row[4];
+      if (j.W == 8) {
+        for (int64_t ty = 0; ty < th; ty += 2) {
+          const bool pair = ty + 1 < th;
+          __m256 ta[4], tb[4] = {zero, zero, zero, zero};
+          patch_rows(j, xc, ty, row);
+          transform_y8(row, 0, ta);
+          if (pair) {
+            patch_rows(j, xc, ty + 1, row);
+            transform_y8(row, 0, tb);
+          }
+          for (int iy = 0; iy < 4; ++iy) {
+            __m256 e, o;
+            deinterleave(ta[iy], tb[iy], e, o);  // tile row ty in the low half, ty + 1 in the high
+            const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_si256(_mm256_castps_si256(o), 4));
+            const __m256 o1 = _mm256_castsi256_ps(_mm256_srli_si256(_mm256_castps_si256(e), 4));
+            transform_x(e0, o, e, o1, dst + ty * tw + (4 * iy) * plane, plane, pair ? 8 : 4);
+          }
+        }
+        continue;
+      }
+      for (int64_t ty = 0; ty < th; ++ty) {
+        patch_rows(j, xc, ty, row);
+        for (int64_t b = 0; b < blocks; ++b) {
+          __m256 ta[4], tb[4];
+          transform_y8(row, 16 * b, ta);
+          transform_y8(row, 16 * b + 8, tb);
+          for (int iy = 0; iy < 4; ++iy) {
+            __m256 e, o;
+            deinterleave(ta[iy], tb[iy], e, o);
+            _mm256_storeu_ps(even + (iy * blocks + b) * 8, e);
+            _mm256_storeu_ps(odd + (iy * blocks + b) * 8, o);
+          }
+        }
+        for (int64_t b = 0; b < blocks; ++b) {
+          for (int iy = 0; iy < 4; ++iy) {
+            const __m256 e = _mm256_loadu_ps(even + (iy * blocks + b) * 8);
+            const __m256 o = _mm256_loadu_ps(odd + (iy * blocks + b) * 8);
+            const __m256 o_prev = b > 0 ? _mm256_loadu_ps(odd + (iy * blocks + b - 1) * 8) : zero;
+            const __m256 e_next = b + 1 < blocks ? _mm256_loadu_ps(even + (iy * blocks + b + 1) * 8) : zero;
+            const __m256 e0 = _mm256_blend_ps(_mm256_permutevar8x32_ps(o, right),
+                                              _mm256_permutevar8x32_ps(o_prev, right), 0x01);
+            const __m256 o1 = _mm256_blend_ps(_mm256_permutevar8x32_ps(e, left),
+                                              _mm256_permutevar8x32_ps(e_next, left), 0x80);
+            transform_x(e0, o, e, o1, dst + ty * tw + 8 * b + (4 * iy) * plane, plane, 8);
+          }
+        }
+      }
+    }
+  }
+  zero_tail(s.v, kXi * width, pp, nb * tiles);
+}
+
+// mb[r][v*8 ..] = sum_c ub[c][r] * vb[c][v*8 ..], r < 4, v < NV (mb rows kGroup apart).
+template <int NV>
+FSN_TARGET FSN_INLINE void gemm_tile(const float* __restrict ub, const float* __restrict vb, int64_t pp,
+                                     int64_t depth, float* __restrict mb) {
+  __m256 acc[kRowsW][NV];
+  for (int r = 0; r < kRowsW; ++r) {
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  }
+  for (int64_t c = 0; c < depth; ++c) {
+    __m256 b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(vb + c * pp + 8 * v);
+    for (int r = 0; r < kRowsW; ++r) {
+      const __m256 a = _mm256_broadcast_ss(ub + 4 * c + r);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(a, b[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < kRowsW; ++r) {
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(mb + r * kGroup + 8 * v, acc[r][v]);
+  }
+}
+
+struct RowEpilogue {
+  __m256 sc, sh, sl;
+  bool has_scale, has_shift;
+  int act;
+  const float* res;  // residual at the same offset as the output, or nullptr
+  __m256d s, sq;
+};
+
+// Statistics, epilogue and store of 8 contiguous output pixels at `o`.
+FSN_TARGET FSN_INLINE void emit(RowEpilogue& e, float* o, const float* res, __m256 y, bool stats) {
+  if (stats) {
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(y));
+    const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(y, 1));
+    e.s = _mm256_add_pd(_mm256_add_pd(e.s, lo), hi);
+    e.sq = _mm256_fmadd_pd(hi, hi, _mm256_fmadd_pd(lo, lo, e.sq));
+  }
+  if (e.has_scale) {
+    y = e.has_shift ? _mm256_fmadd_ps(y, e.sc, e.sh) : _mm256_mul_ps(y, e.sc);
+  } else if (e.has_shift) {
+    y = _mm256_add_ps(y, e.sh);
+  }
+  if (res != nullptr) y = _mm256_add_ps(y, _mm256_loadu_ps(res));
+  if (e.act == kActRelu) {
+    y = _mm256_max_ps(_mm256_setzero_ps(), y);
+  } else if (e.act == kActPrelu) {
+    const __m256 ge = _mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_GE_OQ);
+    y = _mm256_blendv_ps(_mm256_mul_ps(y, e.sl), y, ge);
+  }
+  _mm256_storeu_ps(o, y);
+}
+
+// Output transform of the GEMM buffer for `rows` rows starting at output row `row`, tiles
+// [p0, p0 + 8 NV) of the chunk (those below `tiles_used`), then epilogue and store.
+template <int NV>
+FSN_TARGET void output_group(const WinogradJob& j, const float* __restrict mb, int64_t mb_stride, int64_t rows,
+                             int64_t row, int64_t p0, int64_t tiles_used, float* chunk_out, double* psum,
+                             double* psq) {
+  const int64_t hw = j.H * j.W;
+  const bool stats = psum != nullptr;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t orow = row + r;
+    RowEpilogue e;
+    e.has_scale = j.scale != nullptr;
+    e.has_shift = j.shift != nullptr;
+    e.sc = _mm256_set1_ps(e.has_scale ? j.scale[orow] : 1.0f);
+    e.sh = _mm256_set1_ps(e.has_shift ? j.shift[orow] : 0.0f);
+    e.sl = _mm256_set1_ps(j.slope != nullptr ? j.slope[orow] : 0.0f);
+    e.act = j.activation;
+    e.s = _mm256_setzero_pd();
+    e.sq = _mm256_setzero_pd();
+    float* out_row = chunk_out + orow * hw;
+    const float* res_row = j.residual != nullptr ? j.residual + (chunk_out - j.out) + orow * hw : nullptr;
+    for (int v = 0; v < NV; ++v) {
+      const int64_t p = p0 + 8 * v;
+      if (p >= tiles_used) break;
+      const float* m = mb + r * kGroup + 8 * v;
+      __m256 s0[4], s1[4];
+      for (int ix = 0; ix < 4; ++ix) {
+        const __m256 m0 = _mm256_loadu_ps(m + (0 + ix) * mb_stride);
+        const __m256 m1 = _mm256_loadu_ps(m + (4 + ix) * mb_stride);
+        const __m256 m2 = _mm256_loadu_ps(m + (8 + ix) * mb_stride);
+        const __m256 m3 = _mm256_loadu_ps(m + (12 + ix) * mb_stride);
+        s0[ix] = _mm256_add_ps(_mm256_add_ps(m0, m1), m2);
+        s1[ix] = _mm256_sub_ps(_mm256_sub_ps(m1, m2), m3);
+      }
+      const __m256 y00 = _mm256_add_ps(_mm256_add_ps(s0[0], s0[1]), s0[2]);
+      const __m256 y01 = _mm256_sub_ps(_mm256_sub_ps(s0[1], s0[2]), s0[3]);
+      const __m256 y10 = _mm256_add_ps(_mm256_add_ps(s1[0], s1[1]), s1[2]);
+      const __m256 y11 = _mm256_sub_ps(_mm256_sub_ps(s1[1], s1[2]), s1[3]);
+      // interleave columns: lanes 0-3 (one quad) and lanes 4-7 (the next) as 8 pixels each
+      const __m256 lo0 = _mm256_unpacklo_ps(y00, y01), hi0 = _mm256_unpackhi_ps(y00, y01);
+      const __m256 lo1 = _mm256_unpacklo_ps(y10, y11), hi1 = _mm256_unpackhi_ps(y10, y11);
+      const __m256 top[2] = {_mm256_permute2f128_ps(lo0, hi0, 0x20), _mm256_permute2f128_ps(lo0, hi0, 0x31)};
+      const __m256 bot[2] = {_mm256_permute2f128_ps(lo1, hi1, 0x20), _mm256_permute2f128_ps(lo1, hi1, 0x31)};
+      for (int h = 0; h < 2; ++h) {
+        if (p + 4 * h >= tiles_used) break;
+        const int64_t off = j.quad_off[(p + 4 * h) / 4];
+        emit(e, out_row + off, res_row != nullptr ? res_row + off : nullptr, top[h], stats);
+        emit(e, out_row + off + j.W, res_row != nullptr ? res_row + off + j.W : nullptr, bot[h], stats);
+      }
+    }
+    if (stats) {
+      alignas(32) double a[4], b[4];
+      _mm256_store_pd(a, e.s);
+      _mm256_store_pd(b, e.sq);
+      psum[orow] += (a[0] + a[1]) + (a[2] + a[3]);
+      psq[orow] += (b[0] + b[1]) + (b[2] + b[3]);
+    }
+  }
+}
+
+// One candidate, one group of NV vectors of tiles from p0: the 16 GEMMs (every 4-row panel
+// against V's panel, which stays in L1), then the output transform and epilogue.
+template <int NV>
+FSN_TARGET void run_group(const WinogradJob& j, int64_t k, const float* v, int64_t pp, int64_t width,
+                          const Scratch& s, int64_t p0, int64_t tiles_used, float* chunk_out, double* psum,
+                          double* psq) {
+  const int64_t depth = j.in_w[k], blocks = (j.out_w[k] + kRowsW - 1) / kRowsW;
+  const float* uk = j.u + j.u_off[k];
+  for (int xi = 0; xi < kXi; ++xi) {
+    const float* vb = v + xi * width * pp + p0;
+    for (int64_t rb = 0; rb < blocks; ++rb) {
+      gemm_tile<NV>(uk + (xi * blocks + rb) * depth * kRowsW, vb, pp, depth,
+                    s.mb + xi * s.mb_stride + rb * kRowsW * kGroup);
+    }
+  }
+  output_group<NV>(j, s.mb, s.mb_stride, j.out_w[k], j.row0[k], p0, tiles_used, chunk_out, psum, psq);
+}
+
+}  // namespace
+
+int64_t winograd_scratch_floats(const WinogradJob& j) {
+  return kXi * j.max_seg_width * max_pp(j) + kXi * round_up(j.max_out_w, kRowsW) * kGroup + 16 * (j.W / 2 + 16);
+}
+
+bool winograd_run_avx2(const WinogradJob& j, int64_t begin, int64_t end, float* scratch) {
+  const int64_t tiles = (j.H / 2) * (j.W / 2);
+  const Scratch s = carve(j, scratch);
+  for (int64_t chunk = begin; chunk < end; ++chunk) {
+    const int64_t n0 = chunk * j.images_per_chunk;
+    const int64_t nb = std::min(j.images_per_chunk, j.N - n0);
+    const int64_t used = nb * tiles, pp = round_up(used, 8);
+    float* chunk_out = j.out + n0 * j.M * j.H * j.W;
+    double* psum = j.part_sum != nullptr ? j.part_sum + chunk * j.M : nullptr;
+    double* psq = j.part_sq != nullptr ? j.part_sq + chunk * j.M : nullptr;
+    for (int64_t sg = 0; sg < j.num_segments; ++sg) {
+      const int64_t width = j.seg_width[sg];
+      if (j.x_sW == 1 && (j.W == 8 || j.W % 16 == 0)) {
+        transform_input_rows(j, j.seg_c0[sg], width, n0, nb, pp, s);
+      } else {
+        transform_input(j, j.seg_c0[sg], width, n0, nb, pp, s);
+      }
+      for (int64_t k = j.seg_first[sg]; k < j.seg_first[sg + 1]; ++k) {
+        for (int64_t p0 = 0; p0 < used; p0 += kGroup) {
+          const int64_t nv = std::min<int64_t>(kVecsW, (pp - p0) / 8);
+          if (nv == 3) {
+            run_group<3>(j, k, s.v, pp, width, s, p0, used, chunk_out, psum, psq);
+          } else if (nv == 2) {
+            run_group<2>(j, k, s.v, pp, width, s, p0, used, chunk_out, psum, psq);
+          } else {
+            run_group<1>(j, k, s.v, pp, width, s, p0, used, chunk_out, psum, psq);
+          }
+        }
+      }
+    }
+  }
+  return true;
+}
+
+}  // namespace conv
+}  // namespace fastsupernet
+
+#else  // no AVX2 build: the direct kernel serves every call
+
+namespace fastsupernet {
+namespace conv {
+
+int64_t winograd_scratch_floats(const WinogradJob&) { return 0; }
+bool winograd_run_avx2(const WinogradJob&, int64_t, int64_t, float*) { return false; }
+
+}  // namespace conv
+}  // namespace fastsupernet
+
+#endif

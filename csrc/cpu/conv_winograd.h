@@ -1,0 +1,71 @@
+// Plan of the Winograd F(2x2, 3x3) path of fastsupernet::multi_conv2d on CPU (float32,
+// AVX2 + FMA), shared by the host code (conv.cpp) and the kernel (conv_winograd.cpp).
+//
+// Plain C++ (no torch), like conv_plan.h. Vocabulary:
+//   tile   2x2 output pixels, computed from a 4x4 input patch; an image has (H/2) x (W/2)
+//   xi     one of the 16 positions of the transformed 4x4 tile, xi = 4 * (y index) + (x index)
+//   quad   4 consecutive tiles of one tile row: 8 contiguous output pixels in each of 2 rows
+//   chunk  a fixed number of consecutive images, one unit of parallel work; its tiles are
+//          numbered image-major, row-major (p = image * tiles_per_image + ty * W/2 + tx)
+#pragma once
+
+#include <cstdint>
+
+namespace fastsupernet {
+namespace conv {
+
+struct WinogradJob {
+  // Input: x (any strides), N images of H x W (= the output size: 3x3, stride 1, padding 1).
+  const float* x = nullptr;
+  int64_t x_sN = 0, x_sC = 0, x_sH = 0, x_sW = 0;
+  int64_t N = 0, H = 0, W = 0;
+
+  // Segments: runs of consecutive candidates with one input offset; segment s holds
+  // candidates [seg_first[s], seg_first[s + 1]) and reads channels [seg_c0[s], + seg_width[s])
+  // (its widest candidate), transformed once per chunk for all of them.
+  int64_t num_segments = 0;
+  const int64_t* seg_first = nullptr;
+  const int64_t* seg_c0 = nullptr;
+  const int64_t* seg_width = nullptr;
+  int64_t max_seg_width = 0;
+
+  // Candidates: the first in_w[k] channels of their segment, output rows [row0[k], +
+  // out_w[k]); transformed weights at u + u_off[k], laid out [xi][block of 4 rows][channel][4]
+  // (rows past out_w[k] are zero).
+  int64_t K = 0;
+  const int64_t* in_w = nullptr;
+  const int64_t* out_w = nullptr;
+  const int64_t* row0 = nullptr;
+  const int64_t* u_off = nullptr;
+  const float* u = nullptr;
+  int64_t max_out_w = 0;
+
+  // Output (N, M, H, W) contiguous; epilogue per row as in conv_plan.h's ConvJob.
+  int64_t M = 0;
+  float* out = nullptr;
+  const float* residual = nullptr;  // the output's shape, contiguous, or nullptr
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+  const float* slope = nullptr;
+  int activation = 0;
+
+  // Chunks of images_per_chunk images (the last may have fewer); quad_off[q] = offset of
+  // quad q of a chunk (image-local row 0) from the chunk's first output value.
+  int64_t images_per_chunk = 0;
+  int64_t num_chunks = 0;
+  const int64_t* quad_off = nullptr;
+
+  // Statistics: float64 partial sums per (chunk, row), or nullptr.
+  double* part_sum = nullptr;
+  double* part_sq = nullptr;
+};
+
+// float32 values of one thread's scratch.
+int64_t winograd_scratch_floats(const WinogradJob& job);
+
+// Runs chunks [begin, end); false when the build has no AVX2 version (the caller then uses
+// the direct kernel).
+bool winograd_run_avx2(const WinogradJob& job, int64_t begin, int64_t end, float* scratch);
+
+}  // namespace conv
+}  // namespace fastsupernet

@@ -1,0 +1,268 @@
+"""The Winograd F(2x2, 3x3) path of the CPU ``multi_conv2d`` (float32, AVX2; 3x3, stride 1,
+padding 1, output width a multiple of 8, even height, mean input width >= 16).
+
+Oracle: the same float64 oracle as tests/test_conv_cpu.py (a loop of ``F.conv2d`` per
+candidate, then the epilogue). The error bound is the one csrc/cpu/conv_winograd.cpp states:
+the conv value is within ``(in_width + 8) u A_w`` of the exact one, ``A_w`` being the Winograd
+algorithm run in float64 on absolute values (``|A^T| [sum_c (|G| |g| |G^T|) . (|B^T| |d| |B|)]
+|A|``, computed here with ``unfold``), plus 4 roundings for the epilogue:
+``(in_width + 12) u mag_w`` with ``mag_w = (A_w |scale| + |shift| + |residual|) max(1, |slope|)``.
+The statistics bound is the conv bound summed over a channel plus the float64 summation error.
+
+Each case also runs with ``FASTSUPERNET_CPU_WINOGRAD=0`` (the direct kernel) and must differ
+from it somewhere: the Winograd path really ran.
+"""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastsupernet._C  # noqa: F401  (registers the ops)
+from fastsupernet.ops._extension import has_kernel
+
+OPS = torch.ops.fastsupernet
+U32 = 2.0**-24
+U64 = 2.0**-53
+
+
+def _avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+pytestmark = pytest.mark.skipif(not (has_kernel("multi_conv2d", "CPU") and _avx2()),
+                                reason="needs the compiled CPU kernels on an AVX2 + FMA CPU")
+
+BT = torch.tensor([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=torch.float64)
+G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
+AT = torch.tensor([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=torch.float64)
+
+
+def winograd_abs(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A_w: F(2x2, 3x3) on absolute values (x: (N, C, H, W), w: (O, C, 3, 3); H, W even)."""
+    n, c, h, wd = x.shape
+    xp = F.pad(x.abs(), (1, 1, 1, 1))
+    d = xp.unfold(2, 4, 2).unfold(3, 4, 2)  # (N, C, H/2, W/2, 4, 4)
+    v = BT.abs() @ d @ BT.abs().T
+    u = G.abs() @ w.abs() @ G.abs().T  # (O, C, 4, 4)
+    m = torch.einsum("ocab,ncyxab->noyxab", u, v)
+    y = AT.abs() @ m @ AT.abs().T  # (N, O, H/2, W/2, 2, 2)
+    return y.permute(0, 1, 2, 4, 3, 5).reshape(n, w.shape[0], h, wd)
+
+
+def test_absolute_oracle_bounds_the_conv():
+    """The oracle's own sanity: A_w >= |conv| and >= the direct |w| |x| sum's magnitude order."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, 8, dtype=torch.float64, generator=g)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=g)
+    aw = winograd_abs(x, w)
+    assert (aw >= F.conv2d(x, w, padding=1).abs() - 1e-12).all()
+    assert (aw >= F.conv2d(x.abs(), w.abs(), padding=1) - 1e-12).all()
+
+
+class WCase:
+    def __init__(self, *, N, H, W, in_offsets, in_widths, out_widths, row_offsets, C=None, scale=True, shift=True,
+                 residual=True, activation="relu", stats=True, layout="nchw", weight_view=False, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.K = len(in_offsets)
+        self.M = sum(out_widths)
+        C = C if C is not None else max(o + w for o, w in zip(in_offsets, in_widths))
+        rows = max(r + o for r, o in zip(row_offsets, out_widths)) + 2
+        cols = max(in_widths) + 3
+        x = torch.randn(N, C, H, W, generator=g) * 2 + 0.5
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.x = x
+        w = torch.randn(rows, cols, 3, 3, generator=g) / max(in_widths) ** 0.5 / 3
+        if weight_view:
+            big = torch.randn(rows + 1, cols + 2, 3, 3, generator=g)
+            big[1:, 2:] = w
+            w = big[1:, 2:]
+        self.weight = w
+        self.meta = (list(in_offsets), list(in_widths), list(out_widths), list(row_offsets))
+        self.scale = torch.randn(self.M, generator=g) if scale else None
+        self.shift = torch.randn(self.M, generator=g) if shift else None
+        self.residual = torch.randn(N, self.M, H, W, generator=g) if residual else None
+        self.activation = activation
+        self.slope = (torch.rand(self.K, generator=g) - 0.3) if activation == "prelu" else None
+        self.stats = stats
+
+    def run(self, winograd: bool = True):
+        old = os.environ.get("FASTSUPERNET_CPU_WINOGRAD")
+        os.environ["FASTSUPERNET_CPU_WINOGRAD"] = "1" if winograd else "0"
+        try:
+            return OPS.multi_conv2d(self.x, self.weight, *self.meta, 1, 1, self.scale, self.shift, self.residual,
+                                    self.activation, self.slope, self.stats)
+        finally:
+            if old is None:
+                del os.environ["FASTSUPERNET_CPU_WINOGRAD"]
+            else:
+                os.environ["FASTSUPERNET_CPU_WINOGRAD"] = old
+
+    def check(self, out, s, q):
+        io, iw, ow, ro = self.meta
+        x64, w64 = self.x.double(), self.weight.double()
+        ys, aws, depth, cand = [], [], [], []
+        for k, (off, a, o, r) in enumerate(zip(io, iw, ow, ro)):
+            xs, wk = x64[:, off : off + a], w64[r : r + o, :a]
+            ys.append(F.conv2d(xs, wk, padding=1))
+            aws.append(winograd_abs(xs, wk))
+            depth += [a] * o
+            cand += [k] * o
+        y, aw = torch.cat(ys, 1), torch.cat(aws, 1)
+        depth = torch.tensor(depth, dtype=torch.float64).view(1, -1, 1, 1)
+        z, mag = y.clone(), aw.clone()
+        if self.scale is not None:
+            sc = self.scale.double().view(1, -1, 1, 1)
+            z, mag = z * sc, mag * sc.abs()
+        if self.shift is not None:
+            sh = self.shift.double().view(1, -1, 1, 1)
+            z, mag = z + sh, mag + sh.abs()
+        if self.residual is not None:
+            z, mag = z + self.residual.double(), mag + self.residual.double().abs()
+        if self.activation == "relu":
+            z = F.relu(z)
+        elif self.activation == "prelu":
+            sl = self.slope.double()[torch.tensor(cand)].view(1, -1, 1, 1)
+            z = torch.where(z >= 0, z, z * sl)
+            mag = mag * sl.abs().clamp(min=1.0)
+        assert out.shape == z.shape and out.dtype == torch.float32 and out.is_contiguous()
+        assert torch.isfinite(out).all()
+        err = (out.double() - z).abs()
+        worst = (err / ((depth + 12) * U32 * mag + 1e-300)).max().item()
+        assert worst <= 1.0, f"output error {worst:.3g} x the bound"
+        if not self.stats:
+            assert s.numel() == 0 and q.numel() == 0
+            return
+        e = (depth + 8) * U32 * aw
+        n = y.shape[0] * y.shape[2] * y.shape[3]
+        bs = e.sum((0, 2, 3)) + (n + 2) * U64 * y.abs().sum((0, 2, 3)) + 1e-300
+        bq = (e * (2 * y.abs() + e)).sum((0, 2, 3)) + (n + 2) * U64 * (y * y).sum((0, 2, 3)) + 1e-300
+        assert ((s - y.sum((0, 2, 3))).abs() <= bs).all()
+        assert ((q - (y * y).sum((0, 2, 3))).abs() <= bq).all()
+
+
+def _check_against_direct(case: WCase):
+    out, s, q = case.run(True)
+    case.check(out, s, q)
+    direct = case.run(False)[0]
+    assert not torch.equal(out, direct), "the Winograd path did not run"
+    return out, s, q
+
+
+SHAPES = [  # N, H, W: pairs of tile rows (W = 8), an odd tile-row count, 16/32-wide rows, W % 16 == 8
+    (3, 8, 8), (2, 6, 8), (2, 16, 16), (1, 32, 32), (2, 4, 24), (2, 2, 40),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "n{}_{}x{}".format(*s))
+@pytest.mark.parametrize("inputs", ["shared", "packed", "mixed"])
+def test_shapes_and_inputs(shape, inputs):
+    N, H, W = shape
+    rng = random.Random(zlib.crc32(repr((shape, inputs)).encode()))
+    K = rng.choice([1, 3, 6])
+    in_widths = [rng.randint(16, 29) for _ in range(K)]
+    if inputs == "shared":
+        in_offsets = [0] * K
+    elif inputs == "packed":
+        in_offsets = [sum(in_widths[:k]) for k in range(K)]
+    else:
+        in_offsets = [(k // 2) * 3 for k in range(K)]
+    out_widths = [rng.randint(1, 11) for _ in range(K)]
+    row_offsets = [rng.randint(0, 9) for _ in range(K)]
+    case = WCase(N=N, H=H, W=W, in_offsets=in_offsets, in_widths=in_widths, out_widths=out_widths,
+                 row_offsets=row_offsets, activation=rng.choice(["none", "relu", "prelu"]),
+                 residual=rng.random() < 0.5, seed=rng.randint(0, 999))
+    _check_against_direct(case)
+
+
+EPILOGUES = [  # scale, shift, residual, activation, stats
+    (False, False, False, "none", True), (True, False, False, "none", False), (False, True, True, "relu", True),
+    (True, True, True, "prelu", True), (True, True, False, "relu", False),
+]
+
+
+@pytest.mark.parametrize("scale,shift,residual,activation,stats", EPILOGUES)
+def test_epilogues(scale, shift, residual, activation, stats):
+    case = WCase(N=2, H=8, W=16, in_offsets=[0, 0, 4], in_widths=[20, 17, 18], out_widths=[5, 8, 3],
+                 row_offsets=[1, 7, 0], scale=scale, shift=shift, residual=residual, activation=activation,
+                 stats=stats, seed=3)
+    out, s, q = _check_against_direct(case)
+    if not (scale or shift or residual) and activation == "none":  # out holds what the statistics add
+        o = out.double()
+        n = o.shape[0] * o.shape[2] * o.shape[3]
+        assert ((s - o.sum((0, 2, 3))).abs() <= (n + 2) * U64 * o.abs().sum((0, 2, 3)) + 1e-300).all()
+        assert ((q - (o * o).sum((0, 2, 3))).abs() <= (n + 2) * U64 * (o * o).sum((0, 2, 3)) + 1e-300).all()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_layouts_and_weight_views(layout):
+    case = WCase(N=2, H=8, W=8, C=40, in_offsets=[3, 3], in_widths=[30, 17], out_widths=[6, 4], row_offsets=[2, 0],
+                 layout=layout, weight_view=True, activation="prelu", seed=5)
+    _check_against_direct(case)
+
+
+def test_several_chunks_and_a_partial_last_one():
+    """8x8 images with 16 channels: 32 images per chunk, so 70 images make 3 chunks."""
+    case = WCase(N=70, H=8, W=8, in_offsets=[0, 0], in_widths=[16, 16], out_widths=[3, 2], row_offsets=[0, 5],
+                 seed=7)
+    _check_against_direct(case)
+
+
+def test_sliced_conv2d_uses_it():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 24, 8, 16, generator=g)
+    w = torch.randn(40, 30, 3, 3, generator=g) / 10
+    out, _, _ = OPS.sliced_conv2d(x, w, 33, 4, 1, 1, None, None, None, "none", None, False)
+    ref = F.conv2d(x.double(), w[4:37, :24].double(), padding=1)
+    aw = winograd_abs(x.double(), w[4:37, :24].double())
+    assert ((out.double() - ref).abs() <= (24 + 12) * U32 * aw).all()
+
+
+def test_narrow_widths_and_other_shapes_keep_the_direct_kernel():
+    """Mean input width < 16, stride 2, odd sizes: bitwise the same with the switch on or off."""
+    g = torch.Generator().manual_seed(2)
+    for (C, H, W, stride) in [(8, 8, 8, 1), (24, 8, 8, 2), (24, 7, 8, 1), (24, 8, 12, 1)]:
+        x = torch.randn(2, C, H, W, generator=g)
+        w = torch.randn(9, C, 3, 3, generator=g)
+        outs = []
+        for flag in ("1", "0"):
+            os.environ["FASTSUPERNET_CPU_WINOGRAD"] = flag
+            try:
+                outs.append(OPS.multi_conv2d(x, w, [0], [C], [9], [0], stride, 1, None, None, None, "none", None,
+                                             True))
+            finally:
+                del os.environ["FASTSUPERNET_CPU_WINOGRAD"]
+        for a, b in zip(*outs):
+            assert torch.equal(a, b), (C, H, W, stride)
+
+
+_THREADS_SCRIPT = r"""
+import torch, fastsupernet._C
+g = torch.Generator().manual_seed(4)
+x = torch.randn(40, 48, 8, 8, generator=g)
+w = torch.randn(64, 48, 3, 3, generator=g) / 20
+res = []
+for t in (1, 2):
+    torch.set_num_threads(t)
+    res.append(torch.ops.fastsupernet.multi_conv2d(x, w, [0, 16], [32, 32], [30, 34], [0, 30], 1, 1, None, None,
+                                                   None, "relu", None, True))
+print(all(torch.equal(a, b) for a, b in zip(*res)))
+"""
+
+
+def test_threads_do_not_change_results():
+    proc = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "True"
