@@ -266,3 +266,20 @@ def test_threads_do_not_change_results():
     proc = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "True"
+
+
+def test_each_candidate_independent_of_the_others():
+    """A candidate's output rows and statistics are bitwise the same alone and in a call with
+    others: narrow ones (direct kernel) and a wide one (fewer images per chunk)."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(37, 96, 8, 8, generator=g)
+    w = torch.randn(40, 96, 3, 3, generator=g) / 30
+    cands = [(0, 20, 7, 0), (4, 8, 5, 3), (0, 96, 6, 10), (10, 17, 9, 20), (10, 12, 4, 1)]  # offset, in, out, row
+    meta = [list(c) for c in zip(*[(o, i, w_, r) for o, i, w_, r in cands])]
+    out, s, q = OPS.multi_conv2d(x, w, *meta, 1, 1, None, None, None, "relu", None, True)
+    row = 0
+    for off, iw, ow, ro in cands:
+        alone = OPS.multi_conv2d(x, w, [off], [iw], [ow], [ro], 1, 1, None, None, None, "relu", None, True)
+        assert torch.equal(out[:, row : row + ow], alone[0])
+        assert torch.equal(s[row : row + ow], alone[1]) and torch.equal(q[row : row + ow], alone[2])
+        row += ow

@@ -180,20 +180,13 @@ void run_job(const ConvJob<T>& job, int64_t items, int64_t max_width, int64_t ma
 // or FASTSUPERNET_CPU_KERNEL=generic turn it off.
 constexpr int64_t kWinogradChunkBytes = 512 * 1024;  // transformed input of one chunk
 
-// Below this mean input width (weighted by multiply-adds) the transforms cost about what
-// they save, and the direct kernel runs (measured: 0.7-1.0x the direct kernel at widths <= 16,
-// 1.1-1.6x at 16..64).
+// Candidates narrower than this keep the direct kernel: there the transforms cost about what
+// they save (measured: 0.7-1.0x the direct kernel at widths <= 16, 1.1-1.6x at 16..64). The
+// choice is per candidate, so a candidate's values never depend on the others in the call.
 constexpr int64_t kWinogradMinWidth = 16;
 
-bool winograd_applies(int64_t kh, int64_t kw, int64_t stride, int64_t padding, int64_t Ho, int64_t Wo,
-                      at::IntArrayRef in_widths, at::IntArrayRef out_widths) {
+bool winograd_shape(int64_t kh, int64_t kw, int64_t stride, int64_t padding, int64_t Ho, int64_t Wo) {
   if (kh != 3 || kw != 3 || stride != 1 || padding != 1 || Wo % 8 != 0 || Ho % 2 != 0 || Ho == 0) return false;
-  int64_t macs = 0, weighted = 0;
-  for (size_t k = 0; k < in_widths.size(); ++k) {
-    macs += in_widths[k] * out_widths[k];
-    weighted += in_widths[k] * in_widths[k] * out_widths[k];
-  }
-  if (weighted < kWinogradMinWidth * macs) return false;
   const char* env = std::getenv("FASTSUPERNET_CPU_WINOGRAD");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   return use_avx2();
@@ -217,13 +210,19 @@ void winograd_filter(const float* g, int64_t s2, int64_t s3, double u[16]) {
   }
 }
 
+// The candidates k with use[k] of a multi_conv2d call (float32): their rows of `out`, and of
+// the per-(image, row) statistics part_sum/part_sq (N x M, or nullptr).
 void multi_conv2d_winograd(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef in_offsets,
                            at::IntArrayRef in_widths, at::IntArrayRef out_widths, at::IntArrayRef row_offsets,
-                           const std::vector<int64_t>& row_start, const at::Tensor& scale, const at::Tensor& shift,
-                           const at::Tensor& res, int activation, const c10::optional<at::Tensor>& prelu_slope,
-                           bool stats, at::Tensor& out, at::Tensor& sum, at::Tensor& sumsq) {
-  const int64_t K = static_cast<int64_t>(in_offsets.size());
-  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), M = row_start[K];
+                           const std::vector<char>& use, const std::vector<int64_t>& row_start,
+                           const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& res, int activation,
+                           const std::vector<float>& slope, at::Tensor& out, double* part_sum, double* part_sq) {
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), M = row_start.back();
+  std::vector<int64_t> cands;  // the call's candidates this path computes, in order
+  for (size_t k = 0; k < use.size(); ++k) {
+    if (use[k]) cands.push_back(static_cast<int64_t>(k));
+  }
+  const int64_t K = static_cast<int64_t>(cands.size());
   conv::WinogradJob job;
   job.x = x.const_data_ptr<float>();
   job.x_sN = x.stride(0);
@@ -236,9 +235,10 @@ void multi_conv2d_winograd(const at::Tensor& x, const at::Tensor& weight, at::In
 
   // Segments: runs of consecutive candidates with one input offset.
   std::vector<int64_t> seg_first, seg_c0, seg_width;
-  for (int64_t k = 0; k < K; ++k) {
-    if (k == 0 || in_offsets[k] != in_offsets[k - 1]) {
-      seg_first.push_back(k);
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t k = cands[i];
+    if (i == 0 || in_offsets[k] != in_offsets[cands[i - 1]]) {
+      seg_first.push_back(i);
       seg_c0.push_back(in_offsets[k]);
       seg_width.push_back(0);
     }
@@ -253,12 +253,12 @@ void multi_conv2d_winograd(const at::Tensor& x, const at::Tensor& weight, at::In
 
   // Candidates and their transformed weights: [xi][block of 4 rows][channel][row in block].
   std::vector<int64_t> in_w(K), out_w(K), row0(K), u_off(K + 1, 0);
-  for (int64_t k = 0; k < K; ++k) {
-    in_w[k] = in_widths[k];
-    out_w[k] = out_widths[k];
-    row0[k] = row_start[k];
-    u_off[k + 1] = u_off[k] + 16 * div_up(out_w[k], 4) * 4 * in_w[k];
-    job.max_out_w = std::max(job.max_out_w, out_w[k]);
+  for (int64_t i = 0; i < K; ++i) {
+    in_w[i] = in_widths[cands[i]];
+    out_w[i] = out_widths[cands[i]];
+    row0[i] = row_start[cands[i]];
+    u_off[i + 1] = u_off[i] + 16 * div_up(out_w[i], 4) * 4 * in_w[i];
+    job.max_out_w = std::max(job.max_out_w, out_w[i]);
   }
   std::vector<float> u(static_cast<size_t>(u_off[K]), 0.0f);
   {
@@ -269,7 +269,7 @@ void multi_conv2d_winograd(const at::Tensor& x, const at::Tensor& weight, at::In
       const int64_t blocks = div_up(out_w[k], 4);
       for (int64_t r = 0; r < out_w[k]; ++r) {
         for (int64_t c = 0; c < in_w[k]; ++c) {
-          winograd_filter(w + (row_offsets[k] + r) * s0 + c * s1, s2, s3, t);
+          winograd_filter(w + (row_offsets[cands[k]] + r) * s0 + c * s1, s2, s3, t);
           for (int xi = 0; xi < 16; ++xi) {
             u[u_off[k] + ((xi * blocks + r / 4) * in_w[k] + c) * 4 + r % 4] = static_cast<float>(t[xi]);
           }
@@ -290,16 +290,7 @@ void multi_conv2d_winograd(const at::Tensor& x, const at::Tensor& weight, at::In
   job.scale = scale.defined() ? scale.const_data_ptr<float>() : nullptr;
   job.shift = shift.defined() ? shift.const_data_ptr<float>() : nullptr;
   job.activation = activation;
-  std::vector<float> slope;
-  if (activation == conv::kActPrelu) {
-    const at::Tensor ps = prelu_slope->to(at::kDouble).contiguous();
-    const double* p = ps.const_data_ptr<double>();
-    slope.resize(static_cast<size_t>(M));
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t r = row_start[k]; r < row_start[k + 1]; ++r) slope[r] = static_cast<float>(p[k]);
-    }
-    job.slope = slope.data();
-  }
+  job.slope = slope.empty() ? nullptr : slope.data();
 
   // Chunks: as many images as keep the transformed input within kWinogradChunkBytes.
   const int64_t tiles = (H / 2) * (W / 2);
@@ -316,18 +307,15 @@ void multi_conv2d_winograd(const at::Tensor& x, const at::Tensor& weight, at::In
     }
   }
   job.quad_off = quad_off.data();
-  std::vector<double> part_sum, part_sq;
-  if (stats) {
-    part_sum.assign(static_cast<size_t>(job.num_chunks * M), 0.0);
-    part_sq.assign(static_cast<size_t>(job.num_chunks * M), 0.0);
-    job.part_sum = part_sum.data();
-    job.part_sq = part_sq.data();
-  }
+  job.part_sum = part_sum;
+  job.part_sq = part_sq;
 
   const int64_t scratch_n = conv::winograd_scratch_floats(job);
+  const int64_t lanes_n = part_sum != nullptr ? conv::winograd_lane_doubles(job) : 0;
   auto body = [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(static_cast<size_t>(scratch_n));
-    conv::winograd_run_avx2(job, begin, end, scratch.data());
+    std::vector<double> lanes(static_cast<size_t>(lanes_n));
+    conv::winograd_run_avx2(job, begin, end, scratch.data(), lanes.data());
   };
   int64_t macs = 0;
   for (int64_t k = 0; k < K; ++k) macs += out_w[k] * in_w[k] * 16 * tiles * N;
@@ -336,65 +324,29 @@ void multi_conv2d_winograd(const at::Tensor& x, const at::Tensor& weight, at::In
   } else {
     at::parallel_for(0, job.num_chunks, 1, body);
   }
-
-  if (stats) {
-    double* s = sum.mutable_data_ptr<double>();
-    double* q = sumsq.mutable_data_ptr<double>();
-    for (int64_t c = 0; c < job.num_chunks; ++c) {
-      for (int64_t r = 0; r < M; ++r) {
-        s[r] += part_sum[c * M + r];
-        q[r] += part_sq[c * M + r];
-      }
-    }
-  }
 }
 
+// The direct kernel for the candidates k with use[k]: their rows of `out` and of the
+// per-(image, row) statistics part_sum/part_sq (N x M, or nullptr).
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_impl(
-    const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef in_offsets, at::IntArrayRef in_widths,
-    at::IntArrayRef out_widths, at::IntArrayRef row_offsets, int64_t stride, int64_t padding,
-    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& residual, int activation,
-    const c10::optional<at::Tensor>& prelu_slope, bool stats, int64_t Ho, int64_t Wo) {
+void multi_conv2d_direct(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef in_offsets,
+                         at::IntArrayRef in_widths, at::IntArrayRef row_offsets, const std::vector<char>& use,
+                         const std::vector<int64_t>& row_start, const std::vector<int64_t>& cand, int64_t stride,
+                         int64_t padding, int64_t Ho, int64_t Wo, const at::Tensor& scale, const at::Tensor& shift,
+                         const at::Tensor& res, int activation, const std::vector<T>& slope, at::Tensor& out,
+                         double* part_sum, double* part_sq) {
   constexpr int L = Blocking<T>::kLanes;
   constexpr int MR = Blocking<T>::kRows;
   const int64_t K = static_cast<int64_t>(in_offsets.size());
-  const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), M = row_start[K];
   const int64_t kh = weight.size(2), kw = weight.size(3), taps = kh * kw;
-
-  // Rows of each candidate in the packed output.
-  std::vector<int64_t> row_start(static_cast<size_t>(K + 1), 0);
-  for (int64_t k = 0; k < K; ++k) row_start[k + 1] = row_start[k] + out_widths[k];
-  const int64_t M = row_start[K];
-
-  at::Tensor out = at::empty({N, M, Ho, Wo}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor sum, sumsq;
-  if (stats) {
-    sum = at::zeros({M}, x.options().dtype(at::kDouble));
-    sumsq = at::zeros({M}, x.options().dtype(at::kDouble));
-  } else {
-    sum = at::empty({0}, x.options().dtype(at::kDouble));
-    sumsq = at::empty({0}, x.options().dtype(at::kDouble));
-  }
-  if (N == 0) return {out, sum, sumsq};
-  advise_huge_pages(out.mutable_data_ptr(), out.numel() * static_cast<int64_t>(sizeof(T)));
 
   ConvJob<T> job;
   job.N = N;
   job.M = M;
   job.out_plane = Ho * Wo;
   job.out = out.mutable_data_ptr<T>();
-  at::Tensor res;
-  if (residual.defined()) {
-    res = residual.to(x.scalar_type()).contiguous();
-    job.residual = res.const_data_ptr<T>();
-  }
-  if constexpr (std::is_same<T, float>::value) {
-    if (winograd_applies(kh, kw, stride, padding, Ho, Wo, in_widths, out_widths)) {
-      multi_conv2d_winograd(x, weight, in_offsets, in_widths, out_widths, row_offsets, row_start, scale, shift, res,
-                            activation, prelu_slope, stats, out, sum, sumsq);
-      return {out, sum, sumsq};
-    }
-  }
+  if (res.defined()) job.residual = res.const_data_ptr<T>();
 
   // Input addressing.
   job.x = x.const_data_ptr<T>();
@@ -435,24 +387,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_impl(
     job.phase_runs = phase_runs.data();
   }
 
-  // Segments: runs of consecutive candidates with one input offset.
+  // Segments: runs of consecutive candidates (of those this kernel computes) with one input
+  // offset; their rows are contiguous.
   std::vector<Segment> segments;
-  std::vector<int64_t> seg_row_end;
+  std::vector<int64_t> seg_row_begin, seg_row_end;
   int64_t max_width = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    if (k == 0 || in_offsets[k] != in_offsets[k - 1]) {
+  for (int64_t k = 0, prev = -1; k < K; ++k) {
+    if (!use[k]) continue;
+    if (prev < 0 || prev != k - 1 || in_offsets[k] != in_offsets[prev]) {
       segments.push_back(Segment{in_offsets[k], 0, 0, 0});
+      seg_row_begin.push_back(row_start[k]);
       seg_row_end.push_back(row_start[k]);
     }
     segments.back().width = std::max(segments.back().width, in_widths[k]);
     seg_row_end.back() = row_start[k + 1];
     max_width = std::max(max_width, in_widths[k]);
-  }
-
-  // Candidate of every row.
-  std::vector<int64_t> cand(static_cast<size_t>(M));
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t r = row_start[k]; r < row_start[k + 1]; ++r) cand[r] = k;
+    prev = k;
   }
 
   // Blocks of up to MR rows inside each segment, and their packed weights: panel
@@ -461,10 +411,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_impl(
   std::vector<Block> blocks;
   int64_t a_total = 0;
   {
-    int64_t row = 0;
     for (size_t s = 0; s < segments.size(); ++s) {
       segments[s].block_begin = static_cast<int64_t>(blocks.size());
-      for (; row < seg_row_end[s]; row += MR) {
+      for (int64_t row = seg_row_begin[s]; row < seg_row_end[s]; row += MR) {
         Block b;
         b.row0 = row;
         b.rows = static_cast<int32_t>(std::min<int64_t>(MR, seg_row_end[s] - row));
@@ -474,7 +423,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_impl(
         a_total += b.depth * b.rows;
         blocks.push_back(b);
       }
-      row = seg_row_end[s];
       segments[s].block_end = static_cast<int64_t>(blocks.size());
     }
   }
@@ -536,22 +484,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_impl(
   job.scale = scale.defined() ? scale.const_data_ptr<T>() : nullptr;
   job.shift = shift.defined() ? shift.const_data_ptr<T>() : nullptr;
   job.activation = activation;
-  std::vector<T> slope;
-  if (activation == conv::kActPrelu) {
-    const at::Tensor ps = prelu_slope->to(at::kDouble).contiguous();
-    const double* p = ps.const_data_ptr<double>();
-    slope.resize(static_cast<size_t>(M));
-    for (int64_t r = 0; r < M; ++r) slope[r] = static_cast<T>(p[cand[r]]);
-    job.slope = slope.data();
-  }
-
-  std::vector<double> part_sum, part_sq;
-  if (stats) {
-    part_sum.assign(static_cast<size_t>(N * M), 0.0);
-    part_sq.assign(static_cast<size_t>(N * M), 0.0);
-    job.part_sum = part_sum.data();
-    job.part_sq = part_sq.data();
-  }
+  job.slope = slope.empty() ? nullptr : slope.data();
+  job.part_sum = part_sum;
+  job.part_sq = part_sq;
 
   // Work items: images, and when there are fewer images than wanted, ranges of blocks too.
   const int64_t threads = std::max(1, at::get_num_threads());
@@ -564,6 +499,79 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_impl(
   int64_t macs_per_pixel = 0;
   for (const Block& b : blocks) macs_per_pixel += b.depth * b.rows;
   run_job(job, items, max_width, macs_per_pixel * N * Ho * Wo);
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_impl(
+    const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef in_offsets, at::IntArrayRef in_widths,
+    at::IntArrayRef out_widths, at::IntArrayRef row_offsets, int64_t stride, int64_t padding,
+    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& residual, int activation,
+    const c10::optional<at::Tensor>& prelu_slope, bool stats, int64_t Ho, int64_t Wo) {
+  const int64_t K = static_cast<int64_t>(in_offsets.size());
+  const int64_t N = x.size(0);
+  const int64_t kh = weight.size(2), kw = weight.size(3);
+
+  // Rows of each candidate in the packed output.
+  std::vector<int64_t> row_start(static_cast<size_t>(K + 1), 0);
+  for (int64_t k = 0; k < K; ++k) row_start[k + 1] = row_start[k] + out_widths[k];
+  const int64_t M = row_start[K];
+
+  at::Tensor out = at::empty({N, M, Ho, Wo}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor sum, sumsq;
+  if (stats) {
+    sum = at::zeros({M}, x.options().dtype(at::kDouble));
+    sumsq = at::zeros({M}, x.options().dtype(at::kDouble));
+  } else {
+    sum = at::empty({0}, x.options().dtype(at::kDouble));
+    sumsq = at::empty({0}, x.options().dtype(at::kDouble));
+  }
+  if (N == 0) return {out, sum, sumsq};
+  advise_huge_pages(out.mutable_data_ptr(), out.numel() * static_cast<int64_t>(sizeof(T)));
+  at::Tensor res;
+  if (residual.defined()) res = residual.to(x.scalar_type()).contiguous();
+
+  // Candidate of every row; PReLU slope of every row.
+  std::vector<int64_t> cand(static_cast<size_t>(M));
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t r = row_start[k]; r < row_start[k + 1]; ++r) cand[r] = k;
+  }
+  std::vector<T> slope;
+  if (activation == conv::kActPrelu) {
+    const at::Tensor ps = prelu_slope->to(at::kDouble).contiguous();
+    const double* p = ps.const_data_ptr<double>();
+    slope.resize(static_cast<size_t>(M));
+    for (int64_t r = 0; r < M; ++r) slope[r] = static_cast<T>(p[cand[r]]);
+  }
+  // Statistics per (image, row), added over images in order at the end.
+  std::vector<double> part_sum, part_sq;
+  if (stats) {
+    part_sum.assign(static_cast<size_t>(N * M), 0.0);
+    part_sq.assign(static_cast<size_t>(N * M), 0.0);
+  }
+
+  // Winograd for the candidates it suits, the direct kernel for the others.
+  std::vector<char> direct_cand(static_cast<size_t>(K), 1);
+  if constexpr (std::is_same<T, float>::value) {
+    if (winograd_shape(kh, kw, stride, padding, Ho, Wo)) {
+      std::vector<char> wino(static_cast<size_t>(K), 0);
+      bool any = false;
+      for (int64_t k = 0; k < K; ++k) {
+        wino[k] = in_widths[k] >= kWinogradMinWidth;
+        direct_cand[k] = !wino[k];
+        any = any || wino[k];
+      }
+      if (any) {
+        multi_conv2d_winograd(x, weight, in_offsets, in_widths, out_widths, row_offsets, wino, row_start, scale, shift,
+                              res, activation, slope, out, stats ? part_sum.data() : nullptr,
+                              stats ? part_sq.data() : nullptr);
+      }
+    }
+  }
+  if (std::find(direct_cand.begin(), direct_cand.end(), 1) != direct_cand.end()) {
+    multi_conv2d_direct<T>(x, weight, in_offsets, in_widths, row_offsets, direct_cand, row_start, cand, stride,
+                           padding, Ho, Wo, scale, shift, res, activation, slope, out,
+                           stats ? part_sum.data() : nullptr, stats ? part_sq.data() : nullptr);
+  }
 
   if (stats) {
     double* s = sum.mutable_data_ptr<double>();

@@ -305,16 +305,18 @@ FSN_TARGET void run_items_impl(const ConvJob<T>& j, int64_t begin, int64_t end, 
       }
     }
 
-    if (stats) {
-      for (int64_t row = row_lo; row < row_hi; ++row) {
-        const double* ls = lanes + (row - row_lo) * 2 * kStatLanes;
-        double s = 0.0, q = 0.0;
-        for (int l = 0; l < kStatLanes; ++l) {
-          s += ls[l];
-          q += ls[kStatLanes + l];
+    if (stats) {  // the rows of the item's blocks (other rows of the span may be another kernel's)
+      for (int64_t bi = blo; bi < bhi; ++bi) {
+        for (int64_t row = j.blocks[bi].row0; row < j.blocks[bi].row0 + j.blocks[bi].rows; ++row) {
+          const double* ls = lanes + (row - row_lo) * 2 * kStatLanes;
+          double s = 0.0, q = 0.0;
+          for (int l = 0; l < kStatLanes; ++l) {
+            s += ls[l];
+            q += ls[kStatLanes + l];
+          }
+          j.part_sum[n * j.M + row] = s;
+          j.part_sq[n * j.M + row] = q;
         }
-        j.part_sum[n * j.M + row] = s;
-        j.part_sq[n * j.M + row] = q;
       }
     }
   }

@@ -12,8 +12,9 @@
 //     24 tiles, which stays in L1 for all the candidate's rows, into a buffer M[xi][row][tile];
 //  3. the output transform of that buffer, then the epilogue (statistics, scale/shift,
 //     residual, activation) and the store, on vectors of 8 contiguous output pixels.
-// Chunks hold a fixed number of images (from the shape only), so the statistics, added per
-// (chunk, row) and then over chunks in order, do not depend on the thread count.
+// Statistics are accumulated per (image, row) in a fixed order, so neither the chunking (it
+// depends on the widest segment of the call) nor the thread count changes them; the output
+// values of a candidate do not depend on the other candidates of the call either.
 //
 // Rounding (u = 2^-24): V values take 3 roundings, U one (computed in float64), the GEMM one
 // FMA chain of in_width steps, the output transform 4 additions: the conv value before the
@@ -275,17 +276,16 @@ struct RowEpilogue {
   __m256 sc, sh, sl;
   bool has_scale, has_shift;
   int act;
-  const float* res;  // residual at the same offset as the output, or nullptr
-  __m256d s, sq;
 };
 
-// Statistics, epilogue and store of 8 contiguous output pixels at `o`.
-FSN_TARGET FSN_INLINE void emit(RowEpilogue& e, float* o, const float* res, __m256 y, bool stats) {
-  if (stats) {
+// Statistics (added to the image's lanes l[0..4) and l[4..8), vector by vector), epilogue and
+// store of 8 contiguous output pixels at `o`.
+FSN_TARGET FSN_INLINE void emit(const RowEpilogue& e, float* o, const float* res, __m256 y, double* l) {
+  if (l != nullptr) {
     const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(y));
     const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(y, 1));
-    e.s = _mm256_add_pd(_mm256_add_pd(e.s, lo), hi);
-    e.sq = _mm256_fmadd_pd(hi, hi, _mm256_fmadd_pd(lo, lo, e.sq));
+    _mm256_storeu_pd(l, _mm256_add_pd(_mm256_add_pd(_mm256_loadu_pd(l), lo), hi));
+    _mm256_storeu_pd(l + 4, _mm256_fmadd_pd(hi, hi, _mm256_fmadd_pd(lo, lo, _mm256_loadu_pd(l + 4))));
   }
   if (e.has_scale) {
     y = e.has_shift ? _mm256_fmadd_ps(y, e.sc, e.sh) : _mm256_mul_ps(y, e.sc);
@@ -303,13 +303,12 @@ FSN_TARGET FSN_INLINE void emit(RowEpilogue& e, float* o, const float* res, __m2
 }
 
 // Output transform of the GEMM buffer for `rows` rows starting at output row `row`, tiles
-// [p0, p0 + 8 NV) of the chunk (those below `tiles_used`), then epilogue and store.
+// [p0, p0 + 8 NV) of the chunk (those below `tiles_used`), then epilogue and store; with
+// `lanes`, the statistics of (chunk image i, row r) go to lanes + (i * rows + r) * 8.
 template <int NV>
 FSN_TARGET void output_group(const WinogradJob& j, const float* __restrict mb, int64_t mb_stride, int64_t rows,
-                             int64_t row, int64_t p0, int64_t tiles_used, float* chunk_out, double* psum,
-                             double* psq) {
-  const int64_t hw = j.H * j.W;
-  const bool stats = psum != nullptr;
+                             int64_t row, int64_t p0, int64_t tiles_used, float* chunk_out, double* lanes) {
+  const int64_t hw = j.H * j.W, tiles = (j.H / 2) * (j.W / 2);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t orow = row + r;
     RowEpilogue e;
@@ -319,8 +318,6 @@ FSN_TARGET void output_group(const WinogradJob& j, const float* __restrict mb, i
     e.sh = _mm256_set1_ps(e.has_shift ? j.shift[orow] : 0.0f);
     e.sl = _mm256_set1_ps(j.slope != nullptr ? j.slope[orow] : 0.0f);
     e.act = j.activation;
-    e.s = _mm256_setzero_pd();
-    e.sq = _mm256_setzero_pd();
     float* out_row = chunk_out + orow * hw;
     const float* res_row = j.residual != nullptr ? j.residual + (chunk_out - j.out) + orow * hw : nullptr;
     for (int v = 0; v < NV; ++v) {
@@ -346,18 +343,13 @@ FSN_TARGET void output_group(const WinogradJob& j, const float* __restrict mb, i
       const __m256 top[2] = {_mm256_permute2f128_ps(lo0, hi0, 0x20), _mm256_permute2f128_ps(lo0, hi0, 0x31)};
       const __m256 bot[2] = {_mm256_permute2f128_ps(lo1, hi1, 0x20), _mm256_permute2f128_ps(lo1, hi1, 0x31)};
       for (int h = 0; h < 2; ++h) {
-        if (p + 4 * h >= tiles_used) break;
-        const int64_t off = j.quad_off[(p + 4 * h) / 4];
-        emit(e, out_row + off, res_row != nullptr ? res_row + off : nullptr, top[h], stats);
-        emit(e, out_row + off + j.W, res_row != nullptr ? res_row + off + j.W : nullptr, bot[h], stats);
+        const int64_t t = p + 4 * h;
+        if (t >= tiles_used) break;
+        const int64_t off = j.quad_off[t / 4];
+        double* l = lanes != nullptr ? lanes + ((t / tiles) * rows + r) * 8 : nullptr;
+        emit(e, out_row + off, res_row != nullptr ? res_row + off : nullptr, top[h], l);
+        emit(e, out_row + off + j.W, res_row != nullptr ? res_row + off + j.W : nullptr, bot[h], l);
       }
-    }
-    if (stats) {
-      alignas(32) double a[4], b[4];
-      _mm256_store_pd(a, e.s);
-      _mm256_store_pd(b, e.sq);
-      psum[orow] += (a[0] + a[1]) + (a[2] + a[3]);
-      psq[orow] += (b[0] + b[1]) + (b[2] + b[3]);
     }
   }
 }
@@ -366,8 +358,7 @@ FSN_TARGET void output_group(const WinogradJob& j, const float* __restrict mb, i
 // against V's panel, which stays in L1), then the output transform and epilogue.
 template <int NV>
 FSN_TARGET void run_group(const WinogradJob& j, int64_t k, const float* v, int64_t pp, int64_t width,
-                          const Scratch& s, int64_t p0, int64_t tiles_used, float* chunk_out, double* psum,
-                          double* psq) {
+                          const Scratch& s, int64_t p0, int64_t tiles_used, float* chunk_out, double* lanes) {
   const int64_t depth = j.in_w[k], blocks = (j.out_w[k] + kRowsW - 1) / kRowsW;
   const float* uk = j.u + j.u_off[k];
   for (int xi = 0; xi < kXi; ++xi) {
@@ -377,7 +368,7 @@ FSN_TARGET void run_group(const WinogradJob& j, int64_t k, const float* v, int64
                     s.mb + xi * s.mb_stride + rb * kRowsW * kGroup);
     }
   }
-  output_group<NV>(j, s.mb, s.mb_stride, j.out_w[k], j.row0[k], p0, tiles_used, chunk_out, psum, psq);
+  output_group<NV>(j, s.mb, s.mb_stride, j.out_w[k], j.row0[k], p0, tiles_used, chunk_out, lanes);
 }
 
 }  // namespace
@@ -386,16 +377,17 @@ int64_t winograd_scratch_floats(const WinogradJob& j) {
   return kXi * j.max_seg_width * max_pp(j) + kXi * round_up(j.max_out_w, kRowsW) * kGroup + 16 * (j.W / 2 + 16);
 }
 
-bool winograd_run_avx2(const WinogradJob& j, int64_t begin, int64_t end, float* scratch) {
+int64_t winograd_lane_doubles(const WinogradJob& j) { return j.images_per_chunk * j.max_out_w * 8; }
+
+bool winograd_run_avx2(const WinogradJob& j, int64_t begin, int64_t end, float* scratch, double* lanes) {
   const int64_t tiles = (j.H / 2) * (j.W / 2);
   const Scratch s = carve(j, scratch);
+  const bool stats = j.part_sum != nullptr;
   for (int64_t chunk = begin; chunk < end; ++chunk) {
     const int64_t n0 = chunk * j.images_per_chunk;
     const int64_t nb = std::min(j.images_per_chunk, j.N - n0);
     const int64_t used = nb * tiles, pp = round_up(used, 8);
     float* chunk_out = j.out + n0 * j.M * j.H * j.W;
-    double* psum = j.part_sum != nullptr ? j.part_sum + chunk * j.M : nullptr;
-    double* psq = j.part_sq != nullptr ? j.part_sq + chunk * j.M : nullptr;
     for (int64_t sg = 0; sg < j.num_segments; ++sg) {
       const int64_t width = j.seg_width[sg];
       if (j.x_sW == 1 && (j.W == 8 || j.W % 16 == 0)) {
@@ -404,14 +396,24 @@ bool winograd_run_avx2(const WinogradJob& j, int64_t begin, int64_t end, float* 
         transform_input(j, j.seg_c0[sg], width, n0, nb, pp, s);
       }
       for (int64_t k = j.seg_first[sg]; k < j.seg_first[sg + 1]; ++k) {
+        double* kl = stats ? lanes : nullptr;
+        if (stats) std::fill(lanes, lanes + nb * j.out_w[k] * 8, 0.0);
         for (int64_t p0 = 0; p0 < used; p0 += kGroup) {
           const int64_t nv = std::min<int64_t>(kVecsW, (pp - p0) / 8);
           if (nv == 3) {
-            run_group<3>(j, k, s.v, pp, width, s, p0, used, chunk_out, psum, psq);
+            run_group<3>(j, k, s.v, pp, width, s, p0, used, chunk_out, kl);
           } else if (nv == 2) {
-            run_group<2>(j, k, s.v, pp, width, s, p0, used, chunk_out, psum, psq);
+            run_group<2>(j, k, s.v, pp, width, s, p0, used, chunk_out, kl);
           } else {
-            run_group<1>(j, k, s.v, pp, width, s, p0, used, chunk_out, psum, psq);
+            run_group<1>(j, k, s.v, pp, width, s, p0, used, chunk_out, kl);
+          }
+        }
+        if (!stats) continue;
+        for (int64_t i = 0; i < nb; ++i) {
+          for (int64_t r = 0; r < j.out_w[k]; ++r) {
+            const double* l = lanes + (i * j.out_w[k] + r) * 8;
+            j.part_sum[(n0 + i) * j.M + j.row0[k] + r] = (l[0] + l[1]) + (l[2] + l[3]);
+            j.part_sq[(n0 + i) * j.M + j.row0[k] + r] = (l[4] + l[5]) + (l[6] + l[7]);
           }
         }
       }
@@ -429,7 +431,8 @@ namespace fastsupernet {
 namespace conv {
 
 int64_t winograd_scratch_floats(const WinogradJob&) { return 0; }
-bool winograd_run_avx2(const WinogradJob&, int64_t, int64_t, float*) { return false; }
+int64_t winograd_lane_doubles(const WinogradJob&) { return 0; }
+bool winograd_run_avx2(const WinogradJob&, int64_t, int64_t, float*, double*) { return false; }
 
 }  // namespace conv
 }  // namespace fastsupernet

@@ -55,17 +55,19 @@ struct WinogradJob {
   int64_t num_chunks = 0;
   const int64_t* quad_off = nullptr;
 
-  // Statistics: float64 partial sums per (chunk, row), or nullptr.
+  // Statistics: float64 sums per (image, row), part_sum[n * M + row], or nullptr. Each is
+  // accumulated in 4 lanes over the image's output vectors in a fixed order and then summed,
+  // so it depends neither on the chunking nor on the other candidates of the call.
   double* part_sum = nullptr;
   double* part_sq = nullptr;
 };
 
-// float32 values of one thread's scratch.
+// float32 values and float64 statistics lanes of one thread's scratch.
 int64_t winograd_scratch_floats(const WinogradJob& job);
+int64_t winograd_lane_doubles(const WinogradJob& job);
 
-// Runs chunks [begin, end); false when the build has no AVX2 version (the caller then uses
-// the direct kernel).
-bool winograd_run_avx2(const WinogradJob& job, int64_t begin, int64_t end, float* scratch);
+// Runs chunks [begin, end); false when the build has no AVX2 version.
+bool winograd_run_avx2(const WinogradJob& job, int64_t begin, int64_t end, float* scratch, double* lanes);
 
 }  // namespace conv
 }  // namespace fastsupernet
