@@ -181,9 +181,10 @@ void run_job(const ConvJob<T>& job, int64_t items, int64_t max_width, int64_t ma
 constexpr int64_t kWinogradChunkBytes = 512 * 1024;  // transformed input of one chunk
 
 // Candidates narrower than this keep the direct kernel: there the transforms cost about what
-// they save (measured: 0.7-1.0x the direct kernel at widths <= 16, 1.1-1.6x at 16..64). The
+// they save (measured on packed inputs, direct / Winograd time: 32x32 and 16x16 planes 0.8x at
+// width 8, 1.0x at 16, 1.2-1.4x at 20..64; 8x8 planes 1.3x at 8, 1.5-1.75x at 16..64). The
 // choice is per candidate, so a candidate's values never depend on the others in the call.
-constexpr int64_t kWinogradMinWidth = 16;
+int64_t winograd_min_width(int64_t Wo) { return Wo <= 8 ? 8 : 16; }
 
 bool winograd_shape(int64_t kh, int64_t kw, int64_t stride, int64_t padding, int64_t Ho, int64_t Wo) {
   if (kh != 3 || kw != 3 || stride != 1 || padding != 1 || Wo % 8 != 0 || Ho % 2 != 0 || Ho == 0) return false;
@@ -556,7 +557,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_impl(
       std::vector<char> wino(static_cast<size_t>(K), 0);
       bool any = false;
       for (int64_t k = 0; k < K; ++k) {
-        wino[k] = in_widths[k] >= kWinogradMinWidth;
+        wino[k] = in_widths[k] >= winograd_min_width(Wo);
         direct_cand[k] = !wino[k];
         any = any || wino[k];
       }

@@ -53,7 +53,11 @@ struct Scratch {
   int64_t mb_stride;  // floats per xi in mb
 };
 
-int64_t max_pp(const WinogradJob& j) { return round_up(j.images_per_chunk * (j.H / 2) * (j.W / 2), 8); }
+// Row stride of V for `used` tiles: whole vectors plus one, so that rows (and the 16 xi
+// planes) are not a power of two apart, which would map them to a few L1 sets.
+inline int64_t row_stride(int64_t used) { return round_up(used, 8) + 8; }
+
+int64_t max_pp(const WinogradJob& j) { return row_stride(j.images_per_chunk * (j.H / 2) * (j.W / 2)); }
 
 Scratch carve(const WinogradJob& j, float* base) {
   Scratch s;
@@ -386,7 +390,7 @@ bool winograd_run_avx2(const WinogradJob& j, int64_t begin, int64_t end, float* 
   for (int64_t chunk = begin; chunk < end; ++chunk) {
     const int64_t n0 = chunk * j.images_per_chunk;
     const int64_t nb = std::min(j.images_per_chunk, j.N - n0);
-    const int64_t used = nb * tiles, pp = round_up(used, 8);
+    const int64_t used = nb * tiles, pp = row_stride(used);
     float* chunk_out = j.out + n0 * j.M * j.H * j.W;
     for (int64_t sg = 0; sg < j.num_segments; ++sg) {
       const int64_t width = j.seg_width[sg];
@@ -399,7 +403,7 @@ bool winograd_run_avx2(const WinogradJob& j, int64_t begin, int64_t end, float* 
         double* kl = stats ? lanes : nullptr;
         if (stats) std::fill(lanes, lanes + nb * j.out_w[k] * 8, 0.0);
         for (int64_t p0 = 0; p0 < used; p0 += kGroup) {
-          const int64_t nv = std::min<int64_t>(kVecsW, (pp - p0) / 8);
+          const int64_t nv = std::min<int64_t>(kVecsW, (used - p0 + 7) / 8);
           if (nv == 3) {
             run_group<3>(j, k, s.v, pp, width, s, p0, used, chunk_out, kl);
           } else if (nv == 2) {
