@@ -178,7 +178,7 @@ void run_job(const ConvJob<T>& job, int64_t items, int64_t max_width, int64_t ma
 // Winograd F(2x2, 3x3) (conv_winograd.cpp): 3x3, stride 1, padding 1, float32, AVX2, output
 // width a multiple of 8 and even height; FASTSUPERNET_CPU_WINOGRAD=0 (read at every call)
 // or FASTSUPERNET_CPU_KERNEL=generic turn it off.
-constexpr int64_t kWinogradChunkBytes = 512 * 1024;  // transformed input of one chunk
+constexpr int64_t kWinogradChunkBytes = 256 * 1024;  // transformed input of one chunk: half a 512 KiB L2
 
 // Candidates narrower than this keep the direct kernel: there the transforms cost about what
 // they save (measured on packed inputs, direct / Winograd time: 32x32 and 16x16 planes 0.8x at
@@ -293,10 +293,18 @@ void multi_conv2d_winograd(const at::Tensor& x, const at::Tensor& weight, at::In
   job.activation = activation;
   job.slope = slope.empty() ? nullptr : slope.data();
 
-  // Chunks: as many images as keep the transformed input within kWinogradChunkBytes.
+  // Chunks: as many images as keep the transformed input within kWinogradChunkBytes, rounded
+  // down to whole groups of 24 tiles (the register tile) where that leaves at least one.
   const int64_t tiles = (H / 2) * (W / 2);
   const int64_t per_image = 16 * job.max_seg_width * tiles * static_cast<int64_t>(sizeof(float));
-  job.images_per_chunk = std::max<int64_t>(1, std::min<int64_t>(N, kWinogradChunkBytes / per_image));
+  int64_t ipc = std::max<int64_t>(1, std::min<int64_t>(N, kWinogradChunkBytes / per_image));
+  for (int64_t i = ipc; i >= 1; --i) {
+    if (i * tiles % 24 == 0) {
+      ipc = i;
+      break;
+    }
+  }
+  job.images_per_chunk = ipc;
   job.num_chunks = div_up(N, job.images_per_chunk);
   std::vector<int64_t> quad_off(static_cast<size_t>(job.images_per_chunk * tiles / 4));
   {
