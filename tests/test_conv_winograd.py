@@ -215,8 +215,8 @@ def test_layouts_and_weight_views(layout):
 
 
 def test_several_chunks_and_a_partial_last_one():
-    """8x8 images with 16 channels: 15 images per chunk (256 KiB of transformed input, whole
-    groups of 24 tiles), so 70 images make 5 chunks, the last one of 10."""
+    """8x8 images with 16 channels: at most 15 images per chunk (256 KiB of transformed input,
+    whole groups of 24 tiles), so 70 images make at least 5 chunks, the last one partial."""
     case = WCase(N=70, H=8, W=8, in_offsets=[0, 0], in_widths=[16, 16], out_widths=[3, 2], row_offsets=[0, 5],
                  seed=7)
     _check_against_direct(case)

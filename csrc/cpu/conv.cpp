@@ -293,8 +293,9 @@ void multi_conv2d_winograd(const at::Tensor& x, const at::Tensor& weight, at::In
   job.activation = activation;
   job.slope = slope.empty() ? nullptr : slope.data();
 
-  // Chunks: as many images as keep the transformed input within kWinogradChunkBytes, rounded
-  // down to whole groups of 24 tiles (the register tile) where that leaves at least one.
+  // Chunks: at most as many images as keep the transformed input within kWinogradChunkBytes
+  // (rounded down to whole groups of 24 tiles, the register tile, where that leaves one), and
+  // a multiple of the thread count of them, evened out. The chunking changes no value.
   const int64_t tiles = (H / 2) * (W / 2);
   const int64_t per_image = 16 * job.max_seg_width * tiles * static_cast<int64_t>(sizeof(float));
   int64_t ipc = std::max<int64_t>(1, std::min<int64_t>(N, kWinogradChunkBytes / per_image));
@@ -304,7 +305,9 @@ void multi_conv2d_winograd(const at::Tensor& x, const at::Tensor& weight, at::In
       break;
     }
   }
-  job.images_per_chunk = ipc;
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t chunks = div_up(div_up(N, ipc), threads) * threads;
+  job.images_per_chunk = div_up(N, std::min(chunks, N));
   job.num_chunks = div_up(N, job.images_per_chunk);
   std::vector<int64_t> quad_off(static_cast<size_t>(job.images_per_chunk * tiles / 4));
   {
