@@ -396,7 +396,7 @@ GEOMETRIES = [  # N, C, H, W, k, stride, padding
     (2, 3, 5, 5, 3, 1, 1), (2, 3, 5, 5, 3, 2, 1), (1, 4, 8, 8, 1, 1, 0), (1, 4, 8, 8, 1, 2, 0),
     (2, 5, 7, 9, 3, 2, 1), (1, 2, 16, 16, 3, 2, 1), (1, 2, 9, 16, 1, 1, 0), (3, 2, 1, 1, 1, 1, 0),
     (1, 3, 7, 7, 3, 1, 2), (1, 2, 6, 6, 5, 3, 2),
-    # float32 ones take the Winograd path (3x3, stride 1, W % 8 == 0, even H, widths >= 16)
+    # float32 ones take the Winograd path (3x3, stride 1, W % 8 == 0, even H, width 20)
     (1, 20, 8, 8, 3, 1, 1), (1, 20, 6, 24, 3, 1, 1), (2, 20, 4, 16, 3, 1, 1),
 ]
 count = 0

@@ -1,5 +1,5 @@
 """The Winograd F(2x2, 3x3) path of the CPU ``multi_conv2d`` (float32, AVX2; 3x3, stride 1,
-padding 1, output width a multiple of 8, even height; per candidate, input width >= 16, or
+padding 1, output width a multiple of 8, even height; per candidate, input width >= 20, or
 >= 8 when the output is 8 wide).
 
 Oracle: the same float64 oracle as tests/test_conv_cpu.py (a loop of ``F.conv2d`` per
@@ -173,7 +173,7 @@ def test_shapes_and_inputs(shape, inputs):
     N, H, W = shape
     rng = random.Random(zlib.crc32(repr((shape, inputs)).encode()))
     K = rng.choice([1, 3, 6])
-    in_widths = [rng.randint(16, 29) for _ in range(K)]
+    in_widths = [rng.randint(20, 29) for _ in range(K)]
     if inputs == "shared":
         in_offsets = [0] * K
     elif inputs == "packed":
@@ -196,7 +196,7 @@ EPILOGUES = [  # scale, shift, residual, activation, stats
 
 @pytest.mark.parametrize("scale,shift,residual,activation,stats", EPILOGUES)
 def test_epilogues(scale, shift, residual, activation, stats):
-    case = WCase(N=2, H=8, W=16, in_offsets=[0, 0, 4], in_widths=[20, 17, 18], out_widths=[5, 8, 3],
+    case = WCase(N=2, H=8, W=16, in_offsets=[0, 0, 4], in_widths=[20, 23, 21], out_widths=[5, 8, 3],
                  row_offsets=[1, 7, 0], scale=scale, shift=shift, residual=residual, activation=activation,
                  stats=stats, seed=3)
     out, s, q = _check_against_direct(case)
@@ -233,10 +233,10 @@ def test_sliced_conv2d_uses_it():
 
 
 def test_narrow_widths_and_other_shapes_keep_the_direct_kernel():
-    """Narrow inputs (< 8 at width 8, < 16 wider), stride 2, odd sizes: bitwise the same with the
+    """Narrow inputs (< 8 at width 8, < 20 wider), stride 2, odd sizes: bitwise the same with the
     switch on or off."""
     g = torch.Generator().manual_seed(2)
-    for (C, H, W, stride) in [(7, 8, 8, 1), (15, 16, 16, 1), (24, 8, 8, 2), (24, 7, 8, 1), (24, 8, 12, 1)]:
+    for (C, H, W, stride) in [(7, 8, 8, 1), (19, 16, 16, 1), (24, 8, 8, 2), (24, 7, 8, 1), (24, 8, 12, 1)]:
         x = torch.randn(2, C, H, W, generator=g)
         w = torch.randn(9, C, 3, 3, generator=g)
         outs = []
@@ -275,7 +275,7 @@ def test_each_candidate_independent_of_the_others():
     """A candidate's output rows and statistics are bitwise the same alone and in a call with
     others: narrow ones (direct kernel) and a wide one (fewer images per chunk)."""
     g = torch.Generator().manual_seed(9)
-    x = torch.randn(37, 96, 8, 8, generator=g)
+    x = torch.randn(37, 96, 8, 16, generator=g)
     w = torch.randn(40, 96, 3, 3, generator=g) / 30
     cands = [(0, 20, 7, 0), (4, 8, 5, 3), (0, 96, 6, 10), (10, 17, 9, 20), (10, 12, 4, 1)]  # offset, in, out, row
     meta = [list(c) for c in zip(*[(o, i, w_, r) for o, i, w_, r in cands])]

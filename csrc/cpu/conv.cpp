@@ -80,6 +80,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu/conv_plan.h"
@@ -182,9 +183,9 @@ constexpr int64_t kWinogradChunkBytes = 256 * 1024;  // transformed input of one
 
 // Candidates narrower than this keep the direct kernel: there the transforms cost about what
 // they save (measured on packed inputs, direct / Winograd time: 32x32 and 16x16 planes 0.8x at
-// width 8, 1.0x at 16, 1.2-1.4x at 20..64; 8x8 planes 1.3x at 8, 1.5-1.75x at 16..64). The
-// choice is per candidate, so a candidate's values never depend on the others in the call.
-int64_t winograd_min_width(int64_t Wo) { return Wo <= 8 ? 8 : 16; }
+// width 8, 0.9-1.0x at 16, 1.2x at 20, 1.4x at 32; 8x8 planes 1.3x at 8, 1.5-1.75x at 16..64).
+// The choice is per candidate, so a candidate's values never depend on the others in the call.
+int64_t winograd_min_width(int64_t Wo) { return Wo <= 8 ? 8 : 20; }
 
 bool winograd_shape(int64_t kh, int64_t kw, int64_t stride, int64_t padding, int64_t Ho, int64_t Wo) {
   if (kh != 3 || kw != 3 || stride != 1 || padding != 1 || Wo % 8 != 0 || Ho % 2 != 0 || Ho == 0) return false;
@@ -400,19 +401,24 @@ void multi_conv2d_direct(const at::Tensor& x, const at::Tensor& weight, at::IntA
   }
 
   // Segments: runs of consecutive candidates (of those this kernel computes) with one input
-  // offset; their rows are contiguous.
+  // offset; a segment's rows are one or more runs of contiguous rows (another kernel may
+  // compute the candidates in between).
   std::vector<Segment> segments;
-  std::vector<int64_t> seg_row_begin, seg_row_end;
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> seg_rows;
   int64_t max_width = 0;
   for (int64_t k = 0, prev = -1; k < K; ++k) {
     if (!use[k]) continue;
-    if (prev < 0 || prev != k - 1 || in_offsets[k] != in_offsets[prev]) {
+    if (prev < 0 || in_offsets[k] != in_offsets[prev]) {
       segments.push_back(Segment{in_offsets[k], 0, 0, 0});
-      seg_row_begin.push_back(row_start[k]);
-      seg_row_end.push_back(row_start[k]);
+      seg_rows.emplace_back();
     }
     segments.back().width = std::max(segments.back().width, in_widths[k]);
-    seg_row_end.back() = row_start[k + 1];
+    auto& runs = seg_rows.back();
+    if (!runs.empty() && runs.back().second == row_start[k]) {
+      runs.back().second = row_start[k + 1];
+    } else {
+      runs.emplace_back(row_start[k], row_start[k + 1]);
+    }
     max_width = std::max(max_width, in_widths[k]);
     prev = k;
   }
@@ -425,15 +431,17 @@ void multi_conv2d_direct(const at::Tensor& x, const at::Tensor& weight, at::IntA
   {
     for (size_t s = 0; s < segments.size(); ++s) {
       segments[s].block_begin = static_cast<int64_t>(blocks.size());
-      for (int64_t row = seg_row_begin[s]; row < seg_row_end[s]; row += MR) {
-        Block b;
-        b.row0 = row;
-        b.rows = static_cast<int32_t>(std::min<int64_t>(MR, seg_row_end[s] - row));
-        b.depth = 0;
-        for (int r = 0; r < b.rows; ++r) b.depth = std::max(b.depth, in_widths[cand[row + r]] * taps);
-        b.a_off = a_total;
-        a_total += b.depth * b.rows;
-        blocks.push_back(b);
+      for (const auto& run : seg_rows[s]) {
+        for (int64_t row = run.first; row < run.second; row += MR) {
+          Block b;
+          b.row0 = row;
+          b.rows = static_cast<int32_t>(std::min<int64_t>(MR, run.second - row));
+          b.depth = 0;
+          for (int r = 0; r < b.rows; ++r) b.depth = std::max(b.depth, in_widths[cand[row + r]] * taps);
+          b.a_off = a_total;
+          a_total += b.depth * b.rows;
+          blocks.push_back(b);
+        }
       }
       segments[s].block_end = static_cast<int64_t>(blocks.size());
     }
