@@ -16,7 +16,12 @@
 // values), prelu_slope and residual of another floating dtype are converted to x's dtype.
 // Bad arguments raise ValueError, bad dtypes TypeError.
 //
-// Algorithm: an implicit GEMM per image, C[row, pixel] = sum_k A[row, k] * B[k, pixel],
+// Algorithms. Candidates of float32 3x3 stride-1 padding-1 layers whose output width is a
+// multiple of 8 and height even go to Winograd F(2x2, 3x3) (conv_winograd.cpp) when their
+// input width is >= 20 (>= 8 on 8-wide outputs) and the CPU has AVX2 + FMA; every other
+// candidate, below. FASTSUPERNET_CPU_WINOGRAD=0 turns Winograd off.
+//
+// Direct algorithm: an implicit GEMM per image, C[row, pixel] = sum_k A[row, k] * B[k, pixel],
 // k = (ci, i, j) running over the candidate's in_width * kh * kw taps.
 //  * B is never materialised (no im2col). Per image, the channels a group of candidates
 //    reads are copied once into a zero-padded scratch in which stride phases are split
@@ -65,6 +70,8 @@
 //    exact sums of those values; relative to the exact conv they inherit sum_i |y_i - exact|.
 // For Track-1 shapes (d <= 576) the float32 output is within ~3.5e-5 A of the exact value in
 // the worst case, typically ~1e-6 A; tests/test_conv_cpu.py checks these bounds per element.
+// Winograd's bound, (in_width + 8) u A_w with A_w the algorithm run on absolute values, is
+// stated in conv_winograd.cpp and checked by tests/test_conv_winograd.py.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
