@@ -20,7 +20,7 @@
 // FMA chain of in_width steps, the output transform 4 additions: the conv value before the
 // epilogue is within (in_width + 8) u A_w (1 + O(u)) of the exact one, where A_w is the same
 // algorithm run on absolute values (|A^T| [sum_c (|G| |g_c| |G^T|) . (|B^T| |d_c| |B|)] |A|).
-// tests/test_conv_cpu.py checks this bound per element.
+// tests/test_conv_winograd.py checks this bound per element.
 
 #include "cpu/conv_winograd.h"
 
