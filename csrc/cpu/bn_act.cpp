@@ -38,7 +38,7 @@
 #include <immintrin.h>
 #endif
 
-#include "cpu/conv_plan.h"  // conv::generic_kernel_forced
+#include "cpu/conv_plan.h"  // conv::generic_kernel_forced, FASTSUPERNET_HAVE_AVX2
 
 // No fused multiply-adds formed from separate products and sums in this file (whatever -march
 // the build uses): see the header.
@@ -170,7 +170,7 @@ void forward_planes(const T* y, const T* res, const T* scale, const T* shift, co
   }
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTSUPERNET_NO_AVX2)
+#ifdef FASTSUPERNET_HAVE_AVX2
 #define FSN_BN_HAVE_AVX2 1
 // The forward planes for float32 with AVX2 (the generic loop's PReLU select is not
 // vectorised): the same per-element arithmetic, 8 lanes at a time, then a scalar tail.

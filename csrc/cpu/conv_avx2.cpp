@@ -6,7 +6,7 @@
 
 #include "cpu/conv_plan.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTSUPERNET_NO_AVX2)
+#ifdef FASTSUPERNET_HAVE_AVX2
 
 #include <immintrin.h>
 

@@ -19,6 +19,12 @@
 #include <cstdlib>
 #include <cstring>
 
+// x86-64 builds with GCC or Clang compile AVX2 + FMA versions of the CPU kernels (function
+// target attributes, chosen at run time); FASTSUPERNET_NO_AVX2 leaves them out.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTSUPERNET_NO_AVX2)
+#define FASTSUPERNET_HAVE_AVX2 1
+#endif
+
 namespace fastsupernet {
 namespace conv {
 

@@ -80,7 +80,7 @@ struct Packed {
   int64_t stride;
 };
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTSUPERNET_NO_AVX2)
+#ifdef FASTSUPERNET_HAVE_AVX2
 #define FSN_WG_HAVE_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
