@@ -260,13 +260,13 @@ void multi_conv2d_winograd(const at::Tensor& x, const at::Tensor& weight, at::In
   job.seg_width = seg_width.data();
   job.max_seg_width = *std::max_element(seg_width.begin(), seg_width.end());
 
-  // Candidates and their transformed weights: [xi][block of 4 rows][channel][row in block].
+  // Candidates and their transformed weights: [xi][block of kWinogradRows rows][channel][row in block].
   std::vector<int64_t> in_w(K), out_w(K), row0(K), u_off(K + 1, 0);
   for (int64_t i = 0; i < K; ++i) {
     in_w[i] = in_widths[cands[i]];
     out_w[i] = out_widths[cands[i]];
     row0[i] = row_start[cands[i]];
-    u_off[i + 1] = u_off[i] + 16 * div_up(out_w[i], 4) * 4 * in_w[i];
+    u_off[i + 1] = u_off[i] + 16 * div_up(out_w[i], conv::kWinogradRows) * conv::kWinogradRows * in_w[i];
     job.max_out_w = std::max(job.max_out_w, out_w[i]);
   }
   std::vector<float> u(static_cast<size_t>(u_off[K]), 0.0f);
@@ -275,12 +275,13 @@ void multi_conv2d_winograd(const at::Tensor& x, const at::Tensor& weight, at::In
     const int64_t s0 = weight.stride(0), s1 = weight.stride(1), s2 = weight.stride(2), s3 = weight.stride(3);
     double t[16];
     for (int64_t k = 0; k < K; ++k) {
-      const int64_t blocks = div_up(out_w[k], 4);
+      const int64_t blocks = div_up(out_w[k], conv::kWinogradRows);
       for (int64_t r = 0; r < out_w[k]; ++r) {
         for (int64_t c = 0; c < in_w[k]; ++c) {
           winograd_filter(w + (row_offsets[cands[k]] + r) * s0 + c * s1, s2, s3, t);
           for (int xi = 0; xi < 16; ++xi) {
-            u[u_off[k] + ((xi * blocks + r / 4) * in_w[k] + c) * 4 + r % 4] = static_cast<float>(t[xi]);
+            const int64_t rb = r / conv::kWinogradRows, ri = r % conv::kWinogradRows;
+            u[u_off[k] + ((xi * blocks + rb) * in_w[k] + c) * conv::kWinogradRows + ri] = static_cast<float>(t[xi]);
           }
         }
       }

@@ -40,7 +40,7 @@ namespace conv {
 namespace {
 
 constexpr int kXi = 16;        // transformed values per tile
-constexpr int kRowsW = 4;      // output rows per register tile
+constexpr int kRowsW = kWinogradRows;  // output rows per register tile
 constexpr int kVecsW = 3;      // vectors of 8 tiles per register tile
 constexpr int kGroup = 8 * kVecsW;
 

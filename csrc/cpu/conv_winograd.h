@@ -14,6 +14,9 @@
 namespace fastsupernet {
 namespace conv {
 
+// Output rows per register tile; the transformed weights are packed in blocks of this many rows.
+constexpr int kWinogradRows = 4;
+
 struct WinogradJob {
   // Input: x (any strides), N images of H x W (= the output size: 3x3, stride 1, padding 1).
   const float* x = nullptr;
@@ -30,8 +33,8 @@ struct WinogradJob {
   int64_t max_seg_width = 0;
 
   // Candidates: the first in_w[k] channels of their segment, output rows [row0[k], +
-  // out_w[k]); transformed weights at u + u_off[k], laid out [xi][block of 4 rows][channel][4]
-  // (rows past out_w[k] are zero).
+  // out_w[k]); transformed weights at u + u_off[k], laid out [xi][block of kWinogradRows
+  // rows][channel][row in block] (rows past out_w[k] are zero).
   int64_t K = 0;
   const int64_t* in_w = nullptr;
   const int64_t* out_w = nullptr;
