@@ -34,6 +34,18 @@ namespace {
 #define FSN_PREFETCH_WRITE(p) ((void)(p))
 #endif
 
+// The two cache lines from p (the NV * kLanes values of a pixel block start there).
+template <bool kWrite, typename T>
+FSN_INLINE void prefetch_lines(const T* p) {
+  if constexpr (kWrite) {
+    FSN_PREFETCH_WRITE(p);
+    FSN_PREFETCH_WRITE(p + 64 / sizeof(T));
+  } else {
+    FSN_PREFETCH(p);
+    FSN_PREFETCH(p + 64 / sizeof(T));
+  }
+}
+
 template <typename T>
 struct TileArgs {
   const T* a;               // packed (depth, rows) weight panel
@@ -75,32 +87,21 @@ FSN_TARGET void tile(const TileArgs<T>& t) {
   for (int v = 0; v < NV; ++v) b[v] = t.b[v];
 
   const int64_t depth = t.depth;
+  // Prefetches for the pixel blocks two ahead of this one (their lines arrive while this tile
+  // computes): the residual the epilogue will read (1.15-1.25x on 32x32 Track-1 calls with a
+  // residual); for an input read in place from memory (1x1 convs, memory-bound) its planes
+  // and the output lines as well (1.2x on Track-1 1x1 calls; for 3x3 convs, whose input sits
+  // in the scratch, prefetching the output added nothing).
+  constexpr int64_t kAhead = 2 * NV * L;
+  const int64_t next = t.dst[0] + kAhead;
   if (t.stream) {
-    // Input read in place (1x1 convs): memory-bound, its planes and the output lines of the
-    // next pixel blocks are prefetched while this tile computes (1.2x on Track-1 1x1 calls).
-    const int64_t ahead = 2 * NV * L;
-    for (int64_t k = 0; k < depth; ++k) {
-      FSN_PREFETCH(b[0] + tap[k] + ahead);
-      FSN_PREFETCH(b[0] + tap[k] + ahead + 64 / sizeof(T));
-    }
-    const int64_t out_ahead = t.dst[0] + ahead;
+    for (int64_t k = 0; k < depth; ++k) prefetch_lines<false>(b[0] + tap[k] + kAhead);
 #pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      FSN_PREFETCH_WRITE(t.out + r * t.plane + out_ahead);
-      FSN_PREFETCH_WRITE(t.out + r * t.plane + out_ahead + 64 / sizeof(T));
-    }
+    for (int r = 0; r < MR; ++r) prefetch_lines<true>(t.out + r * t.plane + next);
   }
   if (t.res != nullptr) {
-    // The residual of the next pixel blocks of these rows, from memory the tile's own loads
-    // do not touch: its lines arrive while this tile computes (measured 1.15-1.25x on
-    // 32x32 Track-1 calls with a residual; no effect without one, so the output is left to
-    // the hardware).
-    const int64_t ahead = t.dst[0] + 2 * NV * L;
 #pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      FSN_PREFETCH(t.res + r * t.plane + ahead);
-      FSN_PREFETCH(t.res + r * t.plane + ahead + 64 / sizeof(T));
-    }
+    for (int r = 0; r < MR; ++r) prefetch_lines<false>(t.res + r * t.plane + next);
   }
   if constexpr (MR * NV + NV + 1 <= 16) {
     // NV input vectors live across the MR rows; one broadcast weight at a time
