@@ -46,6 +46,17 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not tc._interpreted():
     pytest.skip("CPU tensors need Triton imported with TRITON_INTERPRET=1", allow_module_level=True)
 
+
+
+@pytest.fixture(autouse=True)
+def _one_config_on_gpu(monkeypatch):
+    """On a GPU, one fixed tile configuration unless the run names one: autotuning would compile
+    and time up to six configurations for every new shape bucket of these small cases (the
+    configurations are checked one by one in test_every_config_matches_oracle)."""
+    if DEVICE == "cuda" and not os.environ.get(tc.CONFIG_ENV_VAR):
+        monkeypatch.setenv(tc.CONFIG_ENV_VAR, "0")
+
+
 U32 = 2.0**-24  # float32 unit roundoff
 # relative rounding of a product's inputs (tf32: 10-bit mantissa, truncation allowed for) ...
 IN_ROUNDING = {"ieee": 0.0, "tf32": 2.0**-9}
@@ -292,6 +303,29 @@ def test_multi_conv2d_statistics_many_chunks():
     # M = 2 * 9 * 9 = 162 output pixels: 6 chunks of STATS_CHUNK, the last one ragged
     Case(n=2, h=9, w=9, ksize=1, padding=0, in_widths=(3, 2), out_widths=(5, 3), activation="relu",
          seed=5).run_and_check()
+
+
+@pytest.mark.parametrize("config", range(len(tc._CONFIGS)))
+def test_every_config_matches_oracle(config, monkeypatch):
+    # each tile configuration alone (the autotuner may pick any of them): several pixel tiles,
+    # channel tiles and reduction blocks per candidate at the widest blocks (64)
+    monkeypatch.setenv(tc.CONFIG_ENV_VAR, str(config))
+    Case(n=2, h=9, w=9, in_widths=(70, 5, 33), out_widths=(66, 3, 17), layout="slice_cl", packed_input=True,
+         activation="prelu", seed=40 + config).run_and_check()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the autotuner runs only on a GPU")
+def test_autotuned_matches_oracle(monkeypatch):
+    monkeypatch.setenv(tc.CONFIG_ENV_VAR, "autotune")
+    Case(n=2, h=7, w=6, in_widths=(24, 5, 9), out_widths=(20, 3, 40), layout="channels_last", seed=47).run_and_check()
+
+
+@pytest.mark.parametrize("value", ["-1", str(len(tc._CONFIGS)), "fast"])
+def test_config_variable_rejects_bad_value(value, monkeypatch):
+    monkeypatch.setenv(tc.CONFIG_ENV_VAR, value)
+    case = Case(n=1, h=3, w=3, in_widths=(2,), out_widths=(3,), seed=48)
+    with pytest.raises(ValueError, match=tc.CONFIG_ENV_VAR):
+        tc.multi_conv2d_triton(*case.args())
 
 
 def test_multi_conv2d_float16():

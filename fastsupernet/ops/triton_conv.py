@@ -62,6 +62,7 @@ interpreter has no bfloat16 arithmetic; float32 and float16 work there.
 """
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 
@@ -291,6 +292,29 @@ _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
 assert all(c.kwargs["BLOCK_N"] in _BLOCK_N_CHOICES and c.kwargs["BLOCK_M"] % STATS_CHUNK == 0 for c in _CONFIGS)
 assert _INTERPRETER_CONFIG["BLOCK_N"] in _BLOCK_N_CHOICES and _INTERPRETER_CONFIG["BLOCK_M"] % STATS_CHUNK == 0
 assert all(_BLOCK_N_CHOICES.index(b) == b // 32 for b in _BLOCK_N_CHOICES)
+
+
+CONFIG_ENV_VAR = "FASTSUPERNET_TRITON_CONFIG"
+
+
+def fixed_config() -> triton.Config | None:
+    """The configuration named by ``$FASTSUPERNET_TRITON_CONFIG`` (an index into ``_CONFIGS``),
+    or None (unset, empty or ``autotune``: autotuning on a GPU, the small fixed configuration
+    in the interpreter). A fixed configuration skips the autotuner's compile-and-time sweep of
+    every new shape bucket (tests, quick checks) and lets each configuration be checked alone."""
+    value = os.environ.get(CONFIG_ENV_VAR, "").strip().lower()
+    if value in ("", "autotune"):
+        return None
+    try:
+        index = int(value)
+    except ValueError:
+        index = -1
+    if not 0 <= index < len(_CONFIGS):
+        raise ValueError(
+            f"environment variable {CONFIG_ENV_VAR}={value!r}: expected 'autotune' or an index "
+            f"0..{len(_CONFIGS) - 1} into the Triton conv configurations"
+        )
+    return _CONFIGS[index]
 
 
 def _interpreted() -> bool:
@@ -538,10 +562,16 @@ def _multi_conv2d(
     def grid(meta_args):
         return (triton.cdiv(m, meta_args["BLOCK_M"]) * meta.num_tiles[meta_args["BLOCK_N"]],)
 
+    fixed = fixed_config()
     if _interpreted():
-        cfg = _INTERPRETER_CONFIG
+        cfg = _INTERPRETER_CONFIG if fixed is None else fixed.kwargs
         cblocks = triton.cdiv(meta.max_in_width, cfg["BLOCK_K"])
         _multi_conv2d_kernel[grid(cfg)](*args, **flags, CBLOCKS=cblocks, **cfg)
+    elif fixed is not None:
+        with torch.cuda.device(x.device):
+            _multi_conv2d_kernel[grid(fixed.kwargs)](
+                *args, **flags, CBLOCKS=0, **fixed.kwargs, num_warps=fixed.num_warps, num_stages=fixed.num_stages
+            )
     else:
         with torch.cuda.device(x.device):
             _multi_conv2d_tuned[grid](*args, **flags, CBLOCKS=0)
