@@ -44,7 +44,10 @@ def _extensions():
     march = os.environ.get("FASTSUPERNET_MARCH", "").strip()
     if march:
         cxx.append(f"-march={march}")
-    link = ["-fopenmp"]
+    # -lstdc++ before the driver's own libraries: toolchains that add -static-libstdc++ would
+    # otherwise give the extension a private copy of the C++ runtime, and an error raised in a
+    # kernel (TORCH_CHECK) then crashes the process where torch catches it
+    link = ["-fopenmp", "-lstdc++"]
 
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     # headers and CUDA files: rebuild triggers, and part of the sdist whatever torch builds it
@@ -56,7 +59,8 @@ def _extensions():
     )
     if with_cuda:
         sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
-        nvcc = opt + ["-lineinfo", "-DFASTSUPERNET_WITH_CUDA"]
+        # nvcc takes -O3 and -g, but not gcc's -g0 (device code: -G in debug builds)
+        nvcc = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + ["-DFASTSUPERNET_WITH_CUDA"]
         ext = CUDAExtension(
             "fastsupernet._C",
             sources,

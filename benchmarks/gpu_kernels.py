@@ -15,8 +15,11 @@ input, the table compares:
 - triton: ``fastsupernet.ops.triton_conv.multi_conv2d_triton`` with the same arguments (shown as
   n/a when that module is missing or fails).
 
-Times are medians of CUDA-event timings (host timers on CPU) after a warm-up call. Everything is
-float32 with TF32 off (cuDNN and matmul), so all columns compute the same fp32 result. ``x loop``
+Times are medians of CUDA-event timings (host timers on CPU) after a warm-up call. By default
+everything is float32 with TF32 off (cuDNN and matmul), so all columns compute the same fp32
+result; ``--precision tf32`` turns TF32 on for the loop (cuDNN) and the Triton dot, and
+``--precision bf16`` runs the loop and Triton on bfloat16 tensors (the CUDA kernel column is
+n/a: it computes float32 / float64 only); the floor then uses that precision's GEMM rate. ``x loop``
 is the speed-up over the loop. The floor is the larger of FLOPs / (the card's measured fp32 GEMM
 rate: torch.mm 4096^3, TF32 off) and bytes / (measured copy bandwidth: read + write of 1 GiB),
 counting the bytes a fused kernel must move (each input slice read once, the output written
@@ -84,7 +87,8 @@ class Case:
         return float(e * (n * h * w * (sum(self.in_widths) + sum(self.out_widths)) + weights))
 
 
-def make_case(hw: int, max_width: int, k: int, batch: int, device: str, seed: int) -> Case:
+def make_case(hw: int, max_width: int, k: int, batch: int, device: str, seed: int,
+              dtype: torch.dtype = torch.float32) -> Case:
     g = torch.Generator().manual_seed(seed)  # widths and small tensors
     gd = torch.Generator(device=device).manual_seed(seed)  # the input, drawn on the device
     choices = list(range(4, max_width + 1, 4)) or [max_width]
@@ -104,7 +108,7 @@ def make_case(hw: int, max_width: int, k: int, batch: int, device: str, seed: in
     beta = torch.randn(c_out, generator=g) * 0.1
     scale = gamma / torch.sqrt(var + EPS)
     shift = beta - mean * scale
-    to = lambda t: t.to(device)  # noqa: E731
+    to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
     return Case(hw, max_width, k, to(x), to(weight), in_off, in_w, out_w, row_off,
                 (to(mean), to(var), to(gamma), to(beta)), to(scale), to(shift))  # fmt: skip
 
@@ -139,11 +143,11 @@ def _compiled_op(device: str) -> tuple[Callable | None, str]:
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def _triton_op() -> tuple[Callable | None, str]:
+def _triton_op(input_precision: str = "ieee") -> tuple[Callable | None, str]:
     try:
         from fastsupernet.ops.triton_conv import multi_conv2d_triton
 
-        return multi_conv2d_triton, ""
+        return (lambda *args: multi_conv2d_triton(*args, input_precision=input_precision)), ""
     except Exception as exc:  # noqa: BLE001
         return None, f"{type(exc).__name__}: {exc}"
 
@@ -159,12 +163,14 @@ def _reference_op() -> tuple[Callable | None, str]:
     return (run, "") if hasattr(reference, "multi_conv2d") else (None, "reference.multi_conv2d is missing")
 
 
-def backends(device: str) -> list[tuple[str, Callable | None, str, bool]]:
+def backends(device: str, precision: str = "fp32") -> list[tuple[str, Callable | None, str, bool]]:
     """(column, fn or None, why not available, required) per fused backend on the device."""
     if device == "cuda":
         op, why = _compiled_op("cuda")
-        tri, why_t = _triton_op()
-        return [("cuda", op, why, True), ("triton", tri, why_t, False)]
+        if precision != "fp32":
+            op, why = None, "the CUDA kernel computes float32 / float64 only"
+        tri, why_t = _triton_op("tf32" if precision == "tf32" else "ieee")
+        return [("cuda", op, why, precision == "fp32"), ("triton", tri, why_t, False)]
     op, why = _compiled_op("cpu")
     ref, why_r = _reference_op()
     return [("cpp", op, why, False), ("reference", ref, why_r, False)]
@@ -199,10 +205,10 @@ def median_time(fn: Callable[[], object], device: str, min_time: float = 0.3, mi
     return statistics.median(times)
 
 
-def gemm_rate(device: str, n: int) -> float:
-    """fp32 FLOP/s of torch.mm n x n x n with TF32 off."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def gemm_rate(device: str, n: int, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of torch.mm n x n x n in dtype (float32: TF32 as set by the caller)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     return 2.0 * n**3 / median_time(lambda: torch.mm(a, b), device, min_time=0.5)
 
 
@@ -221,21 +227,28 @@ def _fmt_x(a: float | None, b: float | None) -> str:
     return "n/a" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
 
-def run(device: str, layers, ks, batch: int) -> int:
+PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
+
+
+def run(device: str, layers, ks, batch: int, precision: str = "fp32") -> int:
+    dtype = PRECISIONS[precision]
     if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        torch.set_float32_matmul_precision("highest")
+        tf32 = precision == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
         name = torch.cuda.get_device_name(0)
-        rate = gemm_rate(device, 4096)
+        rate = gemm_rate(device, 4096, dtype)
         bandwidth = copy_bandwidth(device, 1 << 30)
     else:
         name = f"CPU ({torch.get_num_threads()} threads)"
         rate = gemm_rate(device, 256)
         bandwidth = copy_bandwidth(device, 1 << 24)
-    cols = backends(device)
-    print(f"## multi_conv2d on {name}\n")
-    print(f"fp32 GEMM rate {rate / 1e9:.0f} GFLOP/s (torch.mm, TF32 off); copy bandwidth {bandwidth / 1e9:.0f} GB/s; "
+    cols = backends(device, precision)
+    what = {"fp32": "fp32 (TF32 off)", "tf32": "fp32 tensors, TF32 on (loop: cuDNN; triton: tf32 dot)",
+            "bf16": "bf16"}[precision]
+    print(f"## multi_conv2d on {name}, {what}\n")
+    print(f"{precision} GEMM rate {rate / 1e9:.0f} GFLOP/s (torch.mm); copy bandwidth {bandwidth / 1e9:.0f} GB/s; "
           f"batch {batch}, 3x3 stride 1, folded BN + ReLU epilogue; times in ms (median)\n")  # fmt: skip
     head = ["layer", "K", "loop ms"]
     for c, *_ in cols:
@@ -250,7 +263,7 @@ def run(device: str, layers, ks, batch: int) -> int:
     for hw, max_width in layers:
         for k in ks:
             seed += 1
-            case = make_case(hw, max_width, k, batch, device, seed)
+            case = make_case(hw, max_width, k, batch, device, seed, dtype)
             with torch.no_grad():
                 t_loop = median_time(lambda: peer_loop(case), device)
                 ref = torch.cat(peer_loop(case), dim=1)
@@ -260,7 +273,7 @@ def run(device: str, layers, ks, batch: int) -> int:
                     if fn is not None:
                         try:
                             out = fn(*case.op_args())[0]
-                            d = float((out - ref).abs().max())
+                            d = float((out.float() - ref.float()).abs().max())
                             del out
                             t = median_time(lambda: fn(*case.op_args()), device)
                         except Exception as exc:  # noqa: BLE001 (reported below the table)
@@ -294,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="same as --device cpu --tiny")
     ap.add_argument("--ks", default=None, help="comma-separated candidate counts (default 8,32,128; tiny 2,3)")
     ap.add_argument("--batch", type=int, default=None, help=f"batch size (default {BATCH}; tiny {TINY_BATCH})")
+    ap.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                    help="fp32 (default; TF32 off everywhere), tf32 (TF32 on: cuDNN loop, Triton tf32 dot) or "
+                         "bf16 (bf16 tensors; the CUDA kernel is float32 only); GPU only")
     args = ap.parse_args(argv)
     device = "cpu" if args.dry_run else (args.device or "cuda")
     tiny = args.tiny or args.dry_run
@@ -304,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     ks = tuple(int(v) for v in args.ks.split(",")) if args.ks else (TINY_KS if tiny else KS)
     batch = args.batch or (TINY_BATCH if tiny else BATCH)
     torch.manual_seed(0)
-    return run(device, TINY_LAYERS if tiny else LAYERS, ks, batch)
+    if args.precision != "fp32" and device != "cuda":
+        ap.error("--precision tf32 / bf16 needs the GPU")
+    return run(device, TINY_LAYERS if tiny else LAYERS, ks, batch, args.precision)
 
 
 if __name__ == "__main__":

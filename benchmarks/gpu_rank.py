@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -93,7 +94,8 @@ def throughput(args, dev, out: dict) -> None:
     images = data.recal_x.shape[0] + data.eval_x.shape[0]
     rows = []
     budget_end = time.perf_counter() + args.throughput_s
-    for precision, n_cand in (("fp32", len(archs)), ("tf32", args.other_candidates), ("bf16", args.other_candidates)):
+    for precision in args.precisions:
+        n_cand = len(archs) if precision == "fp32" else args.other_candidates
         if precision == "bf16" and dev.type != "cuda":
             print("bf16: skipped (needs CUDA)")
             continue
@@ -137,6 +139,40 @@ def throughput(args, dev, out: dict) -> None:
               f"prefix sharing of the timed set {tot / shr:.3f}x, {engine.stats.groups} groups{mem}; "
               f"PROJECTED all 50,000: {row['projected_50000_s'] / 60:.1f} min (a projection, not a measurement)")
     out["throughput"] = rows
+    if args.profile:
+        out["profile"] = profile(model, data, archs[: args.profile], dev)
+
+
+def profile(model, data, archs, dev) -> list[dict]:
+    """The fp32 fast engine on ``archs`` under torch.profiler: the GPU kernels that take its time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    engine = make_engine("fast", model, data)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    _sync(dev)
+    t = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        list(engine.score(archs))
+        _sync(dev)
+    wall = time.perf_counter() - t
+
+    def self_time(e) -> float:  # microseconds of the event's own work on the device (CPU: on the host)
+        if dev.type == "cuda":
+            return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+        return float(e.self_cpu_time_total)
+
+    events = [e for e in prof.key_averages() if self_time(e) > 0]
+    total = sum(self_time(e) for e in events)
+    rows = []
+    for e in sorted(events, key=self_time, reverse=True)[:15]:
+        us = self_time(e)
+        rows.append({"name": e.key[:90], "calls": e.count, "ms": us / 1e3, "share": us / total if total else 0.0})
+    print(f"profile: fp32 fast engine, {len(archs)} candidates, {wall:.1f} s wall under the profiler, "
+          f"{total / 1e6:.2f} s of device kernels")
+    for r in rows:
+        print(f"  {r['share'] * 100:5.1f}% {r['ms']:9.1f} ms {r['calls']:7d} calls  {r['name']}")
+    return rows
 
 
 def _train_mini(dev, steps: int) -> tuple[Supernet, object]:
@@ -241,10 +277,22 @@ def main(argv=None) -> int:
     p.add_argument("--ref-candidates", type=int, default=30)
     p.add_argument("--deadline-s", type=float, default=1e9,
                    help="skip the remaining precisions once fewer than ~15 s of this budget are left")
+    p.add_argument("--precisions", default="fp32,tf32,bf16",
+                   help="comma-separated precisions of the throughput phase, in the order they are timed")
+    p.add_argument("--triton-config", default=None,
+                   help="index of a fixed Triton tile configuration (FASTSUPERNET_TRITON_CONFIG) instead of "
+                        "autotuning: fewer compiles, e.g. for the quick fidelity check")
+    p.add_argument("--profile", type=int, default=0, help="profile the fp32 engine on this many candidates")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-fidelity", action="store_true")
     p.add_argument("--json", default=None, help="write the summary here")
     args = p.parse_args(argv)
+    args.precisions = [v.strip() for v in args.precisions.split(",") if v.strip()]
+    unknown = [v for v in args.precisions if v not in ("fp32", "tf32", "bf16")]
+    if unknown:
+        p.error(f"--precisions: unknown {', '.join(unknown)} (expected fp32, tf32, bf16)")
+    if args.triton_config is not None:
+        os.environ["FASTSUPERNET_TRITON_CONFIG"] = args.triton_config
     if args.dry_run:
         dev = torch.device("cpu")
         args.candidates, args.other_candidates = min(args.candidates, 6), min(args.other_candidates, 4)

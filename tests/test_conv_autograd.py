@@ -109,6 +109,25 @@ def test_backend_forward_backward_fp32(backend, shared_input, kernel, stride):
 
 
 @pytest.mark.parametrize("backend", backends())
+def test_channels_last_weight(backend):
+    # a model moved to channels_last has channels_last conv weights: the face copies them to a
+    # contiguous tensor and the gradient reaches the parameter in its own layout
+    x64, w64, meta, _ = make_case(21, k=3)
+    x = x64.float().contiguous(memory_format=torch.channels_last)
+    w_dense = w64.float().requires_grad_()
+    w_cl = w64.float().contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert not w_cl.is_contiguous()
+    out_dense = ops.multi_conv2d(x, w_dense, *meta, padding=1, activation="relu", backend=backend)
+    out_cl = ops.multi_conv2d(x, w_cl, *meta, padding=1, activation="relu", backend=backend)
+    torch.testing.assert_close(out_cl, out_dense, rtol=0, atol=0)
+    g = torch.randn_like(out_dense)
+    (gw_dense,) = torch.autograd.grad(out_dense, (w_dense,), g)
+    (gw_cl,) = torch.autograd.grad(out_cl, (w_cl,), g)
+    assert gw_cl.shape == w_cl.shape
+    torch.testing.assert_close(gw_cl, gw_dense, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", backends())
 def test_sliced_conv2d_face(backend):
     x64, w64, _, _ = make_case(7, k=1)
     x = x64[:, :3].float().contiguous()

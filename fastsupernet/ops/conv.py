@@ -371,8 +371,13 @@ def multi_conv2d(
     """K candidate convolutions in one call; returns the packed output (and, with ``stats``,
     the float64 per-channel sum and sum of squares of the conv output before the epilogue).
 
-    The integer vectors may be lists or 1-D int32/int64 tensors (host-side metadata).
+    The integer vectors may be lists or 1-D int32/int64 tensors (host-side metadata). The
+    kernels read ``weight`` in place when it is contiguous; any other layout (a parameter of a
+    model moved to channels_last, say) is copied to a contiguous tensor once per call, and its
+    gradient flows back through the copy.
     """
+    if isinstance(weight, torch.Tensor) and not weight.is_contiguous():
+        weight = weight.contiguous()
     meta = [_ints(v, n) for v, n in ((in_offsets, "in_offsets"), (in_widths, "in_widths"),
                                       (out_widths, "out_widths"), (row_offsets, "row_offsets"))]
     if activation not in reference.ACTIVATIONS:
