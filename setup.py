@@ -44,10 +44,11 @@ def _extensions():
     march = os.environ.get("FASTSUPERNET_MARCH", "").strip()
     if march:
         cxx.append(f"-march={march}")
-    # -lstdc++ before the driver's own libraries: toolchains that add -static-libstdc++ would
-    # otherwise give the extension a private copy of the C++ runtime, and an error raised in a
-    # kernel (TORCH_CHECK) then crashes the process where torch catches it
-    link = ["-fopenmp", "-lstdc++"]
+    # The shared C++ runtime by file name, before the driver's own libraries: a toolchain that
+    # links libstdc++ statically (-static-libstdc++, or only libstdc++.a on its search path) would
+    # give the extension a private copy of the runtime, and an error raised in a kernel
+    # (TORCH_CHECK) then crashes the process where torch catches it.
+    link = ["-fopenmp", "-l:libstdc++.so.6"]
 
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     # headers and CUDA files: rebuild triggers, and part of the sdist whatever torch builds it

@@ -134,7 +134,12 @@ def throughput(args, dev, out: dict) -> None:
         rows.append(row)
         mem = (f", peak working memory {row['peak_working_bytes'] / 2**30:.2f} GiB of a "
                f"{row['memory_limit_bytes'] / 2**30:.2f} GiB limit" if "peak_working_bytes" in row else "")
-        print(f"{precision}: {n_done}/{len(sub)} candidates x {images} images in {secs:.1f} s = "
+        tiles = ""
+        if precision != "fp32":
+            fixed = os.environ.get("FASTSUPERNET_TRITON_CONFIG", "")
+            tiles = f" (Triton tiles: {'fixed configuration ' + fixed if fixed else 'autotuned'})"
+            row["triton_config"] = fixed or "autotune"
+        print(f"{precision}{tiles}: {n_done}/{len(sub)} candidates x {images} images in {secs:.1f} s = "
               f"{n_done / secs:.2f} candidates/s, {row['tflops_effective']:.1f} TFLOP/s effective, "
               f"prefix sharing of the timed set {tot / shr:.3f}x, {engine.stats.groups} groups{mem}; "
               f"PROJECTED all 50,000: {row['projected_50000_s'] / 60:.1f} min (a projection, not a measurement)")
@@ -199,6 +204,10 @@ def _train_mini(dev, steps: int) -> tuple[Supernet, object]:
 
 
 def fidelity(args, dev, out: dict) -> bool:
+    if _left(args) < 30:
+        print(f"fidelity: NOT RUN (deadline --deadline-s {args.deadline_s:.0f} s near)")
+        out["fidelity"] = {"not_run": "deadline"}
+        return False
     t = time.perf_counter()
     model, data = _train_mini(dev, args.train_steps)
     _sync(dev)

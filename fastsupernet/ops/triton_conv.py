@@ -118,9 +118,13 @@ def _conv_step(
 # unit channel stride is what makes channels_last loads contiguous).
 _NOT_SPECIALIZED = ["tiles_start", "tiles_len", "M", "H", "W", "Wo", "HWo", "C_out", "padding", "num_chunks",
                     "tune_m", "tune_n", "tune_k"]
+# The pixel strides of channels_last tensors are their packed channel counts, which a ranking
+# run changes from group to group: a variant per "divisible by 16 or not" pattern would be
+# compiled (and autotuned) again and again, for alignment that packed widths rarely have.
+_NO_ALIGNMENT_VARIANTS = ["stride_xw", "stride_ow", "stride_rh", "stride_rw"]
 
 
-@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED, do_not_specialize_on_alignment=_NO_ALIGNMENT_VARIANTS)
 def _multi_conv2d_kernel(
     x_ptr,  # (N, C_in, H, W), any strides
     w_ptr,  # (R, C_max, KSIZE, KSIZE) contiguous
@@ -550,7 +554,7 @@ def _multi_conv2d(
         meta.tensor, meta.tiles_start, meta.tiles_len,
         m, h, w, w_out, h_out * w_out, c_out,
         stride, padding, c_max * ksize * ksize,
-        *x.stride(), *out.stride(), *res.stride(),
+        *x.stride(), *out.stride(), *(res.stride() if residual is not None else (0, 0, 0, 0)),
         num_chunks,
         _bucket(m, hi=_TUNE_M_CAP), _bucket(meta.max_out_width, hi=64), _bucket(meta.max_in_width, hi=64),
     )
