@@ -223,6 +223,19 @@ def test_memory_limit_splits_into_groups_with_identical_results(trained, fmnist)
         list(make_engine("fast", trained, rd, memory_limit_bytes=1000).score(archs))
 
 
+def test_candidate_groups_are_the_order_score_yields(trained, fmnist):
+    rd = prepare_data(fmnist, Protocol(recal_images=16, recal_batch=16, eval_images=16))
+    archs = _archs(10, seed=5)
+    archs.append(archs[3])  # a duplicate is in its twin's group
+    single = make_engine("fast", trained, rd)._bytes_per_image(trained.run_widths(archs[0])) * rd.recal_batch
+    fast = make_engine("fast", trained, rd, memory_limit_bytes=int(single * 1.6))
+    groups = fast.candidate_groups(archs)
+    assert len(groups) >= 4 and sorted(i for g in groups for i in g) == list(range(len(archs)))
+    yielded = [s.index for s in fast.score(archs)]
+    assert [set(g) for g in groups] == [set(yielded[a:a + len(g)]) for a, g in
+                                        zip([sum(map(len, groups[:k])) for k in range(len(groups))], groups)]
+
+
 def test_group_working_memory_does_not_grow_with_candidates(trained, fmnist):
     rd = prepare_data(fmnist, Protocol(recal_images=16, recal_batch=16, eval_images=16))
     fast = make_engine("fast", trained, rd, memory_limit_bytes=64 << 20)

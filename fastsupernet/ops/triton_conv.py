@@ -288,9 +288,15 @@ _TUNE_KEY = ["tune_m", "tune_n", "tune_k", "KSIZE", "HAS_SCALE", "HAS_SHIFT", "H
              "STATS", "INPUT_PRECISION"]
 # Autotuning compiles every surviving configuration once per set of constexpr flags and times
 # each per key: short timing runs, and results kept in Triton's cache directory for later processes.
+def _short_bench(kernel_call, quantiles):
+    from triton.testing import do_bench
+
+    return do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
 _multi_conv2d_tuned = triton.autotune(
     configs=_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs},
-    warmup=5, rep=20, cache_results=True,
+    do_bench=_short_bench, cache_results=True,
 )(_multi_conv2d_kernel)
 # Pixel counts above this share one tuning bucket: every tile then has many programs to fill the
 # GPU, and the recalibration and evaluation batches of all three resolutions tune once.

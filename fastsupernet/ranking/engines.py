@@ -741,6 +741,12 @@ class FastEngine(Engine):
         pos = {n: j for j, n in enumerate(nets)}
         return out[[pos[a.widths] for a in parsed]]
 
+    def candidate_groups(self, archs: Sequence[Arch | str]) -> list[list[int]]:
+        """The indices into ``archs`` that ``score`` computes together, group by group, in the
+        order it yields them (results of a group arrive together once the group is done)."""
+        nets, members = tree._sorted_networks(self.model, self._parse_all(archs))
+        return [[i for j in g for i in members[j]] for g in self._groups(nets)]
+
     def score(self, archs: Sequence[Arch | str]) -> Iterator[CandidateScore]:
         parsed = self._parse_all(archs)
         self._start(parsed)
