@@ -33,11 +33,21 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
+def _debug() -> bool:
+    return os.environ.get("FASTSUPERNET_DEBUG", "0") == "1"
+
+
+def nvcc_flags(debug: bool) -> list[str]:
+    """nvcc's own flags for csrc/cuda/*.cu (tests/test_build.py compiles with them). nvcc takes
+    -O3 and -g, but not gcc's -g0; device code gets -G in debug builds."""
+    return (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + ["-DFASTSUPERNET_WITH_CUDA"]
+
+
 def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
-    debug = os.environ.get("FASTSUPERNET_DEBUG", "0") == "1"
+    debug = _debug()
     # -g0: Python's own CFLAGS carry -g, which roughly doubles the compile time of torch headers
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     cxx = opt + ["-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
@@ -60,8 +70,7 @@ def _extensions():
     )
     if with_cuda:
         sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
-        # nvcc takes -O3 and -g, but not gcc's -g0 (device code: -G in debug builds)
-        nvcc = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + ["-DFASTSUPERNET_WITH_CUDA"]
+        nvcc = nvcc_flags(debug)
         ext = CUDAExtension(
             "fastsupernet._C",
             sources,
@@ -90,10 +99,11 @@ def _cmdclass():
     return {"build_ext": BuildExtension}
 
 
-setup(
-    ext_modules=_extensions(),
-    cmdclass=_cmdclass(),
-    # The module uses only the stable Python ABI (ops are reached through torch.ops), so one
-    # wheel serves CPython >= 3.10.
-    options={"bdist_wheel": {"py_limited_api": "cp310"}},
-)
+if __name__ == "__main__":  # also under pip: setuptools runs this file as __main__
+    setup(
+        ext_modules=_extensions(),
+        cmdclass=_cmdclass(),
+        # The module uses only the stable Python ABI (ops are reached through torch.ops), so one
+        # wheel serves CPython >= 3.10.
+        options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    )

@@ -78,6 +78,50 @@ def test_cuda_kernels_compile_with_nvcc(tmp_path):
     assert sources, "no CUDA sources in csrc/cuda"
 
 
+def _setup_module():
+    """setup.py as a module (it calls setup() only when run as a script)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fastsupernet_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_setup_nvcc_flags_compile_every_cuda_source(tmp_path):
+    """The flags setup.py gives nvcc for the torch build (not the CMake check above) compile every
+    .cu file: a gcc-only flag among them once broke the CUDA build on a GPU machine."""
+    nvcc = _find_nvcc()
+    if nvcc is None:
+        if os.environ.get("FASTSUPERNET_REQUIRE_NVCC"):
+            pytest.fail("nvcc not found, and FASTSUPERNET_REQUIRE_NVCC is set")
+        pytest.skip("nvcc not found (set FASTSUPERNET_REQUIRE_NVCC=1 to make this a failure)")
+    setup = _setup_module()
+    assert "-g0" not in setup.nvcc_flags(True)
+    sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+    assert sources
+    for src in sources:
+        cmd = [nvcc, "-c", str(src), "-o", str(tmp_path / (src.stem + ".o")), f"-I{ROOT / 'csrc'}", "-std=c++17",
+               "-gencode=arch=compute_90a,code=sm_90a", *setup.nvcc_flags(False)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}"
+
+
+def test_extension_uses_the_shared_cpp_runtime():
+    """The extension links libstdc++ dynamically: with a private static copy (some toolchains
+    link it statically by default) an error raised in a kernel crashed the process."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf not found")
+    import fastsupernet._C as C
+
+    needed = subprocess.run([readelf, "-d", C.__file__], capture_output=True, text=True, timeout=60).stdout
+    assert "libstdc++.so.6" in needed, needed
+    with pytest.raises((RuntimeError, ValueError), match="weight rows"):  # an error in the extension arrives
+        torch.ops.fastsupernet.multi_conv2d(torch.ones(1, 2, 3, 3), torch.ones(2, 2, 3, 3), [0], [2], [2], [5], 1, 1,
+                                            None, None, None, "none", None, False)
+
+
 def test_triton_kernel_compiles_for_hopper():
     """The Triton kernel compiles (to a sm_90 cubin, every autotune config) without a GPU."""
     pytest.importorskip("triton")
