@@ -33,10 +33,6 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
-def _debug() -> bool:
-    return os.environ.get("FASTSUPERNET_DEBUG", "0") == "1"
-
-
 def nvcc_flags(debug: bool) -> list[str]:
     """nvcc's own flags for csrc/cuda/*.cu (tests/test_build.py compiles with them). nvcc takes
     -O3 and -g, but not gcc's -g0; device code gets -G in debug builds."""
@@ -47,7 +43,7 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
-    debug = _debug()
+    debug = os.environ.get("FASTSUPERNET_DEBUG", "0") == "1"
     # -g0: Python's own CFLAGS carry -g, which roughly doubles the compile time of torch headers
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     cxx = opt + ["-fopenmp", "-Wall", "-Wno-unknown-pragmas"]

@@ -53,6 +53,9 @@ lower speed. ``out`` is allocated channels_last when ``x``'s channel stride is s
 its width stride (channels_last, or a channel slice of a channels_last tensor), else NCHW
 (contiguous). ``weight`` must be contiguous.
 
+``FASTSUPERNET_TRITON_CONFIG=I`` (read per call) runs configuration ``_CONFIGS[I]`` instead of
+autotuning (quick checks, tests, and each configuration checked alone).
+
 Under ``TRITON_INTERPRET=1`` the same kernel runs on CPU tensors through the interpreter
 (slow: for tests on small shapes), with one fixed small configuration instead of autotuning,
 and compile-time trip counts (``CBLOCKS`` channel blocks per tap, enough for the widest
@@ -286,21 +289,24 @@ def _prune_configs(configs, named_args, **kwargs):
 
 _TUNE_KEY = ["tune_m", "tune_n", "tune_k", "KSIZE", "HAS_SCALE", "HAS_SHIFT", "HAS_RESIDUAL", "ACTIVATION",
              "STATS", "INPUT_PRECISION"]
-# Autotuning compiles every surviving configuration once per set of constexpr flags and times
-# each per key: short timing runs, and results kept in Triton's cache directory for later processes.
+# Pixel counts above this share one tuning bucket: every tile then has many programs to fill the
+# GPU, and the recalibration and evaluation batches of all three resolutions tune once.
+_TUNE_M_CAP = 8192
+
+
 def _short_bench(kernel_call, quantiles):
+    """Autotuning compiles every surviving configuration once per set of constexpr flags and
+    times each per key: 25 ms per configuration instead of Triton's default 125."""
     from triton.testing import do_bench
 
     return do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
+# (cache_results: the chosen configurations are kept in Triton's cache directory for later processes)
 _multi_conv2d_tuned = triton.autotune(
     configs=_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs},
     do_bench=_short_bench, cache_results=True,
 )(_multi_conv2d_kernel)
-# Pixel counts above this share one tuning bucket: every tile then has many programs to fill the
-# GPU, and the recalibration and evaluation batches of all three resolutions tune once.
-_TUNE_M_CAP = 8192
 
 # The interpreter does not benchmark: it runs one fixed, small configuration.
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
