@@ -65,11 +65,11 @@ def _synthetic(dev, recal: int, evals: int, batch: int) -> RankData:
     )
 
 
-def _timed_score(engine, archs, budget_s: float, dev) -> tuple[int, float, list[int]]:
-    """Score until done or ``budget_s`` passed, stopping only between groups (a group's results
-    arrive together once it is computed, so every group timed is counted whole);
-    (candidates done, seconds, their indices)."""
-    ends = set(itertools.accumulate(len(g) for g in engine.candidate_groups(archs)))
+def _timed_score(engine, archs, groups, budget_s: float, dev) -> tuple[int, float, list[int]]:
+    """Score until done or ``budget_s`` passed, stopping only between ``groups`` (the engine's
+    ``candidate_groups(archs)``: a group's results arrive together once it is computed, so every
+    group timed is counted whole); (candidates done, seconds, their indices)."""
+    ends = set(itertools.accumulate(len(g) for g in groups))
     _sync(dev)
     t0 = time.perf_counter()
     done = []
@@ -121,13 +121,13 @@ def throughput(args, dev, out: dict) -> None:
             base = torch.cuda.memory_allocated(dev)
         engine = make_engine("fast", model, data, precision=precision, memory_limit_bytes=args.memory_limit)
         budget = args.fp32_s if precision == "fp32" else max(left, 1.0)
-        n_done, secs, done = _timed_score(engine, sub, budget, dev)
+        groups = engine.candidate_groups(sub)
+        n_done, secs, done = _timed_score(engine, sub, groups, budget, dev)
         finished = [sub[i] for i in done]
         tot, shr = prefix_sharing(model, finished) if finished else (0, 1)
         # what the engine computed: prefixes shared within each group it finished, not across groups
         done_set = set(done)
-        computed = sum(prefix_sharing(model, [sub[i] for i in g])[1]
-                       for g in engine.candidate_groups(sub) if done_set.issuperset(g))
+        computed = sum(prefix_sharing(model, [sub[i] for i in g])[1] for g in groups if done_set.issuperset(g))
         row = {
             "precision": precision, "candidates": n_done, "of": len(sub), "seconds": secs,
             "candidates_per_s": n_done / secs, "images": images, "groups": engine.stats.groups,
@@ -143,7 +143,9 @@ def throughput(args, dev, out: dict) -> None:
                f"{row['memory_limit_bytes'] / 2**30:.2f} GiB limit" if "peak_working_bytes" in row else "")
         tiles = ""
         if precision != "fp32":
-            fixed = os.environ.get("FASTSUPERNET_TRITON_CONFIG", "")
+            from fastsupernet.ops.triton_conv import CONFIG_ENV_VAR
+
+            fixed = os.environ.get(CONFIG_ENV_VAR, "")
             tiles = f" (Triton tiles: {'fixed configuration ' + fixed if fixed else 'autotuned'})"
             row["triton_config"] = fixed or "autotune"
         print(f"{precision}{tiles}: {n_done}/{len(sub)} candidates x {images} images in {secs:.1f} s = "
@@ -308,7 +310,9 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--precisions: unknown {', '.join(unknown)} (expected fp32, tf32, bf16)")
     if args.triton_config is not None:
-        os.environ["FASTSUPERNET_TRITON_CONFIG"] = args.triton_config
+        from fastsupernet.ops.triton_conv import CONFIG_ENV_VAR
+
+        os.environ[CONFIG_ENV_VAR] = args.triton_config
     if args.dry_run:
         dev = torch.device("cpu")
         args.candidates, args.other_candidates = min(args.candidates, 6), min(args.other_candidates, 4)

@@ -49,14 +49,18 @@ def _find_nvcc() -> str | None:
     return None
 
 
-def test_cuda_kernels_compile_with_nvcc(tmp_path):
-    nvcc = _find_nvcc()
-    cmake = shutil.which("cmake")
-    if nvcc is None or cmake is None:
-        missing = "nvcc" if nvcc is None else "cmake"
+def _require(tool: str, path: str | None) -> str:
+    """``path``, or skip (fail when ``FASTSUPERNET_REQUIRE_NVCC`` is set) because ``tool`` is missing."""
+    if path is None:
         if os.environ.get("FASTSUPERNET_REQUIRE_NVCC"):
-            pytest.fail(f"{missing} not found, and FASTSUPERNET_REQUIRE_NVCC is set")
-        pytest.skip(f"{missing} not found (set FASTSUPERNET_REQUIRE_NVCC=1 to make this a failure)")
+            pytest.fail(f"{tool} not found, and FASTSUPERNET_REQUIRE_NVCC is set")
+        pytest.skip(f"{tool} not found (set FASTSUPERNET_REQUIRE_NVCC=1 to make this a failure)")
+    return path
+
+
+def test_cuda_kernels_compile_with_nvcc(tmp_path):
+    nvcc = _require("nvcc", _find_nvcc())
+    cmake = _require("cmake", shutil.which("cmake"))
 
     build = tmp_path / "cuda-check"
     configure = [
@@ -91,11 +95,7 @@ def _setup_module():
 def test_setup_nvcc_flags_compile_every_cuda_source(tmp_path):
     """The flags setup.py gives nvcc for the torch build (not the CMake check above) compile every
     .cu file: a gcc-only flag among them once broke the CUDA build on a GPU machine."""
-    nvcc = _find_nvcc()
-    if nvcc is None:
-        if os.environ.get("FASTSUPERNET_REQUIRE_NVCC"):
-            pytest.fail("nvcc not found, and FASTSUPERNET_REQUIRE_NVCC is set")
-        pytest.skip("nvcc not found (set FASTSUPERNET_REQUIRE_NVCC=1 to make this a failure)")
+    nvcc = _require("nvcc", _find_nvcc())
     setup = _setup_module()
     assert "-g0" not in setup.nvcc_flags(True)
     sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))

@@ -47,7 +47,6 @@ if DEVICE == "cpu" and not tc._interpreted():
     pytest.skip("CPU tensors need Triton imported with TRITON_INTERPRET=1", allow_module_level=True)
 
 
-
 @pytest.fixture(autouse=True)
 def _one_config_on_gpu(monkeypatch):
     """On a GPU, one fixed tile configuration unless the run names one: autotuning would compile
