@@ -160,7 +160,7 @@ if "${PYTHON}" -c 'import xdist' >/dev/null 2>&1; then
   ((workers <= 8)) || workers=8
   ((workers < 2)) || XDIST=(-n "${workers}")
 fi
-check 60 "${PYTHON}" -m pytest -q -p no:cacheprovider tests/test_conv_cuda.py
+check 60 "${PYTHON}" -m pytest -q -p no:cacheprovider tests/test_conv_cuda.py tests/test_conv_cuda_tf32.py
 if [[ -f tests/test_conv_triton.py ]]; then
   # (the compile-only Triton check is for machines without a GPU; here the kernels really run)
   check 120 "${PYTHON}" -m pytest -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests/test_conv_triton.py \
@@ -169,6 +169,7 @@ fi
 # (no xdist here: its worker start-up costs more than these tests gain)
 check 60 "${PYTHON}" -m pytest -q -p no:cacheprovider tests/test_ops.py -k "cuda or gpu or triton"
 check 90 "${PYTHON}" benchmarks/gpu_kernels.py
+check 60 "${PYTHON}" benchmarks/gpu_kernels.py --precision tf32
 
 # --- section: training
 section training
@@ -177,9 +178,10 @@ section training
 check 45 "${PYTHON}" benchmarks/gpu_train.py --reps 3 --budget-s 15
 
 # --- section: ranking
-# The fast ranking engine at the full protocol (5,000 + 10,000 images): fp32 throughput on the
-# first 1,000 official candidates (three groups under the 16 GiB limit, about 34 s on an H200),
-# prefix-sharing ratios and a projection for all 50,000; then tf32 and bf16 vs fp32 Kendall tau
+# The fast ranking engine at the full protocol (5,000 + 10,000 images): fp32 and tf32 (the CUDA
+# tensor-core kernel) throughput on the first 1,000 official candidates (three groups under the
+# 16 GiB limit, fp32 about 34 s on an H200), prefix-sharing ratios and a projection for all
+# 50,000; then tf32 and bf16 vs fp32 Kendall tau
 # (>= 0.98) on a briefly trained supernet, and fp32 fast vs reference. Triton runs one fixed tile
 # configuration here: autotuning compiles every configuration for each set of epilogue flags,
 # about a minute per precision on a fresh machine. Last, with whatever time is left (the script
@@ -188,8 +190,8 @@ check 45 "${PYTHON}" benchmarks/gpu_train.py --reps 3 --budget-s 15
 # tf32 / bf16 throughput, autotuned: python benchmarks/gpu_rank.py
 section ranking
 RANK_LEFT=$((DEADLINE - SECONDS))
-check "${RANK_LEFT}" "${PYTHON}" benchmarks/gpu_rank.py --candidates 1000 --other-candidates 0 --precisions fp32 \
-  --fp32-s 25 --throughput-s 40 --tau-candidates 100 --tau-recal 512 --tau-eval 1000 --ref-candidates 10 \
+check "${RANK_LEFT}" "${PYTHON}" benchmarks/gpu_rank.py --candidates 1000 --other-candidates 1000 --precisions fp32,tf32 \
+  --fp32-s 20 --throughput-s 60 --tau-candidates 100 --tau-recal 512 --tau-eval 1000 --ref-candidates 10 \
   --deadline-s $((RANK_LEFT - 8)) --triton-config 2 --json "${LOG_DIR}/rank.json"
 
 section done

@@ -17,9 +17,10 @@ input, the table compares:
 
 Times are medians of CUDA-event timings (host timers on CPU) after a warm-up call. By default
 everything is float32 with TF32 off (cuDNN and matmul), so all columns compute the same fp32
-result; ``--precision tf32`` turns TF32 on for the loop (cuDNN) and the Triton dot, and
+result; ``--precision tf32`` turns TF32 on for the loop (cuDNN) and the Triton dot and runs
+the CUDA column as ``torch.ops.fastsupernet.multi_conv2d_tf32`` (the tensor-core kernel), and
 ``--precision bf16`` runs the loop and Triton on bfloat16 tensors (the CUDA kernel column is
-n/a: it computes float32 / float64 only); the floor then uses that precision's GEMM rate. ``x loop``
+n/a: it computes float32 / float64 / TF32 only); the floor then uses that precision's GEMM rate. ``x loop``
 is the speed-up over the loop. The floor is the larger of FLOPs / (the card's measured fp32 GEMM
 rate: torch.mm 4096^3, TF32 off) and bytes / (measured copy bandwidth: read + write of 1 GiB),
 counting the bytes a fused kernel must move (each input slice read once, the output written
@@ -130,15 +131,15 @@ def peer_loop(c: Case) -> list[torch.Tensor]:
 # --- backends of the fused op -------------------------------------------------------------------
 
 
-def _compiled_op(device: str) -> tuple[Callable | None, str]:
+def _compiled_op(device: str, name: str = "multi_conv2d") -> tuple[Callable | None, str]:
     try:
         from fastsupernet.ops import _extension
 
         _extension.require()
         key = "CUDA" if device == "cuda" else "CPU"
-        if not _extension.has_kernel("multi_conv2d", key):
-            return None, f"fastsupernet::multi_conv2d has no {key} kernel in this build"
-        return torch.ops.fastsupernet.multi_conv2d, ""
+        if not _extension.has_kernel(name, key):
+            return None, f"fastsupernet::{name} has no {key} kernel in this build"
+        return getattr(torch.ops.fastsupernet, name), ""
     except Exception as exc:  # noqa: BLE001 (reported in the table notes)
         return None, f"{type(exc).__name__}: {exc}"
 
@@ -166,11 +167,11 @@ def _reference_op() -> tuple[Callable | None, str]:
 def backends(device: str, precision: str = "fp32") -> list[tuple[str, Callable | None, str, bool]]:
     """(column, fn or None, why not available, required) per fused backend on the device."""
     if device == "cuda":
-        op, why = _compiled_op("cuda")
-        if precision != "fp32":
-            op, why = None, "the CUDA kernel computes float32 / float64 only"
+        op, why = _compiled_op("cuda", "multi_conv2d_tf32" if precision == "tf32" else "multi_conv2d")
+        if precision == "bf16":
+            op, why = None, "the CUDA kernels compute float32 / float64 (and TF32) only"
         tri, why_t = _triton_op("tf32" if precision == "tf32" else "ieee")
-        return [("cuda", op, why, precision == "fp32"), ("triton", tri, why_t, False)]
+        return [("cuda", op, why, precision != "bf16"), ("triton", tri, why_t, False)]
     op, why = _compiled_op("cpu")
     ref, why_r = _reference_op()
     return [("cpp", op, why, False), ("reference", ref, why_r, False)]
@@ -245,7 +246,8 @@ def run(device: str, layers, ks, batch: int, precision: str = "fp32") -> int:
         rate = gemm_rate(device, 256)
         bandwidth = copy_bandwidth(device, 1 << 24)
     cols = backends(device, precision)
-    what = {"fp32": "fp32 (TF32 off)", "tf32": "fp32 tensors, TF32 on (loop: cuDNN; triton: tf32 dot)",
+    what = {"fp32": "fp32 (TF32 off)",
+            "tf32": "fp32 tensors, TF32 on (loop: cuDNN; cuda: multi_conv2d_tf32; triton: tf32 dot)",
             "bf16": "bf16"}[precision]
     print(f"## multi_conv2d on {name}, {what}\n")
     print(f"{precision} GEMM rate {rate / 1e9:.0f} GFLOP/s (torch.mm); copy bandwidth {bandwidth / 1e9:.0f} GB/s; "
@@ -308,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ks", default=None, help="comma-separated candidate counts (default 8,32,128; tiny 2,3)")
     ap.add_argument("--batch", type=int, default=None, help=f"batch size (default {BATCH}; tiny {TINY_BATCH})")
     ap.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
-                    help="fp32 (default; TF32 off everywhere), tf32 (TF32 on: cuDNN loop, Triton tf32 dot) or "
-                         "bf16 (bf16 tensors; the CUDA kernel is float32 only); GPU only")
+                    help="fp32 (default; TF32 off everywhere), tf32 (TF32 on: cuDNN loop, the CUDA tensor-core "
+                         "kernel, Triton tf32 dot) or bf16 (bf16 tensors; no CUDA kernel column); GPU only")
     args = ap.parse_args(argv)
     device = "cpu" if args.dry_run else (args.device or "cuda")
     tiny = args.tiny or args.dry_run

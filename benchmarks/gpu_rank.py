@@ -11,8 +11,8 @@
    prefix-sharing ratio of the timed set and of all 50,000, peak GPU memory against the
    engine's limit, and a PROJECTION (not a measurement) of the time for all 50,000: the
    measured seconds per computed multiply-add times the multiply-adds all 50,000 need.
-   With time left, tf32 and bf16 are timed on a smaller set the same way (their first
-   group includes Triton's compile and autotuning; reported separately).
+   With time left, tf32 and bf16 are timed on ``--other-candidates`` the same way after a
+   warm-up (Triton's compile and autotuning; tf32 runs the CUDA tensor-core kernel where built).
 2. Fidelity: a supernet trained for a few hundred steps on the bundled Fashion-MNIST subset
    (on the GPU, seconds), ``--tau-candidates`` random candidates (default 200) at the bundled
    data's protocol (1,200 recalibration images, 2,000 test images): Kendall tau of tf32 and bf16
@@ -110,11 +110,11 @@ def throughput(args, dev, out: dict) -> None:
         sub = archs[:n_cand]
         if not sub:
             continue
-        if precision != "fp32":  # compile + autotune the Triton kernels first, on the same batch shapes
+        if precision != "fp32":  # first calls (Triton: compile + autotune) on the same batch shapes
             t = time.perf_counter()
             list(make_engine("fast", model, _synthetic(dev, 256, 256, 128), precision=precision).score(sub[:8]))
             _sync(dev)
-            print(f"{precision}: Triton compile/autotune warm-up {time.perf_counter() - t:.1f} s")
+            print(f"{precision}: warm-up (Triton: compile and autotune) {time.perf_counter() - t:.1f} s")
             left = budget_end - time.perf_counter()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
@@ -142,7 +142,10 @@ def throughput(args, dev, out: dict) -> None:
         mem = (f", peak working memory {row['peak_working_bytes'] / 2**30:.2f} GiB of a "
                f"{row['memory_limit_bytes'] / 2**30:.2f} GiB limit" if "peak_working_bytes" in row else "")
         tiles = ""
-        if precision != "fp32":
+        if engine._tf32_cuda:
+            tiles = " (CUDA tensor-core kernel multi_conv2d_tf32)"
+            row["conv"] = "multi_conv2d_tf32"
+        elif engine._triton:
             from fastsupernet.ops.triton_conv import CONFIG_ENV_VAR
 
             fixed = os.environ.get(CONFIG_ENV_VAR, "")
@@ -225,7 +228,7 @@ def fidelity(args, dev, out: dict) -> bool:
     rd = prepare_data(data, protocol, dev)
     archs = Track1Space().sample_many(args.tau_candidates, seed=7)
     scores, not_run = {}, []
-    for precision in ("fp32", "bf16", "tf32"):
+    for precision in ("fp32", "tf32", "bf16"):
         if precision == "bf16" and dev.type != "cuda":
             continue
         if precision != "fp32" and _left(args) < 15:

@@ -49,6 +49,12 @@ TORCH_LIBRARY(fastsupernet, m) {
       "multi_conv2d(Tensor x, Tensor weight, int[] in_offsets, int[] in_widths, int[] out_widths, "
       "int[] row_offsets, int stride, int padding, Tensor? scale, Tensor? shift, Tensor? residual, "
       "str activation, Tensor? prelu_slope, bool stats) -> (Tensor out, Tensor sum, Tensor sumsq)");
+  // multi_conv2d with x and weight rounded to TF32 and the products summed in fp32 on the tensor
+  // cores (CUDA only, float32, compute capability >= 8.0; error bound in csrc/cuda/conv_tf32.cu).
+  m.def(
+      "multi_conv2d_tf32(Tensor x, Tensor weight, int[] in_offsets, int[] in_widths, int[] out_widths, "
+      "int[] row_offsets, int stride, int padding, Tensor? scale, Tensor? shift, Tensor? residual, "
+      "str activation, Tensor? prelu_slope, bool stats) -> (Tensor out, Tensor sum, Tensor sumsq)");
   // One candidate (K = 1, input offset 0, in_width = x.size(1)); prelu_slope has one element.
   m.def(
       "sliced_conv2d(Tensor x, Tensor weight, int out_rows, int row_offset, int stride, int padding, "

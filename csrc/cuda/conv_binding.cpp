@@ -1,11 +1,12 @@
-// CUDA kernel registration of fastsupernet::multi_conv2d and fastsupernet::sliced_conv2d:
-// argument checks, the candidate metadata (built on the host, copied to the device on the
-// current stream), output allocation, then the plain launchers of csrc/cuda/conv.cu on the
-// current stream. Built only when torch has CUDA. Op semantics: csrc/README.md.
+// CUDA kernel registration of fastsupernet::multi_conv2d, fastsupernet::sliced_conv2d and
+// fastsupernet::multi_conv2d_tf32: argument checks, the candidate metadata (built on the host,
+// copied to the device on the current stream), output allocation, then the plain launchers of
+// csrc/cuda/conv.cu (conv_tf32.cu for the TF32 op) on the current stream. Built only when torch
+// has CUDA. Op semantics: csrc/README.md.
 //
-// Supported here: float32 and float64 x (all tensor arguments of the same dtype), x in any
-// layout (contiguous NCHW is the fast path; channels_last and strided views are read through
-// their strides, no copy), contiguous weight, output contiguous NCHW.
+// Supported here: float32 and float64 x (all tensor arguments of the same dtype; float32 only
+// for the TF32 op), x in any layout (contiguous NCHW is the fast path; channels_last and strided
+// views are read through their strides, no copy), contiguous weight, output contiguous NCHW.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -60,7 +61,7 @@ template <typename T>
 cudaError_t launch(const cuda::MultiConv2dProblem& pr, const at::Tensor& x, const at::Tensor& weight,
                    const at::Tensor& meta, const at::Tensor& scale, const at::Tensor& shift,
                    const at::Tensor& residual, const at::Tensor& slope, at::Tensor& out, at::Tensor& sum,
-                   at::Tensor& sumsq, at::Tensor& workspace, size_t workspace_bytes, cudaStream_t stream) {
+                   at::Tensor& sumsq, at::Tensor& workspace, size_t workspace_bytes, bool tf32, cudaStream_t stream) {
   const T* scale_p = scale.defined() ? scale.const_data_ptr<T>() : nullptr;
   const T* shift_p = shift.defined() ? shift.const_data_ptr<T>() : nullptr;
   const T* residual_p = residual.defined() ? residual.const_data_ptr<T>() : nullptr;
@@ -69,6 +70,12 @@ cudaError_t launch(const cuda::MultiConv2dProblem& pr, const at::Tensor& x, cons
   double* sumsq_p = pr.stats ? sumsq.mutable_data_ptr<double>() : nullptr;
   void* ws_p = workspace_bytes > 0 ? workspace.mutable_data_ptr() : nullptr;
   if constexpr (std::is_same_v<T, float>) {
+    if (tf32) {
+      return cuda::launch_multi_conv2d_tf32(pr, x.const_data_ptr<float>(), weight.const_data_ptr<float>(),
+                                            meta.const_data_ptr<int32_t>(), scale_p, shift_p, residual_p, slope_p,
+                                            out.mutable_data_ptr<float>(), sum_p, sumsq_p, ws_p, workspace_bytes,
+                                            stream);
+    }
     return cuda::launch_multi_conv2d_f32(pr, x.const_data_ptr<float>(), weight.const_data_ptr<float>(),
                                          meta.const_data_ptr<int32_t>(), scale_p, shift_p, residual_p, slope_p,
                                          out.mutable_data_ptr<float>(), sum_p, sumsq_p, ws_p, workspace_bytes,
@@ -86,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_impl(
     const char* op, const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef in_offsets,
     c10::IntArrayRef in_widths, c10::IntArrayRef out_widths, c10::IntArrayRef row_offsets, int64_t stride,
     int64_t padding, const OptTensor& scale, const OptTensor& shift, const OptTensor& residual,
-    c10::string_view activation, const OptTensor& prelu_slope, bool stats) {
+    c10::string_view activation, const OptTensor& prelu_slope, bool stats, bool tf32 = false) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t R = weight.size(0), C_max = weight.size(1), ks = weight.size(2);
 
@@ -176,7 +183,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_impl(
   const auto stat_options = x.options().dtype(at::kDouble);
   at::Tensor sum = at::empty({stats ? out_channels : 0}, stat_options);
   at::Tensor sumsq = at::empty({stats ? out_channels : 0}, stat_options);
-  const size_t workspace_bytes = cuda::multi_conv2d_workspace_bytes(pr);
+  const size_t workspace_bytes =
+      tf32 ? cuda::multi_conv2d_tf32_workspace_bytes(pr) : cuda::multi_conv2d_workspace_bytes(pr);
   at::Tensor workspace;
   if (workspace_bytes > 0) {
     workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, x.options().dtype(at::kByte));
@@ -185,13 +193,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_impl(
   const cudaError_t err =
       x.scalar_type() == at::kFloat
           ? launch<float>(pr, x, weight, meta, scale_c, shift_c, res, slope, out, sum, sumsq, workspace,
-                          workspace_bytes, stream)
+                          workspace_bytes, tf32, stream)
           : launch<double>(pr, x, weight, meta, scale_c, shift_c, res, slope, out, sum, sumsq, workspace,
-                           workspace_bytes, stream);
+                           workspace_bytes, tf32, stream);
   TORCH_CHECK(err == cudaSuccess, op, " CUDA launch failed: ", cudaGetErrorString(err),
               err == cudaErrorInvalidConfiguration
                   ? " (the input patch of a tile does not fit in shared memory: stride too large)"
-                  : "");
+              : err == cudaErrorNotSupported ? " (TF32 tensor-core kernels need compute capability 8.0 or newer)"
+                                             : "");
   return {out, sum, sumsq};
 }
 
@@ -220,6 +229,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_cuda(
                            shift, residual, activation, prelu_slope, stats);
 }
 
+// The same op with the products on the tensor cores in TF32 (float32 tensors only).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_tf32_cuda(
+    const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef in_offsets, c10::IntArrayRef in_widths,
+    c10::IntArrayRef out_widths, c10::IntArrayRef row_offsets, int64_t stride, int64_t padding,
+    const OptTensor& scale, const OptTensor& shift, const OptTensor& residual, c10::string_view activation,
+    const OptTensor& prelu_slope, bool stats) {
+  constexpr const char* op = "fastsupernet::multi_conv2d_tf32";
+  check_x_weight(x, weight, op);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32 (TF32 rounds float32 inputs), got ",
+              x.scalar_type());
+  return multi_conv2d_impl(op, x, weight, in_offsets, in_widths, out_widths, row_offsets, stride, padding, scale,
+                           shift, residual, activation, prelu_slope, stats, /*tf32=*/true);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sliced_conv2d_cuda(
     const at::Tensor& x, const at::Tensor& weight, int64_t out_rows, int64_t row_offset, int64_t stride,
     int64_t padding, const OptTensor& scale, const OptTensor& shift, const OptTensor& residual,
@@ -246,6 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sliced_conv2d_cuda(
 TORCH_LIBRARY_IMPL(fastsupernet, CUDA, m) {
   m.impl("multi_conv2d", &multi_conv2d_cuda);
   m.impl("sliced_conv2d", &sliced_conv2d_cuda);
+  m.impl("multi_conv2d_tf32", &multi_conv2d_tf32_cuda);
 }
 
 }  // namespace fastsupernet

@@ -100,5 +100,18 @@ cudaError_t launch_multi_conv2d_f64(const MultiConv2dProblem& problem, const dou
                                     double* sum, double* sumsq, void* workspace, size_t workspace_bytes,
                                     cudaStream_t stream);
 
+// ---- multi_conv2d on the tensor cores in TF32 (csrc/cuda/conv_tf32.cu) -----------------------
+//
+// The same op, metadata (multi_conv2d_fill_meta) and arguments as launch_multi_conv2d_f32,
+// float32 only, with x and weight rounded to TF32 and the products summed in fp32 on the
+// tensor cores (error bound in conv_tf32.cu). Needs compute capability >= 8.0
+// (cudaErrorNotSupported below); the workspace size is its own.
+size_t multi_conv2d_tf32_workspace_bytes(const MultiConv2dProblem& problem);
+cudaError_t launch_multi_conv2d_tf32(const MultiConv2dProblem& problem, const float* x, const float* weight,
+                                     const int32_t* meta, const float* scale, const float* shift,
+                                     const float* residual, const float* prelu_slope, float* out, double* sum,
+                                     double* sumsq, void* workspace, size_t workspace_bytes,
+                                     cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace fastsupernet

@@ -283,6 +283,7 @@ def register_compiled() -> None:
         torch.library.register_fake("fastsupernet::multi_conv2d_weight_grad")(fake_weight_grad)
     for name, fake, backward, setup in (
         ("multi_conv2d", fake_multi, _backward, _setup_multi),
+        ("multi_conv2d_tf32", fake_multi, _backward, _setup_multi),
         ("sliced_conv2d", fake_sliced, _backward, _setup_sliced),
     ):
         if not hasattr(torch.ops.fastsupernet, name):  # an extension built before the op existed

@@ -40,8 +40,9 @@ Engines (:func:`make_engine`):
     float64; on CPU the numbers are bitwise identical (tested).
 
 Precision: ``fp32`` (TF32 off), ``tf32`` (TF32 tensor cores allowed on CUDA: cuDNN/cuBLAS
-for the reference engine, the Triton convolution with ``input_precision="tf32"`` for the fast
-one; the same as ``fp32`` on CPU) and ``bf16`` (bfloat16 activations and weights with float32
+for the reference engine; for the fast one the CUDA tensor-core kernel
+``fastsupernet::multi_conv2d_tf32``, or the Triton convolution with ``input_precision="tf32"``
+in a build without it; the same as ``fp32`` on CPU) and ``bf16`` (bfloat16 activations and weights with float32
 accumulation, float64 statistics, float32 BN folding: autocast for the reference engine, the
 Triton convolution for the fast one; CUDA only: on CPU it raises ``ValueError``). ``tf32`` and
 ``bf16`` are checked against ``fp32`` by ``benchmarks/gpu_rank.py`` (Kendall tau >= 0.98).
@@ -413,7 +414,9 @@ class FastEngine(Engine):
             for m in (conv, sc):
                 if m is not None:
                     self._weights[id(m)] = m.weight.detach().to(self._act_dtype).contiguous()
-        self._triton = dev.type == "cuda" and self.precision in ("tf32", "bf16")
+        # tf32: the CUDA tensor-core kernel (multi_conv2d_tf32) where built, else Triton's tf32 dot; bf16: Triton
+        self._tf32_cuda = dev.type == "cuda" and self.precision == "tf32" and has_kernel("multi_conv2d_tf32", "CUDA")
+        self._triton = dev.type == "cuda" and self.precision in ("tf32", "bf16") and not self._tf32_cuda
         self._fused_light = dev.type == "cuda" and _triton_available()
         # the compiled one-pass CPU version (float32 activations; bf16 runs the torch ops)
         self._compiled_light = (dev.type == "cpu" and self._act_dtype == torch.float32
@@ -485,6 +488,11 @@ class FastEngine(Engine):
     # ------------------------------------------------------------------ one conv call
     def _conv(self, x, weight, in_offsets, in_widths, out_widths, rows, stride, padding, *, scale=None, shift=None,
               residual=None, activation="none", slope=None, stats=False):
+        if self._tf32_cuda:
+            out, s, q = torch.ops.fastsupernet.multi_conv2d_tf32(
+                x, weight, list(in_offsets), list(in_widths), list(out_widths), list(rows), stride, padding, scale,
+                shift, residual, activation, slope, stats)
+            return (out, s, q) if stats else out
         if self._triton:
             from ..ops.triton_conv import multi_conv2d_triton
 

@@ -1,0 +1,563 @@
+// Tensor-core (TF32) kernel of multi_conv2d: the same op as csrc/cuda/conv.cu (K candidate
+// convolutions of one layer per launch, fused epilogue, float64 statistics) with the products
+// taken on the tensor cores in TF32. Needs compute capability 8.0 or newer (mma.sync); only
+// the CUDA runtime (see kernels.h).
+//
+// GEMM view. An mma.sync.m16n8k8 multiplies 16 rows by 8 reduction indices by 8 columns. Its 16
+// rows are 16 IMAGES at one output position, its reduction indices 8 input channels at one
+// kernel tap, its columns 8 output channels of one candidate. Rows of one position are then
+// equally spaced in shared memory whatever the image size, stride or tap, so every operand is
+// loaded straight from the staged input patch (no im2col copy).
+//
+// Work split. A block (4 warps) computes 16 images x 32 output positions (a TH x TW rectangle,
+// TW a power of two picked per shape) x one channel tile (at most 16 output channels of one
+// candidate, listed by multi_conv2d_fill_meta, as in conv.cu). Warp w owns positions
+// 8w..8w+7; for every one it keeps two 16x8 accumulators (channels 0-7 and 8-15; the second is
+// skipped for tiles of at most 8 channels). The block walks the candidate's input channels in
+// chunks (8 for 3x3, 16 for 1x1); per chunk it stages the weights and the input patch of its 16
+// images (with the halo, zero padded; images past N and channels past the candidate's width
+// are zeros) in shared memory, rounded to TF32, then each warp runs taps x positions x 1-2 mma.
+//
+// Shared-memory layouts (bank-conflict free for the mma operand loads):
+// - patch: per staged position 16 images x 8 channels; image r's channel c sits at word
+//   r * 8 + (c ^ 4 * ((r >> 2) & 1)), positions 132 words apart (the pad makes the staging
+//   stores of 8 columns x 4 channels hit 32 banks);
+// - weights: one row of 24 words per (tap, input channel), channel n of the tile at word n.
+// The epilogue moves the accumulators through shared memory (channel-major, position fastest)
+// so that the output and residual are accessed along rows of the image.
+//
+// Layout. x is read through its strides (contiguous NCHW is the fast path); out is contiguous
+// NCHW; the residual is read through its strides.
+//
+// Statistics: the fp32 conv values (before the epilogue) widened to double, added per channel
+// over the block's valid outputs in a fixed order (per lane, then a shuffle tree, then the four
+// warps in order), one partial per (channel, pixel tile) in the workspace, merged by the
+// second kernel of conv.cu's scheme (reduce_tf32_partials_kernel here). No atomics: bitwise
+// reproducible for a shape.
+//
+// Error bound. x and weight are rounded to TF32 (10 explicit mantissa bits, round to nearest,
+// ties away: relative error <= 2^-11 each); their products are exact in fp32 and are summed in
+// fp32 by the tensor cores over R = in_width * k * k terms. Against the exact convolution of
+// the unrounded inputs: |y - y_exact| <= (2^-10 + R * 2^-23) * sum |w * x| (the first term
+// dominates: about 1e-3 of sum |w * x|). Against the convolution of the TF32-rounded inputs:
+// |y - y_tf32| <= R * 2^-23 * sum |w * x| (the accumulation alone). The epilogue is fp32 as in
+// conv.cu.
+
+#include "kernels.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace fastsupernet {
+namespace cuda {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * kWarp;
+constexpr int kImages = 16;                               // rows of one mma
+constexpr int kWarpPositions = 8;                          // output positions per warp
+constexpr int kTilePositions = kWarps * kWarpPositions;    // 32 per block
+constexpr int kTileChannels = 16;                          // as conv.cu (shared metadata)
+constexpr int kPosStride = kImages * 8 + 4;                // words per staged position (8 channels)
+constexpr int kWeightStride = 24;                          // words per (tap, input channel) row
+constexpr int kOutPosStride = kTilePositions + 1;          // 33
+constexpr int kOutChanStride = kImages * kOutPosStride + 20;  // 548 = 4 (mod 32)
+constexpr int kReduceThreads = 256;
+constexpr int kMaxGridY = 65535;
+constexpr size_t kDefaultSharedBytes = 48 * 1024;
+
+inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <int KS>
+struct ChunkOf {
+  static constexpr int value = KS == 1 ? 16 : 8;  // input channels per shared-memory chunk
+};
+
+struct TcParams {
+  const float* x;
+  const float* weight;
+  const int32_t* meta;
+  const float* scale;
+  const float* shift;
+  const float* residual;
+  const float* prelu_slope;
+  float* out;
+  double* part_s;  // (out_channels, pixel_tiles), only with stats
+  double* part_q;
+  int64_t x_sn, x_sc, x_sh, x_sw;
+  int64_t r_sn, r_sc, r_sh, r_sw;
+  int64_t weight_row;  // elements between weight rows: C_max * k * k
+  int64_t out_channels;
+  int64_t pixel_tiles;
+  int N, H, W, Ho, Wo;
+  int stride, padding;
+  int num_candidates;
+  int tile_base;  // channel tile of blockIdx.y == 0
+  int tile_w_log2, tiles_w, tiles_per_group;
+  int patch_h, patch_w, patch_elems;
+  int red_offset;  // bytes from the start of shared memory to the statistics scratch
+  int activation;
+  int stats;
+};
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+__device__ __forceinline__ uint32_t to_tf32(float v) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
+  return r;
+}
+
+// d += a * b for one 16x8x8 TF32 tile (fp32 accumulators).
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif
+
+// Grid (pixel tiles = image groups x position tiles, channel tiles of this launch).
+template <int KS>
+__global__ void __launch_bounds__(kThreads, 3) multi_conv2d_tf32_kernel(const TcParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  constexpr int KK = KS * KS;
+  constexpr int CK = ChunkOf<KS>::value;
+  constexpr int KG = CK / 8;  // 8-channel groups per chunk
+  constexpr int kCandidateInts = 5;  // metadata entries per candidate, as conv.cu
+  constexpr int kTileInts = 2;       // metadata entries per channel tile, as conv.cu
+  extern __shared__ __align__(16) unsigned char tc_shared[];
+  uint32_t* ws = reinterpret_cast<uint32_t*>(tc_shared);
+  uint32_t* xs = ws + CK * KK * kWeightStride;
+  float* os = reinterpret_cast<float*>(tc_shared);  // after the main loop
+  double* red = reinterpret_cast<double*>(tc_shared + p.red_offset);
+
+  const int lane = threadIdx.x & (kWarp - 1);
+  const int warp = threadIdx.x / kWarp;
+  const int g = lane >> 2;  // mma row group
+  const int t = lane & 3;   // mma thread in group
+
+  const int64_t ptile = blockIdx.x;
+  const int tile = p.tile_base + static_cast<int>(blockIdx.y);
+  const int32_t* entry = p.meta + static_cast<int64_t>(p.num_candidates) * kCandidateInts +
+                         static_cast<int64_t>(tile) * kTileInts;
+  const int k = entry[0];
+  const int c0 = entry[1];
+  const int32_t* cand = p.meta + static_cast<int64_t>(k) * kCandidateInts;
+  const int in_offset = cand[0];
+  const int in_width = cand[1];
+  const int out_width = cand[2];
+  const int row0 = cand[3] + c0;
+  const int oc0 = cand[4] + c0;
+  const int nc = min(kTileChannels, out_width - c0);
+  const bool two = nc > 8;  // block-uniform
+
+  // Tile position: image group, then position rectangle.
+  const int group = static_cast<int>(ptile / p.tiles_per_group);
+  const int ts = static_cast<int>(ptile - static_cast<int64_t>(group) * p.tiles_per_group);
+  const int th = ts / p.tiles_w;
+  const int tw = ts - th * p.tiles_w;
+  const int tile_w = 1 << p.tile_w_log2;
+  const int tile_h = kTilePositions >> p.tile_w_log2;
+  const int oh_t = th * tile_h;
+  const int ow_t = tw * tile_w;
+  const int n0 = group * kImages;
+  // Patch element (0, 0) in input coordinates; a patch step is `pstep` input pixels (the 1x1
+  // patch holds exactly the sampled pixels, the 3x3 patch the dense window).
+  const int ih_base = oh_t * p.stride - p.padding;
+  const int iw_base = ow_t * p.stride - p.padding;
+  const int pstep = KS == 1 ? p.stride : 1;
+  const int cstep = KS == 1 ? 1 : p.stride;  // patch elements between neighbouring outputs
+
+  // Staged-patch word offsets of this warp's positions and of this lane's operand elements.
+  int pbase[kWarpPositions];
+#pragma unroll
+  for (int i = 0; i < kWarpPositions; ++i) {
+    const int pos = warp * kWarpPositions + i;
+    const int py = pos >> p.tile_w_log2;
+    const int px = pos & (tile_w - 1);
+    pbase[i] = (py * cstep * p.patch_w + px * cstep) * kPosStride;
+  }
+  const int swz = ((g >> 2) & 1) << 2;  // the same for image rows g and g + 8
+  const int a_off0 = g * 8 + (t ^ swz);
+  const int a_off1 = (g + 8) * 8 + (t ^ swz);
+  const int a_off2 = g * 8 + ((t + 4) ^ swz);
+  const int a_off3 = (g + 8) * 8 + ((t + 4) ^ swz);
+
+  float acc[kWarpPositions][2][4];
+#pragma unroll
+  for (int i = 0; i < kWarpPositions; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][h][j] = 0.f;
+    }
+  }
+
+  const float* w_rows = p.weight + static_cast<int64_t>(row0) * p.weight_row;
+  const int lc = lane & 7;   // staging: column within 8
+  const int lq = lane >> 3;  // staging: channel within 4
+
+  for (int ci0 = 0; ci0 < in_width; ci0 += CK) {
+    const int ckv = min(CK, in_width - ci0);
+    __syncthreads();  // the previous chunk is consumed
+
+    // Weights: ws[((kc * KK + tap) * 8 + kk) * kWeightStride + n] = weight[row0 + n, ci0 + 8 kc + kk, tap].
+    for (int i = threadIdx.x; i < kTileChannels * CK * KK; i += kThreads) {
+      const int n = i & (kTileChannels - 1);
+      const int r = i / kTileChannels;  // (kc * KK + tap) * 8 + kk
+      const int kk = r & 7;
+      const int kt = r >> 3;
+      const int kc = kt / KK;
+      const int tap = kt - kc * KK;
+      const int c = kc * 8 + kk;
+      float v = 0.f;
+      if (n < nc && c < ckv) v = w_rows[static_cast<int64_t>(n) * p.weight_row + (ci0 + c) * KK + tap];
+      ws[r * kWeightStride + n] = to_tf32(v);
+    }
+
+    // Input patch: warp instructions of 8 columns x 4 channels of one image.
+    for (int iq = warp; iq < kImages * (CK / 4); iq += kWarps) {
+      const int img = iq / (CK / 4);
+      const int c = (iq - img * (CK / 4)) * 4 + lq;
+      const int n = n0 + img;
+      const bool live = n < p.N && c < ckv;
+      const float* xc = live ? p.x + static_cast<int64_t>(n) * p.x_sn +
+                                   static_cast<int64_t>(in_offset + ci0 + c) * p.x_sc
+                             : p.x;
+      uint32_t* dst = xs + (c >> 3) * p.patch_elems * kPosStride + img * 8 + ((c & 7) ^ (((img >> 2) & 1) << 2));
+      for (int pr = 0; pr < p.patch_h; ++pr) {
+        const int ih = ih_base + pr * pstep;
+        const bool row_ok = live && ih >= 0 && ih < p.H;
+        for (int col = lc; col < p.patch_w; col += 8) {
+          const int iw = iw_base + col * pstep;
+          float v = 0.f;
+          if (row_ok && iw >= 0 && iw < p.W) {
+            v = xc[static_cast<int64_t>(ih) * p.x_sh + static_cast<int64_t>(iw) * p.x_sw];
+          }
+          dst[(pr * p.patch_w + col) * kPosStride] = to_tf32(v);
+        }
+      }
+    }
+    __syncthreads();
+
+#pragma unroll
+    for (int kc = 0; kc < KG; ++kc) {
+      if (kc * 8 >= ckv) break;  // block-uniform
+#pragma unroll
+      for (int tap = 0; tap < KK; ++tap) {
+        const uint32_t* wr = ws + (kc * KK + tap) * 8 * kWeightStride;
+        const uint32_t b0 = wr[t * kWeightStride + g];
+        const uint32_t b1 = wr[(t + 4) * kWeightStride + g];
+        const uint32_t b2 = wr[t * kWeightStride + 8 + g];
+        const uint32_t b3 = wr[(t + 4) * kWeightStride + 8 + g];
+        const int ky = tap / KS;
+        const int kx = tap - ky * KS;
+        const uint32_t* xk = xs + (kc * p.patch_elems + ky * p.patch_w + kx) * kPosStride;
+#pragma unroll
+        for (int i = 0; i < kWarpPositions; ++i) {
+          const uint32_t* xp = xk + pbase[i];
+          const uint32_t a[4] = {xp[a_off0], xp[a_off1], xp[a_off2], xp[a_off3]};
+          mma_tf32(acc[i][0], a, b0, b1);
+          if (two) mma_tf32(acc[i][1], a, b2, b3);
+        }
+      }
+    }
+  }
+
+  // Validity of this lane's positions and images.
+  bool pos_ok[kWarpPositions];
+#pragma unroll
+  for (int i = 0; i < kWarpPositions; ++i) {
+    const int pos = warp * kWarpPositions + i;
+    pos_ok[i] = oh_t + (pos >> p.tile_w_log2) < p.Ho && ow_t + (pos & (tile_w - 1)) < p.Wo;
+  }
+  const bool img_lo = n0 + g < p.N;
+  const bool img_hi = n0 + g + 8 < p.N;
+
+  if (p.stats) {
+    // Channel nh * 8 + 2t + j of this lane: images g and g + 8 at its 8 positions.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        double s = 0.0, q = 0.0;
+#pragma unroll
+        for (int i = 0; i < kWarpPositions; ++i) {
+          if (!pos_ok[i]) continue;
+          if (img_lo) {
+            const double y = static_cast<double>(acc[i][h][j]);
+            s += y;
+            q += y * y;
+          }
+          if (img_hi) {
+            const double y = static_cast<double>(acc[i][h][2 + j]);
+            s += y;
+            q += y * y;
+          }
+        }
+#pragma unroll
+        for (int m = 4; m < kWarp; m <<= 1) {  // over g (lanes with the same t)
+          s += __shfl_xor_sync(0xffffffffu, s, m);
+          q += __shfl_xor_sync(0xffffffffu, q, m);
+        }
+        if (g == 0) {
+          const int ch = h * 8 + 2 * t + j;
+          red[(warp * kTileChannels + ch) * 2] = s;
+          red[(warp * kTileChannels + ch) * 2 + 1] = q;
+        }
+      }
+    }
+  }
+  __syncthreads();  // every warp is done with the patch (and wrote its statistics)
+  if (p.stats && static_cast<int>(threadIdx.x) < nc) {
+    const int ch = threadIdx.x;
+    double s = 0.0, q = 0.0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      s += red[(w * kTileChannels + ch) * 2];
+      q += red[(w * kTileChannels + ch) * 2 + 1];
+    }
+    p.part_s[static_cast<int64_t>(oc0 + ch) * p.pixel_tiles + ptile] = s;
+    p.part_q[static_cast<int64_t>(oc0 + ch) * p.pixel_tiles + ptile] = q;
+  }
+
+  // Accumulators to shared memory: os[ch * kOutChanStride + img * kOutPosStride + pos].
+#pragma unroll
+  for (int i = 0; i < kWarpPositions; ++i) {
+    const int pos = warp * kWarpPositions + i;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int ch = h * 8 + 2 * t + j;
+        os[ch * kOutChanStride + g * kOutPosStride + pos] = acc[i][h][j];
+        os[ch * kOutChanStride + (g + 8) * kOutPosStride + pos] = acc[i][h][2 + j];
+      }
+    }
+  }
+  __syncthreads();
+
+  // Epilogue: one (image, channel) row of the tile per warp instruction, lanes along positions.
+  const float slope = p.activation == static_cast<int>(Activation::kPRelu) ? p.prelu_slope[k] : 0.f;
+  const int64_t plane = static_cast<int64_t>(p.Ho) * p.Wo;
+  const int oh = oh_t + (lane >> p.tile_w_log2);
+  const int ow = ow_t + (lane & (tile_w - 1));
+  if (oh < p.Ho && ow < p.Wo) {
+    for (int pc = warp; pc < kImages * nc; pc += kWarps) {
+      const int img = pc / nc;
+      const int ch = pc - img * nc;
+      const int n = n0 + img;
+      if (n >= p.N) break;  // images only grow along pc
+      const int64_t oc = oc0 + ch;
+      float y = os[ch * kOutChanStride + img * kOutPosStride + lane];
+      if (p.scale != nullptr) y = y * p.scale[oc];
+      if (p.shift != nullptr) y = y + p.shift[oc];
+      if (p.residual != nullptr) {
+        y = y + p.residual[n * p.r_sn + oc * p.r_sc + static_cast<int64_t>(oh) * p.r_sh +
+                           static_cast<int64_t>(ow) * p.r_sw];
+      }
+      if (p.activation == static_cast<int>(Activation::kRelu)) {
+        y = y < 0.f ? 0.f : y;  // NaN passes through, as torch.relu
+      } else if (p.activation == static_cast<int>(Activation::kPRelu)) {
+        y = y > 0.f ? y : slope * y;
+      }
+      p.out[(static_cast<int64_t>(n) * p.out_channels + oc) * plane + static_cast<int64_t>(oh) * p.Wo + ow] = y;
+    }
+  }
+#else
+  __trap();  // the host launcher refuses devices below compute capability 8.0
+#endif
+}
+
+// sum[c] = sum over tiles t of part_s[c * P + t] (and the same for squares), in a fixed order.
+__global__ void __launch_bounds__(kReduceThreads)
+    reduce_tf32_partials_kernel(const double* __restrict__ part_s, const double* __restrict__ part_q, int64_t P,
+                                double* __restrict__ sum, double* __restrict__ sumsq) {
+  __shared__ double shared_s[kReduceThreads];
+  __shared__ double shared_q[kReduceThreads];
+  const int64_t c = blockIdx.x;
+  const int tid = threadIdx.x;
+  double s = 0.0, q = 0.0;
+  for (int64_t t = tid; t < P; t += kReduceThreads) {
+    s += part_s[c * P + t];
+    q += part_q[c * P + t];
+  }
+  shared_s[tid] = s;
+  shared_q[tid] = q;
+  __syncthreads();
+  for (int half = kReduceThreads / 2; half > 0; half >>= 1) {
+    if (tid < half) {
+      shared_s[tid] += shared_s[tid + half];
+      shared_q[tid] += shared_q[tid + half];
+    }
+    __syncthreads();
+  }
+  if (tid == 0) {
+    sum[c] = shared_s[0];
+    sumsq[c] = shared_q[0];
+  }
+}
+
+struct TcGeometry {
+  int64_t h_out, w_out;
+  int tile_w_log2;
+  int64_t tiles_h, tiles_w, groups, pixel_tiles;
+  int patch_h, patch_w;
+  size_t red_offset, smem;
+};
+
+bool valid_problem(const MultiConv2dProblem& pr) {
+  return pr.n >= 0 && pr.c_in >= 0 && pr.h >= 0 && pr.w >= 0 && (pr.kernel == 1 || pr.kernel == 3) &&
+         pr.stride >= 1 && pr.padding >= 0 && pr.num_candidates >= 1 && pr.channel_tiles >= 1 &&
+         pr.out_channels >= 1 && pr.weight_rows >= 1 && pr.weight_cols >= 1 &&
+         static_cast<int>(pr.activation) >= 0 && static_cast<int>(pr.activation) <= 2;
+}
+
+// The position rectangle (32 positions) of least staged input, then the widest; shared memory.
+TcGeometry make_geometry(const MultiConv2dProblem& pr) {
+  TcGeometry g{};
+  g.h_out = multi_conv2d_out_size(pr.h, pr.kernel, pr.stride, pr.padding);
+  g.w_out = multi_conv2d_out_size(pr.w, pr.kernel, pr.stride, pr.padding);
+  int64_t best = -1;
+  for (int lw = 5; lw >= 0; --lw) {
+    const int tw = 1 << lw;
+    const int th = kTilePositions >> lw;
+    const int64_t tiles = div_up(std::max<int64_t>(g.h_out, 1), th) * div_up(std::max<int64_t>(g.w_out, 1), tw);
+    const int ph = pr.kernel == 1 ? th : (th - 1) * pr.stride + pr.kernel;
+    const int pw = pr.kernel == 1 ? tw : (tw - 1) * pr.stride + pr.kernel;
+    const int64_t cost = tiles * ph * pw;
+    if (best < 0 || cost < best) {
+      best = cost;
+      g.tile_w_log2 = lw;
+      g.patch_h = ph;
+      g.patch_w = pw;
+    }
+  }
+  g.tiles_h = div_up(g.h_out, kTilePositions >> g.tile_w_log2);
+  g.tiles_w = div_up(g.w_out, int64_t{1} << g.tile_w_log2);
+  g.groups = div_up(pr.n, kImages);
+  g.pixel_tiles = g.groups * g.tiles_h * g.tiles_w;
+  const int ck = pr.kernel == 1 ? ChunkOf<1>::value : ChunkOf<3>::value;
+  const size_t main_words = static_cast<size_t>(ck) * pr.kernel * pr.kernel * kWeightStride +
+                            static_cast<size_t>(ck / 8) * g.patch_h * g.patch_w * kPosStride;
+  const size_t out_words = static_cast<size_t>(kTileChannels) * kOutChanStride;
+  const size_t region = (std::max(main_words, out_words) * 4 + 15) / 16 * 16;
+  g.red_offset = region;
+  g.smem = region + static_cast<size_t>(kWarps) * kTileChannels * 2 * sizeof(double);
+  return g;
+}
+
+template <int KS>
+cudaError_t launch_conv(TcParams p, const TcGeometry& g, int64_t channel_tiles, cudaStream_t stream) {
+  if (g.smem > kDefaultSharedBytes) {
+    cudaError_t err = cudaFuncSetAttribute(multi_conv2d_tf32_kernel<KS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(g.smem));
+    if (err != cudaSuccess) return err;
+  }
+  for (int64_t t0 = 0; t0 < channel_tiles; t0 += kMaxGridY) {
+    p.tile_base = static_cast<int>(t0);
+    const dim3 grid(static_cast<unsigned>(g.pixel_tiles),
+                    static_cast<unsigned>(std::min<int64_t>(kMaxGridY, channel_tiles - t0)));
+    multi_conv2d_tf32_kernel<KS><<<grid, kThreads, g.smem, stream>>>(p);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+size_t multi_conv2d_tf32_workspace_bytes(const MultiConv2dProblem& problem) {
+  if (!problem.stats || !valid_problem(problem)) return 0;
+  const TcGeometry g = make_geometry(problem);
+  return static_cast<size_t>(2 * problem.out_channels * g.pixel_tiles) * sizeof(double);
+}
+
+cudaError_t launch_multi_conv2d_tf32(const MultiConv2dProblem& pr, const float* x, const float* weight,
+                                     const int32_t* meta, const float* scale, const float* shift,
+                                     const float* residual, const float* prelu_slope, float* out, double* sum,
+                                     double* sumsq, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (!valid_problem(pr)) return cudaErrorInvalidValue;
+  const TcGeometry g = make_geometry(pr);
+  if (g.h_out < 1 || g.w_out < 1) return cudaErrorInvalidValue;
+  if (pr.activation == Activation::kPRelu && prelu_slope == nullptr) return cudaErrorInvalidValue;
+  if (pr.n > 0x7fffffffLL || pr.h > 0x7fffffffLL || pr.w > 0x7fffffffLL || pr.channel_tiles > 0x7fffffffLL ||
+      pr.num_candidates > 0x7fffffff || g.pixel_tiles > 0x7fffffffLL ||
+      pr.weight_cols * pr.kernel * pr.kernel > 0x7fffffffLL) {
+    return cudaErrorInvalidValue;
+  }
+  int device = 0, major = 0, max_smem = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) return err;
+  if (major < 8) return cudaErrorNotSupported;  // mma.sync with TF32 needs sm_80
+  if (pr.n == 0) {
+    if (!pr.stats) return cudaSuccess;
+    err = cudaMemsetAsync(sum, 0, sizeof(double) * pr.out_channels, stream);
+    if (err != cudaSuccess) return err;
+    return cudaMemsetAsync(sumsq, 0, sizeof(double) * pr.out_channels, stream);
+  }
+  if (pr.stats && (workspace == nullptr || workspace_bytes < multi_conv2d_tf32_workspace_bytes(pr))) {
+    return cudaErrorInvalidValue;
+  }
+  err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  if (g.smem > static_cast<size_t>(max_smem)) return cudaErrorInvalidConfiguration;  // stride too large
+
+  TcParams p{};
+  p.x = x;
+  p.weight = weight;
+  p.meta = meta;
+  p.scale = scale;
+  p.shift = shift;
+  p.residual = residual;
+  p.prelu_slope = prelu_slope;
+  p.out = out;
+  p.part_s = pr.stats ? static_cast<double*>(workspace) : nullptr;
+  p.part_q = pr.stats ? p.part_s + pr.out_channels * g.pixel_tiles : nullptr;
+  p.x_sn = pr.x_strides[0];
+  p.x_sc = pr.x_strides[1];
+  p.x_sh = pr.x_strides[2];
+  p.x_sw = pr.x_strides[3];
+  p.r_sn = pr.residual_strides[0];
+  p.r_sc = pr.residual_strides[1];
+  p.r_sh = pr.residual_strides[2];
+  p.r_sw = pr.residual_strides[3];
+  p.weight_row = pr.weight_cols * pr.kernel * pr.kernel;
+  p.out_channels = pr.out_channels;
+  p.pixel_tiles = g.pixel_tiles;
+  p.N = static_cast<int>(pr.n);
+  p.H = static_cast<int>(pr.h);
+  p.W = static_cast<int>(pr.w);
+  p.Ho = static_cast<int>(g.h_out);
+  p.Wo = static_cast<int>(g.w_out);
+  p.stride = pr.stride;
+  p.padding = pr.padding;
+  p.num_candidates = pr.num_candidates;
+  p.tile_base = 0;
+  p.tile_w_log2 = g.tile_w_log2;
+  p.tiles_w = static_cast<int>(g.tiles_w);
+  p.tiles_per_group = static_cast<int>(g.tiles_h * g.tiles_w);
+  p.patch_h = g.patch_h;
+  p.patch_w = g.patch_w;
+  p.patch_elems = g.patch_h * g.patch_w;
+  p.red_offset = static_cast<int>(g.red_offset);
+  p.activation = static_cast<int>(pr.activation);
+  p.stats = pr.stats ? 1 : 0;
+
+  err = pr.kernel == 1 ? launch_conv<1>(p, g, pr.channel_tiles, stream)
+                       : launch_conv<3>(p, g, pr.channel_tiles, stream);
+  if (err != cudaSuccess || !pr.stats) return err;
+
+  reduce_tf32_partials_kernel<<<static_cast<unsigned>(pr.out_channels), kReduceThreads, 0, stream>>>(
+      p.part_s, p.part_q, g.pixel_tiles, sum, sumsq);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace fastsupernet
