@@ -9,7 +9,8 @@
 // channel tile) is one warp: lane l computes output pixels l and l + 32 of the tile for every
 // channel of the tile. The block walks the candidate's input channels in chunks of CK (8 for
 // 3x3, 32 for 1x1); per chunk it stages the input patch under the tile (with its halo, zero
-// padded) and the weights of the chunk in shared memory, then every lane accumulates
+// padded) and the weights of the chunk in shared memory (from sm_80 with asynchronous copies,
+// all of a lane's loads in flight at once), then every lane accumulates
 // 2 x NC outputs with fp32 (fp64) FMAs, NC = the tile's width rounded up to 4 (a block-uniform
 // switch picks the specialisation, so narrow candidates do not pay for 16 channels).
 // Weights are read in place from the packed (R, C_max, k, k) tensor (row stride C_max * k * k).
@@ -78,6 +79,27 @@ __device__ __forceinline__ void load4(const double* p, double (&w)[4]) {
   w[1] = a.y;
   w[2] = b.x;
   w[3] = b.y;
+}
+
+// dst (shared) = *src, or zero when !valid (src is then not read). From compute capability 8.0
+// an asynchronous copy, so that every load a lane stages is in flight at once; stage_wait()
+// waits for the lane's own copies (a __syncthreads() must follow before other lanes read them).
+template <typename T>
+__device__ __forceinline__ void stage(T* dst, const T* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(src), "n"(sizeof(T)),
+               "r"(valid ? static_cast<int>(sizeof(T)) : 0)
+               : "memory");
+#else
+  *dst = valid ? *src : T(0);
+#endif
+}
+
+__device__ __forceinline__ void stage_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
 }
 
 __device__ __forceinline__ double warp_sum(double v) {
@@ -182,9 +204,8 @@ __device__ __forceinline__ void conv_tile(const ConvParams<T>& p, T* __restrict_
     for (int i = lane; i < NC * RK; i += kWarp) {
       const int c = i / RK;
       const int r = i - c * RK;
-      T v = T(0);
-      if (c < nc && r < rkv) v = w_chunk[static_cast<int64_t>(c) * p.weight_row + r];
-      ws[r * kWeightStride + c] = v;
+      const bool ok = c < nc && r < rkv;
+      stage(&ws[r * kWeightStride + c], ok ? w_chunk + static_cast<int64_t>(c) * p.weight_row + r : p.weight, ok);
     }
 
     // Input patch of the chunk, xs[cc * patch_elems + h * patch_w + w], zero outside the image.
@@ -195,11 +216,10 @@ __device__ __forceinline__ void conv_tile(const ConvParams<T>& p, T* __restrict_
       for (int i = lane; i < total; i += kWarp) {
         const int ih = ih_base + h * pstep;
         const int iw = iw_base + w * pstep;
-        T v = T(0);
-        if (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W) {
-          v = x_chunk[cc * p.x_sc + static_cast<int64_t>(ih) * p.x_sh + static_cast<int64_t>(iw) * p.x_sw];
-        }
-        xs[i] = v;
+        const bool ok = ih >= 0 && ih < p.H && iw >= 0 && iw < p.W;
+        stage(&xs[i],
+              ok ? x_chunk + cc * p.x_sc + static_cast<int64_t>(ih) * p.x_sh + static_cast<int64_t>(iw) * p.x_sw : p.x,
+              ok);
         w += p.step_w;
         if (w >= p.patch_w) {
           w -= p.patch_w;
@@ -213,6 +233,7 @@ __device__ __forceinline__ void conv_tile(const ConvParams<T>& p, T* __restrict_
         cc += p.step_c;
       }
     }
+    stage_wait();
     __syncthreads();
 
     for (int cc = 0; cc < ckv; ++cc) {

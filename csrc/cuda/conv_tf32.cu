@@ -118,6 +118,17 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+// Asynchronous 4-byte copy global -> shared; zero-fills instead when !valid (src is then not read).
+__device__ __forceinline__ void copy_async(uint32_t* dst, const float* src, bool valid) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0) : "memory");
+}
+
+__device__ __forceinline__ void copy_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+// A staged float, rounded in place to TF32.
+__device__ __forceinline__ void round_tf32(uint32_t* v) { *v = to_tf32(__uint_as_float(*v)); }
 #endif
 
 // Grid (pixel tiles = image groups x position tiles, channel tiles of this launch).
@@ -203,44 +214,54 @@ __global__ void __launch_bounds__(kThreads, 3) multi_conv2d_tf32_kernel(const Tc
 
   for (int ci0 = 0; ci0 < in_width; ci0 += CK) {
     const int ckv = min(CK, in_width - ci0);
-    __syncthreads();  // the previous chunk is consumed
+    if (ci0 > 0) __syncthreads();  // the previous chunk is consumed
 
+    // Stage the chunk with asynchronous copies (every load of the thread in flight at once), then
+    // round the thread's own elements to TF32 in place; the same two walks over the same elements.
     // Weights: ws[((kc * KK + tap) * 8 + kk) * kWeightStride + n] = weight[row0 + n, ci0 + 8 kc + kk, tap].
-    for (int i = threadIdx.x; i < kTileChannels * CK * KK; i += kThreads) {
-      const int n = i & (kTileChannels - 1);
-      const int r = i / kTileChannels;  // (kc * KK + tap) * 8 + kk
-      const int kk = r & 7;
-      const int kt = r >> 3;
-      const int kc = kt / KK;
-      const int tap = kt - kc * KK;
-      const int c = kc * 8 + kk;
-      float v = 0.f;
-      if (n < nc && c < ckv) v = w_rows[static_cast<int64_t>(n) * p.weight_row + (ci0 + c) * KK + tap];
-      ws[r * kWeightStride + n] = to_tf32(v);
-    }
-
-    // Input patch: warp instructions of 8 columns x 4 channels of one image.
-    for (int iq = warp; iq < kImages * (CK / 4); iq += kWarps) {
-      const int img = iq / (CK / 4);
-      const int c = (iq - img * (CK / 4)) * 4 + lq;
-      const int n = n0 + img;
-      const bool live = n < p.N && c < ckv;
-      const float* xc = live ? p.x + static_cast<int64_t>(n) * p.x_sn +
-                                   static_cast<int64_t>(in_offset + ci0 + c) * p.x_sc
-                             : p.x;
-      uint32_t* dst = xs + (c >> 3) * p.patch_elems * kPosStride + img * 8 + ((c & 7) ^ (((img >> 2) & 1) << 2));
-      for (int pr = 0; pr < p.patch_h; ++pr) {
-        const int ih = ih_base + pr * pstep;
-        const bool row_ok = live && ih >= 0 && ih < p.H;
-        for (int col = lc; col < p.patch_w; col += 8) {
-          const int iw = iw_base + col * pstep;
-          float v = 0.f;
-          if (row_ok && iw >= 0 && iw < p.W) {
-            v = xc[static_cast<int64_t>(ih) * p.x_sh + static_cast<int64_t>(iw) * p.x_sw];
+    for (int pass = 0; pass < 2; ++pass) {
+      for (int i = threadIdx.x; i < kTileChannels * CK * KK; i += kThreads) {
+        const int n = i & (kTileChannels - 1);
+        const int r = i / kTileChannels;  // (kc * KK + tap) * 8 + kk
+        uint32_t* dst = ws + r * kWeightStride + n;
+        if (pass == 1) {
+          round_tf32(dst);
+          continue;
+        }
+        const int kk = r & 7;
+        const int kt = r >> 3;
+        const int kc = kt / KK;
+        const int tap = kt - kc * KK;
+        const int c = kc * 8 + kk;
+        const bool ok = n < nc && c < ckv;
+        copy_async(dst, ok ? w_rows + static_cast<int64_t>(n) * p.weight_row + (ci0 + c) * KK + tap : p.weight, ok);
+      }
+      // Input patch: warp instructions of 8 columns x 4 channels of one image.
+      for (int iq = warp; iq < kImages * (CK / 4); iq += kWarps) {
+        const int img = iq / (CK / 4);
+        const int c = (iq - img * (CK / 4)) * 4 + lq;
+        const int n = n0 + img;
+        const bool live = n < p.N && c < ckv;
+        const float* xc = live ? p.x + static_cast<int64_t>(n) * p.x_sn +
+                                     static_cast<int64_t>(in_offset + ci0 + c) * p.x_sc
+                               : p.x;
+        uint32_t* dst = xs + (c >> 3) * p.patch_elems * kPosStride + img * 8 + ((c & 7) ^ (((img >> 2) & 1) << 2));
+        for (int pr = 0; pr < p.patch_h; ++pr) {
+          const int ih = ih_base + pr * pstep;
+          const bool row_ok = live && ih >= 0 && ih < p.H;
+          for (int col = lc; col < p.patch_w; col += 8) {
+            uint32_t* d = dst + (pr * p.patch_w + col) * kPosStride;
+            if (pass == 1) {
+              round_tf32(d);
+              continue;
+            }
+            const int iw = iw_base + col * pstep;
+            const bool ok = row_ok && iw >= 0 && iw < p.W;
+            copy_async(d, ok ? xc + static_cast<int64_t>(ih) * p.x_sh + static_cast<int64_t>(iw) * p.x_sw : p.x, ok);
           }
-          dst[(pr * p.patch_w + col) * kPosStride] = to_tf32(v);
         }
       }
+      if (pass == 0) copy_async_wait_all();  // this thread's copies have landed (it rounds only those)
     }
     __syncthreads();
 
