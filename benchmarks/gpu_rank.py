@@ -157,15 +157,15 @@ def throughput(args, dev, out: dict) -> None:
               f"PROJECTED all 50,000: {row['projected_50000_s'] / 60:.1f} min (a projection, not a measurement)")
     out["throughput"] = rows
     if args.profile:
-        out["profile"] = profile(model, data, archs[: args.profile], dev)
+        out["profile"] = profile(model, data, archs[: args.profile], dev, args.profile_precision)
 
 
-def profile(model, data, archs, dev) -> list[dict]:
-    """The fp32 fast engine on ``archs`` under torch.profiler: the GPU kernels that take its time."""
+def profile(model, data, archs, dev, precision: str = "fp32") -> list[dict]:
+    """The fast engine on ``archs`` under torch.profiler: the GPU kernels that take its time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    engine = make_engine("fast", model, data)
+    engine = make_engine("fast", model, data, precision=precision)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     _sync(dev)
     t = time.perf_counter()
@@ -185,7 +185,7 @@ def profile(model, data, archs, dev) -> list[dict]:
     for e in sorted(events, key=self_time, reverse=True)[:15]:
         us = self_time(e)
         rows.append({"name": e.key[:90], "calls": e.count, "ms": us / 1e3, "share": us / total if total else 0.0})
-    print(f"profile: fp32 fast engine, {len(archs)} candidates, {wall:.1f} s wall under the profiler, "
+    print(f"profile: {precision} fast engine, {len(archs)} candidates, {wall:.1f} s wall under the profiler, "
           f"{total / 1e6:.2f} s of device kernels")
     for r in rows:
         print(f"  {r['share'] * 100:5.1f}% {r['ms']:9.1f} ms {r['calls']:7d} calls  {r['name']}")
@@ -303,7 +303,9 @@ def main(argv=None) -> int:
     p.add_argument("--triton-config", default=None,
                    help="index of a fixed Triton tile configuration (FASTSUPERNET_TRITON_CONFIG) instead of "
                         "autotuning: fewer compiles, e.g. for the quick fidelity check")
-    p.add_argument("--profile", type=int, default=0, help="profile the fp32 engine on this many candidates")
+    p.add_argument("--profile", type=int, default=0, help="profile the fast engine on this many candidates")
+    p.add_argument("--profile-precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                   help="the precision --profile runs (default fp32)")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-fidelity", action="store_true")
     p.add_argument("--json", default=None, help="write the summary here")

@@ -65,6 +65,7 @@ constexpr int kPosStride = kImages * 8 + 4;                // words per staged p
 constexpr int kWeightStride = 24;                          // words per (tap, input channel) row
 constexpr int kOutPosStride = kTilePositions + 1;          // 33
 constexpr int kOutChanStride = kImages * kOutPosStride + 20;  // 548 = 4 (mod 32)
+constexpr int kSlots = 8;                                  // 16-byte staging slots per thread (vector path)
 constexpr int kReduceThreads = 256;
 constexpr int kMaxGridY = 65535;
 constexpr size_t kDefaultSharedBytes = 48 * 1024;
@@ -99,6 +100,8 @@ struct TcParams {
   int tile_w_log2, tiles_w, tiles_per_group;
   int patch_h, patch_w, patch_elems;
   int red_offset;  // bytes from the start of shared memory to the statistics scratch
+  int raw_offset;  // bytes from the start of shared memory to the 16-byte staging slots
+  int row_lanes;   // vector path: lanes per patch row (4 or 8); 0: the scalar path
   int activation;
   int stats;
 };
@@ -123,6 +126,12 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
 __device__ __forceinline__ void copy_async(uint32_t* dst, const float* src, bool valid) {
   const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0) : "memory");
+}
+
+// Asynchronous 16-byte copy global -> shared (both 16-byte aligned); zero-fills when !valid.
+__device__ __forceinline__ void copy_async16(float4* dst, const float* src, bool valid) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
 }
 
 __device__ __forceinline__ void copy_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
@@ -216,52 +225,112 @@ __global__ void __launch_bounds__(kThreads, 3) multi_conv2d_tf32_kernel(const Tc
     const int ckv = min(CK, in_width - ci0);
     if (ci0 > 0) __syncthreads();  // the previous chunk is consumed
 
-    // Stage the chunk with asynchronous copies (every load of the thread in flight at once), then
-    // round the thread's own elements to TF32 in place; the same two walks over the same elements.
+    // Stage the chunk: asynchronous copies (many loads of a thread in flight at once), then each
+    // thread rounds to TF32 the elements it copied (so no barrier is needed in between).
     // Weights: ws[((kc * KK + tap) * 8 + kk) * kWeightStride + n] = weight[row0 + n, ci0 + 8 kc + kk, tap].
-    for (int pass = 0; pass < 2; ++pass) {
-      for (int i = threadIdx.x; i < kTileChannels * CK * KK; i += kThreads) {
-        const int n = i & (kTileChannels - 1);
-        const int r = i / kTileChannels;  // (kc * KK + tap) * 8 + kk
-        uint32_t* dst = ws + r * kWeightStride + n;
-        if (pass == 1) {
-          round_tf32(dst);
-          continue;
+    for (int i = threadIdx.x; i < kTileChannels * CK * KK; i += kThreads) {
+      const int n = i & (kTileChannels - 1);
+      const int r = i / kTileChannels;  // (kc * KK + tap) * 8 + kk
+      const int kk = r & 7;
+      const int kt = r >> 3;
+      const int kc = kt / KK;
+      const int tap = kt - kc * KK;
+      const int c = kc * 8 + kk;
+      const bool ok = n < nc && c < ckv;
+      copy_async(ws + r * kWeightStride + n,
+                 ok ? w_rows + static_cast<int64_t>(n) * p.weight_row + (ci0 + c) * KK + tap : p.weight, ok);
+    }
+    if (p.row_lanes > 0) {
+      // Vector path (x rows 16-byte aligned, unit column stride, dense patch rows): a warp
+      // instruction copies one patch row (the aligned 16-byte vectors covering it) of
+      // 32 / row_lanes channels of one image into per-thread slots, kSlots rows per round; the
+      // thread then scatters its vectors, rounded, into the patch layout.
+      const int lanes = p.row_lanes;
+      const int per_inst = kWarp / lanes;      // channels per warp instruction
+      const int groups = CK / per_inst;        // channel groups per (image, row)
+      const int vi = lane & (lanes - 1);
+      const int cl = lane / lanes;
+      const int a0 = iw_base & ~3;             // first aligned column (floor, also below 0)
+      const int vr = (iw_base - a0 + p.patch_w + 3) >> 2;  // vectors per row (<= lanes)
+      const int iw0 = a0 + 4 * vi;
+      const bool vec_ok = vi < vr && iw0 >= 0 && iw0 < p.W;  // W % 4 == 0: a vector is all in or all out
+      float4* slots = reinterpret_cast<float4*>(tc_shared + p.raw_offset) + threadIdx.x;
+      const int items = kImages * p.patch_h * groups;
+      for (int base = warp; base < items; base += kWarps * kSlots) {
+#pragma unroll
+        for (int u = 0; u < kSlots; ++u) {
+          const int it = base + u * kWarps;
+          if (it >= items) break;
+          const int cg = it % groups;
+          const int r = it / groups;
+          const int pr = r % p.patch_h;
+          const int img = r / p.patch_h;
+          const int c = cg * per_inst + cl;
+          const int n = n0 + img;
+          const int ih = ih_base + pr;
+          const bool ok = vec_ok && n < p.N && c < ckv && ih >= 0 && ih < p.H;
+          const float* src = ok ? p.x + static_cast<int64_t>(n) * p.x_sn +
+                                      static_cast<int64_t>(in_offset + ci0 + c) * p.x_sc +
+                                      static_cast<int64_t>(ih) * p.x_sh + iw0
+                                : p.x;
+          copy_async16(slots + u * kThreads, src, ok);
         }
-        const int kk = r & 7;
-        const int kt = r >> 3;
-        const int kc = kt / KK;
-        const int tap = kt - kc * KK;
-        const int c = kc * 8 + kk;
-        const bool ok = n < nc && c < ckv;
-        copy_async(dst, ok ? w_rows + static_cast<int64_t>(n) * p.weight_row + (ci0 + c) * KK + tap : p.weight, ok);
+        copy_async_wait_all();
+#pragma unroll
+        for (int u = 0; u < kSlots; ++u) {
+          const int it = base + u * kWarps;
+          if (it >= items) break;
+          if (vi >= vr) continue;
+          const int cg = it % groups;
+          const int r = it / groups;
+          const int pr = r % p.patch_h;
+          const int img = r / p.patch_h;
+          const int c = cg * per_inst + cl;
+          const float4 v = slots[u * kThreads];
+          uint32_t* dst = xs + ((c >> 3) * p.patch_elems + pr * p.patch_w) * kPosStride + img * 8 +
+                          ((c & 7) ^ (((img >> 2) & 1) << 2));
+          const int col = iw0 - iw_base;  // patch column of v.x
+          if (col >= 0 && col < p.patch_w) dst[col * kPosStride] = to_tf32(v.x);
+          if (col + 1 >= 0 && col + 1 < p.patch_w) dst[(col + 1) * kPosStride] = to_tf32(v.y);
+          if (col + 2 >= 0 && col + 2 < p.patch_w) dst[(col + 2) * kPosStride] = to_tf32(v.z);
+          if (col + 3 >= 0 && col + 3 < p.patch_w) dst[(col + 3) * kPosStride] = to_tf32(v.w);
+        }
       }
-      // Input patch: warp instructions of 8 columns x 4 channels of one image.
-      for (int iq = warp; iq < kImages * (CK / 4); iq += kWarps) {
-        const int img = iq / (CK / 4);
-        const int c = (iq - img * (CK / 4)) * 4 + lq;
-        const int n = n0 + img;
-        const bool live = n < p.N && c < ckv;
-        const float* xc = live ? p.x + static_cast<int64_t>(n) * p.x_sn +
-                                     static_cast<int64_t>(in_offset + ci0 + c) * p.x_sc
-                               : p.x;
-        uint32_t* dst = xs + (c >> 3) * p.patch_elems * kPosStride + img * 8 + ((c & 7) ^ (((img >> 2) & 1) << 2));
-        for (int pr = 0; pr < p.patch_h; ++pr) {
-          const int ih = ih_base + pr * pstep;
-          const bool row_ok = live && ih >= 0 && ih < p.H;
-          for (int col = lc; col < p.patch_w; col += 8) {
-            uint32_t* d = dst + (pr * p.patch_w + col) * kPosStride;
-            if (pass == 1) {
-              round_tf32(d);
-              continue;
+    } else {
+      // Scalar path: warp instructions of 8 columns x 4 channels of one image.
+      for (int pass = 0; pass < 2; ++pass) {
+        for (int iq = warp; iq < kImages * (CK / 4); iq += kWarps) {
+          const int img = iq / (CK / 4);
+          const int c = (iq - img * (CK / 4)) * 4 + lq;
+          const int n = n0 + img;
+          const bool live = n < p.N && c < ckv;
+          const float* xc = live ? p.x + static_cast<int64_t>(n) * p.x_sn +
+                                       static_cast<int64_t>(in_offset + ci0 + c) * p.x_sc
+                                 : p.x;
+          uint32_t* dst =
+              xs + (c >> 3) * p.patch_elems * kPosStride + img * 8 + ((c & 7) ^ (((img >> 2) & 1) << 2));
+          for (int pr = 0; pr < p.patch_h; ++pr) {
+            const int ih = ih_base + pr * pstep;
+            const bool row_ok = live && ih >= 0 && ih < p.H;
+            for (int col = lc; col < p.patch_w; col += 8) {
+              uint32_t* d = dst + (pr * p.patch_w + col) * kPosStride;
+              if (pass == 1) {
+                round_tf32(d);
+                continue;
+              }
+              const int iw = iw_base + col * pstep;
+              const bool ok = row_ok && iw >= 0 && iw < p.W;
+              copy_async(d, ok ? xc + static_cast<int64_t>(ih) * p.x_sh + static_cast<int64_t>(iw) * p.x_sw : p.x,
+                         ok);
             }
-            const int iw = iw_base + col * pstep;
-            const bool ok = row_ok && iw >= 0 && iw < p.W;
-            copy_async(d, ok ? xc + static_cast<int64_t>(ih) * p.x_sh + static_cast<int64_t>(iw) * p.x_sw : p.x, ok);
           }
         }
+        if (pass == 0) copy_async_wait_all();  // this thread's copies have landed (it rounds only those)
       }
-      if (pass == 0) copy_async_wait_all();  // this thread's copies have landed (it rounds only those)
+    }
+    copy_async_wait_all();  // (the weights)
+    for (int i = threadIdx.x; i < kTileChannels * CK * KK; i += kThreads) {
+      round_tf32(ws + (i / kTileChannels) * kWeightStride + (i & (kTileChannels - 1)));
     }
     __syncthreads();
 
@@ -428,7 +497,8 @@ struct TcGeometry {
   int tile_w_log2;
   int64_t tiles_h, tiles_w, groups, pixel_tiles;
   int patch_h, patch_w;
-  size_t red_offset, smem;
+  int row_lanes;  // vector staging: lanes per patch row (4 or 8), 0 when the patch rows are too wide
+  size_t raw_offset, red_offset, smem;
 };
 
 bool valid_problem(const MultiConv2dProblem& pr) {
@@ -466,7 +536,12 @@ TcGeometry make_geometry(const MultiConv2dProblem& pr) {
   const size_t main_words = static_cast<size_t>(ck) * pr.kernel * pr.kernel * kWeightStride +
                             static_cast<size_t>(ck / 8) * g.patch_h * g.patch_w * kPosStride;
   const size_t out_words = static_cast<size_t>(kTileChannels) * kOutChanStride;
-  const size_t region = (std::max(main_words, out_words) * 4 + 15) / 16 * 16;
+  // The vector path copies 16-byte vectors of dense patch rows (a 1x1 kernel samples with the stride).
+  const int vectors = (3 + g.patch_w + 3) / 4;  // most vectors a patch row can touch
+  g.row_lanes = (pr.kernel == 1 && pr.stride != 1) ? 0 : vectors <= 4 ? 4 : vectors <= 8 ? 8 : 0;
+  g.raw_offset = (main_words * 4 + 15) / 16 * 16;
+  const size_t raw_bytes = static_cast<size_t>(kSlots) * kThreads * 16;
+  const size_t region = (std::max(g.raw_offset + raw_bytes, out_words * 4) + 15) / 16 * 16;
   g.red_offset = region;
   g.smem = region + static_cast<size_t>(kWarps) * kTileChannels * 2 * sizeof(double);
   return g;
@@ -568,6 +643,11 @@ cudaError_t launch_multi_conv2d_tf32(const MultiConv2dProblem& pr, const float* 
   p.patch_w = g.patch_w;
   p.patch_elems = g.patch_h * g.patch_w;
   p.red_offset = static_cast<int>(g.red_offset);
+  p.raw_offset = static_cast<int>(g.raw_offset);
+  // Vector staging needs 16-byte aligned rows with unit column stride and whole vectors per row.
+  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && pr.x_strides[3] == 1 && pr.x_strides[2] % 4 == 0 &&
+                       pr.x_strides[1] % 4 == 0 && pr.x_strides[0] % 4 == 0 && pr.w % 4 == 0;
+  p.row_lanes = aligned ? g.row_lanes : 0;
   p.activation = static_cast<int>(pr.activation);
   p.stats = pr.stats ? 1 : 0;
 
