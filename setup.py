@@ -58,7 +58,7 @@ def _extensions():
 
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     # headers and CUDA files: rebuild triggers, and part of the sdist whatever torch builds it
-    depends = _sources("csrc/**/*.h") + _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp") + ["CMakeLists.txt"]
+    depends = _sources("csrc/**/*.h") + _sources("csrc/**/*.cuh") + _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp") + ["CMakeLists.txt"]
     with_cuda = (
         torch.version.cuda is not None
         and CUDA_HOME is not None

@@ -179,7 +179,10 @@ def profile(model, data, archs, dev, precision: str = "fp32") -> list[dict]:
             return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
         return float(e.self_cpu_time_total)
 
-    events = [e for e in prof.key_averages() if self_time(e) > 0]
+    def on_device(e) -> bool:  # CUDA: kernels and copies only (an op's own entry repeats its kernels' time)
+        return dev.type != "cuda" or str(getattr(e, "device_type", "CUDA")).endswith("CUDA")
+
+    events = [e for e in prof.key_averages() if self_time(e) > 0 and on_device(e)]
     total = sum(self_time(e) for e in events)
     rows = []
     for e in sorted(events, key=self_time, reverse=True)[:15]:

@@ -35,6 +35,7 @@
 // (14 + P / 256) * 2^-53 * sum |y|, i.e. exact sums of the float32 conv outputs for all
 // practical purposes. The float64 instantiation has the same bounds with u = 2^-53.
 
+#include "conv_common.cuh"
 #include "kernels.h"
 
 #include <cuda_runtime.h>
@@ -47,16 +48,8 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kTilePixels = 64;   // output pixels per pixel tile (2 per lane)
-constexpr int kTileChannels = 16; // most output channels per channel tile
 constexpr int kWeightStride = 20; // shared-memory row of one reduction index: 16 channels + pad
-constexpr int kCandidateInts = 5; // in_offset, in_width, out_width, row_offset, out_channel_offset
-constexpr int kTileInts = 2;      // candidate index, first channel within the candidate
 constexpr int kMinBlocksPerSM = 20; // caps registers at 96 (float: no spills)
-constexpr int kReduceThreads = 256;
-constexpr int kMaxGridY = 65535;
-constexpr size_t kDefaultSharedBytes = 48 * 1024;
-
-inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <int KS>
 struct ChunkOf {
@@ -79,27 +72,6 @@ __device__ __forceinline__ void load4(const double* p, double (&w)[4]) {
   w[1] = a.y;
   w[2] = b.x;
   w[3] = b.y;
-}
-
-// dst (shared) = *src, or zero when !valid (src is then not read). From compute capability 8.0
-// an asynchronous copy, so that every load a lane stages is in flight at once; stage_wait()
-// waits for the lane's own copies (a __syncthreads() must follow before other lanes read them).
-template <typename T>
-__device__ __forceinline__ void stage(T* dst, const T* src, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(src), "n"(sizeof(T)),
-               "r"(valid ? static_cast<int>(sizeof(T)) : 0)
-               : "memory");
-#else
-  *dst = valid ? *src : T(0);
-#endif
-}
-
-__device__ __forceinline__ void stage_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
-#endif
 }
 
 __device__ __forceinline__ double warp_sum(double v) {
@@ -339,49 +311,12 @@ __global__ void __launch_bounds__(kWarp, kMinBlocksPerSM) multi_conv2d_kernel(co
   }
 }
 
-// sum[c] = sum over tiles t of part_s[c * P + t] (and the same for squares): thread i adds
-// t = i, i + 256, ... in order, then a fixed tree over the block.
-__global__ void __launch_bounds__(kReduceThreads)
-    reduce_partials_kernel(const double* __restrict__ part_s, const double* __restrict__ part_q,
-                           int64_t P, double* __restrict__ sum, double* __restrict__ sumsq) {
-  __shared__ double shared_s[kReduceThreads];
-  __shared__ double shared_q[kReduceThreads];
-  const int64_t c = blockIdx.x;
-  const int tid = threadIdx.x;
-  double s = 0.0, q = 0.0;
-  for (int64_t t = tid; t < P; t += kReduceThreads) {
-    s += part_s[c * P + t];
-    q += part_q[c * P + t];
-  }
-  shared_s[tid] = s;
-  shared_q[tid] = q;
-  __syncthreads();
-  for (int half = kReduceThreads / 2; half > 0; half >>= 1) {
-    if (tid < half) {
-      shared_s[tid] += shared_s[tid + half];
-      shared_q[tid] += shared_q[tid + half];
-    }
-    __syncthreads();
-  }
-  if (tid == 0) {
-    sum[c] = shared_s[0];
-    sumsq[c] = shared_q[0];
-  }
-}
-
 struct Geometry {
   int64_t h_out, w_out;
   int tile_w_log2;
   int64_t tiles_h, tiles_w, pixel_tiles;
   int patch_h, patch_w;
 };
-
-bool valid_problem(const MultiConv2dProblem& pr) {
-  return pr.n >= 0 && pr.c_in >= 0 && pr.h >= 0 && pr.w >= 0 && (pr.kernel == 1 || pr.kernel == 3) &&
-         pr.stride >= 1 && pr.padding >= 0 && pr.num_candidates >= 1 && pr.channel_tiles >= 1 &&
-         pr.out_channels >= 1 && pr.weight_rows >= 1 && pr.weight_cols >= 1 &&
-         static_cast<int>(pr.activation) >= 0 && static_cast<int>(pr.activation) <= 2;
-}
 
 // Tile shape of minimal staged input (tiles x patch elements; fewer tiles of the same cost
 // win, then the widest tile).
@@ -451,12 +386,7 @@ cudaError_t launch_impl(const MultiConv2dProblem& pr, const T* x, const T* weigh
       pr.weight_cols * pr.kernel * pr.kernel > 0x7fffffffLL) {
     return cudaErrorInvalidValue;
   }
-  if (pr.n == 0) {
-    if (!pr.stats) return cudaSuccess;
-    cudaError_t err = cudaMemsetAsync(sum, 0, sizeof(double) * pr.out_channels, stream);
-    if (err != cudaSuccess) return err;
-    return cudaMemsetAsync(sumsq, 0, sizeof(double) * pr.out_channels, stream);
-  }
+  if (pr.n == 0) return pr.stats ? zero_stats(sum, sumsq, pr.out_channels, stream) : cudaSuccess;
   if (pr.stats && (workspace == nullptr || workspace_bytes < multi_conv2d_workspace_bytes(pr))) {
     return cudaErrorInvalidValue;
   }
@@ -516,9 +446,7 @@ cudaError_t launch_impl(const MultiConv2dProblem& pr, const T* x, const T* weigh
                        : launch_conv<T, 3>(p, g, pr.channel_tiles, smem, stream);
   if (err != cudaSuccess || !pr.stats) return err;
 
-  reduce_partials_kernel<<<static_cast<unsigned>(pr.out_channels), kReduceThreads, 0, stream>>>(
-      p.part_s, p.part_q, g.pixel_tiles, sum, sumsq);
-  return cudaGetLastError();
+  return merge_partials(p.part_s, p.part_q, g.pixel_tiles, pr.out_channels, sum, sumsq, stream);
 }
 
 }  // namespace

@@ -32,7 +32,7 @@
 // Statistics: the fp32 conv values (before the epilogue) widened to double, added per channel
 // over the block's valid outputs in a fixed order (per lane, then a shuffle tree, then the four
 // warps in order), one partial per (channel, pixel tile) in the workspace, merged by the
-// second kernel of conv.cu's scheme (reduce_tf32_partials_kernel here). No atomics: bitwise
+// second kernel of conv.cu's scheme (conv_common.cuh). No atomics: bitwise
 // reproducible for a shape.
 //
 // Error bound. x and weight are rounded to TF32 (10 explicit mantissa bits, round to nearest,
@@ -43,6 +43,7 @@
 // |y - y_tf32| <= R * 2^-23 * sum |w * x| (the accumulation alone). The epilogue is fp32 as in
 // conv.cu.
 
+#include "conv_common.cuh"
 #include "kernels.h"
 
 #include <cuda_runtime.h>
@@ -60,17 +61,11 @@ constexpr int kThreads = kWarps * kWarp;
 constexpr int kImages = 16;                               // rows of one mma
 constexpr int kWarpPositions = 8;                          // output positions per warp
 constexpr int kTilePositions = kWarps * kWarpPositions;    // 32 per block
-constexpr int kTileChannels = 16;                          // as conv.cu (shared metadata)
 constexpr int kPosStride = kImages * 8 + 4;                // words per staged position (8 channels)
 constexpr int kWeightStride = 24;                          // words per (tap, input channel) row
 constexpr int kOutPosStride = kTilePositions + 1;          // 33
 constexpr int kOutChanStride = kImages * kOutPosStride + 20;  // 548 = 4 (mod 32)
 constexpr int kSlots = 8;                                  // 16-byte staging slots per thread (vector path)
-constexpr int kReduceThreads = 256;
-constexpr int kMaxGridY = 65535;
-constexpr size_t kDefaultSharedBytes = 48 * 1024;
-
-inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <int KS>
 struct ChunkOf {
@@ -122,19 +117,11 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Asynchronous 4-byte copy global -> shared; zero-fills instead when !valid (src is then not read).
-__device__ __forceinline__ void copy_async(uint32_t* dst, const float* src, bool valid) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0) : "memory");
-}
-
 // Asynchronous 16-byte copy global -> shared (both 16-byte aligned); zero-fills when !valid.
 __device__ __forceinline__ void copy_async16(float4* dst, const float* src, bool valid) {
   const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
 }
-
-__device__ __forceinline__ void copy_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 // A staged float, rounded in place to TF32.
 __device__ __forceinline__ void round_tf32(uint32_t* v) { *v = to_tf32(__uint_as_float(*v)); }
@@ -147,8 +134,6 @@ __global__ void __launch_bounds__(kThreads, 3) multi_conv2d_tf32_kernel(const Tc
   constexpr int KK = KS * KS;
   constexpr int CK = ChunkOf<KS>::value;
   constexpr int KG = CK / 8;  // 8-channel groups per chunk
-  constexpr int kCandidateInts = 5;  // metadata entries per candidate, as conv.cu
-  constexpr int kTileInts = 2;       // metadata entries per channel tile, as conv.cu
   extern __shared__ __align__(16) unsigned char tc_shared[];
   uint32_t* ws = reinterpret_cast<uint32_t*>(tc_shared);
   uint32_t* xs = ws + CK * KK * kWeightStride;
@@ -237,7 +222,7 @@ __global__ void __launch_bounds__(kThreads, 3) multi_conv2d_tf32_kernel(const Tc
       const int tap = kt - kc * KK;
       const int c = kc * 8 + kk;
       const bool ok = n < nc && c < ckv;
-      copy_async(ws + r * kWeightStride + n,
+      stage(reinterpret_cast<float*>(ws + r * kWeightStride + n),
                  ok ? w_rows + static_cast<int64_t>(n) * p.weight_row + (ci0 + c) * KK + tap : p.weight, ok);
     }
     if (p.row_lanes > 0) {
@@ -275,7 +260,7 @@ __global__ void __launch_bounds__(kThreads, 3) multi_conv2d_tf32_kernel(const Tc
                                 : p.x;
           copy_async16(slots + u * kThreads, src, ok);
         }
-        copy_async_wait_all();
+        stage_wait();
 #pragma unroll
         for (int u = 0; u < kSlots; ++u) {
           const int it = base + u * kWarps;
@@ -320,15 +305,15 @@ __global__ void __launch_bounds__(kThreads, 3) multi_conv2d_tf32_kernel(const Tc
               }
               const int iw = iw_base + col * pstep;
               const bool ok = row_ok && iw >= 0 && iw < p.W;
-              copy_async(d, ok ? xc + static_cast<int64_t>(ih) * p.x_sh + static_cast<int64_t>(iw) * p.x_sw : p.x,
+              stage(reinterpret_cast<float*>(d), ok ? xc + static_cast<int64_t>(ih) * p.x_sh + static_cast<int64_t>(iw) * p.x_sw : p.x,
                          ok);
             }
           }
         }
-        if (pass == 0) copy_async_wait_all();  // this thread's copies have landed (it rounds only those)
+        if (pass == 0) stage_wait();  // this thread's copies have landed (it rounds only those)
       }
     }
-    copy_async_wait_all();  // (the weights)
+    stage_wait();  // (the weights)
     for (int i = threadIdx.x; i < kTileChannels * CK * KK; i += kThreads) {
       round_tf32(ws + (i / kTileChannels) * kWeightStride + (i & (kTileChannels - 1)));
     }
@@ -463,35 +448,6 @@ __global__ void __launch_bounds__(kThreads, 3) multi_conv2d_tf32_kernel(const Tc
 #endif
 }
 
-// sum[c] = sum over tiles t of part_s[c * P + t] (and the same for squares), in a fixed order.
-__global__ void __launch_bounds__(kReduceThreads)
-    reduce_tf32_partials_kernel(const double* __restrict__ part_s, const double* __restrict__ part_q, int64_t P,
-                                double* __restrict__ sum, double* __restrict__ sumsq) {
-  __shared__ double shared_s[kReduceThreads];
-  __shared__ double shared_q[kReduceThreads];
-  const int64_t c = blockIdx.x;
-  const int tid = threadIdx.x;
-  double s = 0.0, q = 0.0;
-  for (int64_t t = tid; t < P; t += kReduceThreads) {
-    s += part_s[c * P + t];
-    q += part_q[c * P + t];
-  }
-  shared_s[tid] = s;
-  shared_q[tid] = q;
-  __syncthreads();
-  for (int half = kReduceThreads / 2; half > 0; half >>= 1) {
-    if (tid < half) {
-      shared_s[tid] += shared_s[tid + half];
-      shared_q[tid] += shared_q[tid + half];
-    }
-    __syncthreads();
-  }
-  if (tid == 0) {
-    sum[c] = shared_s[0];
-    sumsq[c] = shared_q[0];
-  }
-}
-
 struct TcGeometry {
   int64_t h_out, w_out;
   int tile_w_log2;
@@ -500,13 +456,6 @@ struct TcGeometry {
   int row_lanes;  // vector staging: lanes per patch row (4 or 8), 0 when the patch rows are too wide
   size_t raw_offset, red_offset, smem;
 };
-
-bool valid_problem(const MultiConv2dProblem& pr) {
-  return pr.n >= 0 && pr.c_in >= 0 && pr.h >= 0 && pr.w >= 0 && (pr.kernel == 1 || pr.kernel == 3) &&
-         pr.stride >= 1 && pr.padding >= 0 && pr.num_candidates >= 1 && pr.channel_tiles >= 1 &&
-         pr.out_channels >= 1 && pr.weight_rows >= 1 && pr.weight_cols >= 1 &&
-         static_cast<int>(pr.activation) >= 0 && static_cast<int>(pr.activation) <= 2;
-}
 
 // The position rectangle (32 positions) of least staged input, then the widest; shared memory.
 TcGeometry make_geometry(const MultiConv2dProblem& pr) {
@@ -592,12 +541,7 @@ cudaError_t launch_multi_conv2d_tf32(const MultiConv2dProblem& pr, const float* 
   err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err != cudaSuccess) return err;
   if (major < 8) return cudaErrorNotSupported;  // mma.sync with TF32 needs sm_80
-  if (pr.n == 0) {
-    if (!pr.stats) return cudaSuccess;
-    err = cudaMemsetAsync(sum, 0, sizeof(double) * pr.out_channels, stream);
-    if (err != cudaSuccess) return err;
-    return cudaMemsetAsync(sumsq, 0, sizeof(double) * pr.out_channels, stream);
-  }
+  if (pr.n == 0) return pr.stats ? zero_stats(sum, sumsq, pr.out_channels, stream) : cudaSuccess;
   if (pr.stats && (workspace == nullptr || workspace_bytes < multi_conv2d_tf32_workspace_bytes(pr))) {
     return cudaErrorInvalidValue;
   }
@@ -655,9 +599,7 @@ cudaError_t launch_multi_conv2d_tf32(const MultiConv2dProblem& pr, const float* 
                        : launch_conv<3>(p, g, pr.channel_tiles, stream);
   if (err != cudaSuccess || !pr.stats) return err;
 
-  reduce_tf32_partials_kernel<<<static_cast<unsigned>(pr.out_channels), kReduceThreads, 0, stream>>>(
-      p.part_s, p.part_q, g.pixel_tiles, sum, sumsq);
-  return cudaGetLastError();
+  return merge_partials(p.part_s, p.part_q, g.pixel_tiles, pr.out_channels, sum, sumsq, stream);
 }
 
 }  // namespace cuda
