@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastsupernet.ops import _extension
 from test_conv_cuda import EPILOGUES, Problem
@@ -55,32 +54,6 @@ def tf32_round(t: torch.Tensor) -> torch.Tensor:
     return (sign | mag).view(torch.float32).to(torch.float64).view(t.shape)
 
 
-def _convs(p: Problem, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.cat(
-        [
-            F.conv2d(x[:, o : o + i], w[r : r + c, :i], stride=p.stride, padding=p.padding)
-            for o, i, c, r in zip(p.in_offsets, p.in_widths, p.out_widths, p.row_offsets)
-        ],
-        dim=1,
-    )
-
-
-def _epilogue(p: Problem, conv: torch.Tensor) -> torch.Tensor:
-    y = conv
-    if p.scale is not None:
-        y = y * p.scale.cpu().double().view(1, -1, 1, 1)
-    if p.shift is not None:
-        y = y + p.shift.cpu().double().view(1, -1, 1, 1)
-    if p.residual is not None:
-        y = y + p.residual.cpu().double()
-    if p.activation == "relu":
-        y = torch.relu(y)
-    elif p.activation == "prelu":
-        slope = torch.repeat_interleave(p.slope.cpu().double(), torch.tensor(p.out_widths))
-        y = torch.where(y > 0, y, slope.view(1, -1, 1, 1) * y)
-    return y
-
-
 def check_tf32(p: Problem, result=None) -> None:
     out, s, q = _ops_tf32(p) if result is None else result
     assert out.device == p.x.device and out.dtype == torch.float32
@@ -92,9 +65,9 @@ def check_tf32(p: Problem, result=None) -> None:
     x = p.x.detach().to("cpu", torch.float64)
     w = p.weight.detach().to("cpu", torch.float64)
     xr, wr = tf32_round(p.x), tf32_round(p.weight)
-    conv_r = _convs(p, xr, wr)
-    conv_exact = _convs(p, x, w)
-    a = _convs(p, xr.abs(), wr.abs())  # bounds A of the rounded and (within 2**-10) the exact inputs
+    conv_r = p.convs(xr, wr)
+    conv_exact = p.convs(x, w)
+    a = p.convs(xr.abs(), wr.abs())  # bounds A of the rounded and (within 2**-10) the exact inputs
     reach = torch.repeat_interleave(
         torch.tensor([i * p.kernel**2 for i in p.in_widths], dtype=torch.float64), torch.tensor(p.out_widths)
     ).view(1, -1, 1, 1)
@@ -111,7 +84,7 @@ def check_tf32(p: Problem, result=None) -> None:
     if p.activation == "prelu":
         gain = max(1.0, float(p.slope.abs().max()))
     for name, ref_conv, tol in (("TF32-rounded inputs", conv_r, tol_acc), ("exact inputs", conv_exact, tol_exact)):
-        ref = _epilogue(p, ref_conv)
+        ref = p.epilogue(ref_conv)
         bound = gain * (tol * scale + 2.0**-22 * epi) + 1e-30
         err = (got - ref).abs()
         worst = float((err / bound).max())

@@ -47,7 +47,7 @@ namespace cuda {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kTilePixels = 64;   // output pixels per pixel tile (2 per lane)
+constexpr int kTileLog2 = 6;     // 64 output pixels per pixel tile (2 per lane)
 constexpr int kWeightStride = 20; // shared-memory row of one reduction index: 16 channels + pad
 constexpr int kMinBlocksPerSM = 20; // caps registers at 96 (float: no spills)
 
@@ -81,31 +81,8 @@ __device__ __forceinline__ double warp_sum(double v) {
 }
 
 template <typename T>
-struct ConvParams {
-  const T* x;
-  const T* weight;
-  const int32_t* meta;
-  const T* scale;
-  const T* shift;
-  const T* residual;
-  const T* prelu_slope;
-  T* out;
-  double* part_s;  // (out_channels, pixel_tiles), only with stats
-  double* part_q;
-  int64_t x_sn, x_sc, x_sh, x_sw;
-  int64_t r_sn, r_sc, r_sh, r_sw;
-  int64_t weight_row;  // elements between weight rows: C_max * k * k
-  int64_t out_channels;
-  int64_t pixel_tiles;
-  int H, W, Ho, Wo;
-  int stride, padding;
-  int num_candidates;
-  int tile_base;  // channel tile of blockIdx.y == 0
-  int tile_w_log2, tiles_w, tiles_per_image;
-  int patch_h, patch_w, patch_elems;  // staged input patch of one channel
-  int step_c, step_h, step_w;         // 32 = step_c * patch_elems + step_h * patch_w + step_w
-  int activation;
-  int stats;
+struct ConvParams : ConvArgs<T> {
+  int step_c, step_h, step_w;  // 32 = step_c * patch_elems + step_h * patch_w + step_w
 };
 
 // One (pixel tile, channel tile) block with NC (multiple of 4, >= the tile's nc) channels.
@@ -123,19 +100,15 @@ __device__ __forceinline__ void conv_tile(const ConvParams<T>& p, T* __restrict_
   const int row0 = cand[3] + c0;
   const int oc0 = cand[4] + c0;
 
-  // Tile position.
-  const int64_t n = ptile / p.tiles_per_image;
-  const int t = static_cast<int>(ptile - n * p.tiles_per_image);
-  const int th = t / p.tiles_w;
-  const int tw = t - th * p.tiles_w;
+  // Tile position; a patch step is `pstep` input pixels (the 1x1 patch holds exactly the
+  // sampled pixels, the 3x3 patch the dense window).
+  const TileOrigin origin = tile_origin(p, ptile, kTileLog2);
+  const int64_t n = origin.image;
   const int tile_w = 1 << p.tile_w_log2;
-  const int tile_h = kTilePixels >> p.tile_w_log2;
-  const int oh_t = th * tile_h;
-  const int ow_t = tw * tile_w;
-  // Input coordinates of patch element (0, 0); a patch step is `pstep` input pixels (the
-  // 1x1 patch holds exactly the sampled pixels, the 3x3 patch the dense window).
-  const int ih_base = oh_t * p.stride - p.padding;
-  const int iw_base = ow_t * p.stride - p.padding;
+  const int oh_t = origin.oh;
+  const int ow_t = origin.ow;
+  const int ih_base = origin.ih;
+  const int iw_base = origin.iw;
   const int pstep = KS == 1 ? p.stride : 1;
   const int cstep = KS == 1 ? 1 : p.stride;  // patch elements between neighbouring outputs
 
@@ -311,36 +284,13 @@ __global__ void __launch_bounds__(kWarp, kMinBlocksPerSM) multi_conv2d_kernel(co
   }
 }
 
-struct Geometry {
-  int64_t h_out, w_out;
-  int tile_w_log2;
-  int64_t tiles_h, tiles_w, pixel_tiles;
-  int patch_h, patch_w;
+struct Geometry : TileGeometry {
+  int64_t pixel_tiles;
 };
 
-// Tile shape of minimal staged input (tiles x patch elements; fewer tiles of the same cost
-// win, then the widest tile).
 Geometry make_geometry(const MultiConv2dProblem& pr) {
   Geometry g{};
-  g.h_out = multi_conv2d_out_size(pr.h, pr.kernel, pr.stride, pr.padding);
-  g.w_out = multi_conv2d_out_size(pr.w, pr.kernel, pr.stride, pr.padding);
-  int64_t best = -1;
-  for (int lw = 6; lw >= 0; --lw) {
-    const int tw = 1 << lw;
-    const int th = kTilePixels >> lw;
-    const int64_t tiles = div_up(std::max<int64_t>(g.h_out, 1), th) * div_up(std::max<int64_t>(g.w_out, 1), tw);
-    const int ph = pr.kernel == 1 ? th : (th - 1) * pr.stride + pr.kernel;
-    const int pw = pr.kernel == 1 ? tw : (tw - 1) * pr.stride + pr.kernel;
-    const int64_t cost = tiles * ph * pw;
-    if (best < 0 || cost < best) {
-      best = cost;
-      g.tile_w_log2 = lw;
-      g.patch_h = ph;
-      g.patch_w = pw;
-    }
-  }
-  g.tiles_h = div_up(g.h_out, kTilePixels >> g.tile_w_log2);
-  g.tiles_w = div_up(g.w_out, int64_t{1} << g.tile_w_log2);
+  static_cast<TileGeometry&>(g) = choose_tiles(pr, kTileLog2);
   g.pixel_tiles = pr.n * g.tiles_h * g.tiles_w;
   return g;
 }
@@ -350,26 +300,6 @@ size_t shared_bytes(int kernel, const Geometry& g, size_t elem) {
   return (static_cast<size_t>(ck) * kernel * kernel * kWeightStride +
           static_cast<size_t>(ck) * g.patch_h * g.patch_w) *
          elem;
-}
-
-template <typename T, int KS>
-cudaError_t launch_conv(ConvParams<T> p, const Geometry& g, int64_t channel_tiles, size_t smem,
-                        cudaStream_t stream) {
-  if (smem > kDefaultSharedBytes) {
-    cudaError_t err = cudaFuncSetAttribute(multi_conv2d_kernel<T, KS>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  for (int64_t t0 = 0; t0 < channel_tiles; t0 += kMaxGridY) {
-    p.tile_base = static_cast<int>(t0);
-    const dim3 grid(static_cast<unsigned>(g.pixel_tiles),
-                    static_cast<unsigned>(std::min<int64_t>(kMaxGridY, channel_tiles - t0)));
-    multi_conv2d_kernel<T, KS><<<grid, kWarp, smem, stream>>>(p);
-    cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
 }
 
 template <typename T>
@@ -401,49 +331,14 @@ cudaError_t launch_impl(const MultiConv2dProblem& pr, const T* x, const T* weigh
   if (smem > static_cast<size_t>(max_smem)) return cudaErrorInvalidConfiguration;  // stride too large
 
   ConvParams<T> p{};
-  p.x = x;
-  p.weight = weight;
-  p.meta = meta;
-  p.scale = scale;
-  p.shift = shift;
-  p.residual = residual;
-  p.prelu_slope = prelu_slope;
-  p.out = out;
-  p.part_s = pr.stats ? static_cast<double*>(workspace) : nullptr;
-  p.part_q = pr.stats ? p.part_s + pr.out_channels * g.pixel_tiles : nullptr;
-  p.x_sn = pr.x_strides[0];
-  p.x_sc = pr.x_strides[1];
-  p.x_sh = pr.x_strides[2];
-  p.x_sw = pr.x_strides[3];
-  p.r_sn = pr.residual_strides[0];
-  p.r_sc = pr.residual_strides[1];
-  p.r_sh = pr.residual_strides[2];
-  p.r_sw = pr.residual_strides[3];
-  p.weight_row = pr.weight_cols * pr.kernel * pr.kernel;
-  p.out_channels = pr.out_channels;
-  p.pixel_tiles = g.pixel_tiles;
-  p.H = static_cast<int>(pr.h);
-  p.W = static_cast<int>(pr.w);
-  p.Ho = static_cast<int>(g.h_out);
-  p.Wo = static_cast<int>(g.w_out);
-  p.stride = pr.stride;
-  p.padding = pr.padding;
-  p.num_candidates = pr.num_candidates;
-  p.tile_base = 0;
-  p.tile_w_log2 = g.tile_w_log2;
-  p.tiles_w = static_cast<int>(g.tiles_w);
-  p.tiles_per_image = static_cast<int>(g.tiles_h * g.tiles_w);
-  p.patch_h = g.patch_h;
-  p.patch_w = g.patch_w;
-  p.patch_elems = g.patch_h * g.patch_w;
+  fill_args<T>(p, pr, g, g.pixel_tiles, x, weight, meta, scale, shift, residual, prelu_slope, out, workspace);
   p.step_c = kWarp / p.patch_elems;
   p.step_h = (kWarp - p.step_c * p.patch_elems) / p.patch_w;
   p.step_w = kWarp - p.step_c * p.patch_elems - p.step_h * p.patch_w;
-  p.activation = static_cast<int>(pr.activation);
-  p.stats = pr.stats ? 1 : 0;
 
-  err = pr.kernel == 1 ? launch_conv<T, 1>(p, g, pr.channel_tiles, smem, stream)
-                       : launch_conv<T, 3>(p, g, pr.channel_tiles, smem, stream);
+  err = pr.kernel == 1
+            ? launch_tiles(multi_conv2d_kernel<T, 1>, p, g.pixel_tiles, pr.channel_tiles, kWarp, smem, stream)
+            : launch_tiles(multi_conv2d_kernel<T, 3>, p, g.pixel_tiles, pr.channel_tiles, kWarp, smem, stream);
   if (err != cudaSuccess || !pr.stats) return err;
 
   return merge_partials(p.part_s, p.part_q, g.pixel_tiles, pr.out_channels, sum, sumsq, stream);

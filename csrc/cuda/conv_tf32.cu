@@ -60,7 +60,8 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * kWarp;
 constexpr int kImages = 16;                               // rows of one mma
 constexpr int kWarpPositions = 8;                          // output positions per warp
-constexpr int kTilePositions = kWarps * kWarpPositions;    // 32 per block
+constexpr int kTileLog2 = 5;
+constexpr int kTilePositions = kWarps * kWarpPositions;    // 32 per block: 1 << kTileLog2
 constexpr int kPosStride = kImages * 8 + 4;                // words per staged position (8 channels)
 constexpr int kWeightStride = 24;                          // words per (tap, input channel) row
 constexpr int kOutPosStride = kTilePositions + 1;          // 33
@@ -72,33 +73,10 @@ struct ChunkOf {
   static constexpr int value = KS == 1 ? 16 : 8;  // input channels per shared-memory chunk
 };
 
-struct TcParams {
-  const float* x;
-  const float* weight;
-  const int32_t* meta;
-  const float* scale;
-  const float* shift;
-  const float* residual;
-  const float* prelu_slope;
-  float* out;
-  double* part_s;  // (out_channels, pixel_tiles), only with stats
-  double* part_q;
-  int64_t x_sn, x_sc, x_sh, x_sw;
-  int64_t r_sn, r_sc, r_sh, r_sw;
-  int64_t weight_row;  // elements between weight rows: C_max * k * k
-  int64_t out_channels;
-  int64_t pixel_tiles;
-  int N, H, W, Ho, Wo;
-  int stride, padding;
-  int num_candidates;
-  int tile_base;  // channel tile of blockIdx.y == 0
-  int tile_w_log2, tiles_w, tiles_per_group;
-  int patch_h, patch_w, patch_elems;
+struct TcParams : ConvArgs<float> {
   int red_offset;  // bytes from the start of shared memory to the statistics scratch
   int raw_offset;  // bytes from the start of shared memory to the 16-byte staging slots
   int row_lanes;   // vector path: lanes per patch row (4 or 8); 0: the scalar path
-  int activation;
-  int stats;
 };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -160,20 +138,15 @@ __global__ void __launch_bounds__(kThreads, 3) multi_conv2d_tf32_kernel(const Tc
   const int nc = min(kTileChannels, out_width - c0);
   const bool two = nc > 8;  // block-uniform
 
-  // Tile position: image group, then position rectangle.
-  const int group = static_cast<int>(ptile / p.tiles_per_group);
-  const int ts = static_cast<int>(ptile - static_cast<int64_t>(group) * p.tiles_per_group);
-  const int th = ts / p.tiles_w;
-  const int tw = ts - th * p.tiles_w;
+  // Tile position (image group, position rectangle); a patch step is `pstep` input pixels (the
+  // 1x1 patch holds exactly the sampled pixels, the 3x3 patch the dense window).
+  const TileOrigin origin = tile_origin(p, ptile, kTileLog2);
   const int tile_w = 1 << p.tile_w_log2;
-  const int tile_h = kTilePositions >> p.tile_w_log2;
-  const int oh_t = th * tile_h;
-  const int ow_t = tw * tile_w;
-  const int n0 = group * kImages;
-  // Patch element (0, 0) in input coordinates; a patch step is `pstep` input pixels (the 1x1
-  // patch holds exactly the sampled pixels, the 3x3 patch the dense window).
-  const int ih_base = oh_t * p.stride - p.padding;
-  const int iw_base = ow_t * p.stride - p.padding;
+  const int oh_t = origin.oh;
+  const int ow_t = origin.ow;
+  const int n0 = static_cast<int>(origin.image) * kImages;
+  const int ih_base = origin.ih;
+  const int iw_base = origin.iw;
   const int pstep = KS == 1 ? p.stride : 1;
   const int cstep = KS == 1 ? 1 : p.stride;  // patch elements between neighbouring outputs
 
@@ -448,37 +421,16 @@ __global__ void __launch_bounds__(kThreads, 3) multi_conv2d_tf32_kernel(const Tc
 #endif
 }
 
-struct TcGeometry {
-  int64_t h_out, w_out;
-  int tile_w_log2;
-  int64_t tiles_h, tiles_w, groups, pixel_tiles;
-  int patch_h, patch_w;
+struct TcGeometry : TileGeometry {
+  int64_t groups, pixel_tiles;  // pixel tile = (group of 16 images, position tile)
   int row_lanes;  // vector staging: lanes per patch row (4 or 8), 0 when the patch rows are too wide
   size_t raw_offset, red_offset, smem;
 };
 
-// The position rectangle (32 positions) of least staged input, then the widest; shared memory.
+// Position tiles of 32 outputs (choose_tiles), the grid, and the shared-memory layout.
 TcGeometry make_geometry(const MultiConv2dProblem& pr) {
   TcGeometry g{};
-  g.h_out = multi_conv2d_out_size(pr.h, pr.kernel, pr.stride, pr.padding);
-  g.w_out = multi_conv2d_out_size(pr.w, pr.kernel, pr.stride, pr.padding);
-  int64_t best = -1;
-  for (int lw = 5; lw >= 0; --lw) {
-    const int tw = 1 << lw;
-    const int th = kTilePositions >> lw;
-    const int64_t tiles = div_up(std::max<int64_t>(g.h_out, 1), th) * div_up(std::max<int64_t>(g.w_out, 1), tw);
-    const int ph = pr.kernel == 1 ? th : (th - 1) * pr.stride + pr.kernel;
-    const int pw = pr.kernel == 1 ? tw : (tw - 1) * pr.stride + pr.kernel;
-    const int64_t cost = tiles * ph * pw;
-    if (best < 0 || cost < best) {
-      best = cost;
-      g.tile_w_log2 = lw;
-      g.patch_h = ph;
-      g.patch_w = pw;
-    }
-  }
-  g.tiles_h = div_up(g.h_out, kTilePositions >> g.tile_w_log2);
-  g.tiles_w = div_up(g.w_out, int64_t{1} << g.tile_w_log2);
+  static_cast<TileGeometry&>(g) = choose_tiles(pr, kTileLog2);
   g.groups = div_up(pr.n, kImages);
   g.pixel_tiles = g.groups * g.tiles_h * g.tiles_w;
   const int ck = pr.kernel == 1 ? ChunkOf<1>::value : ChunkOf<3>::value;
@@ -494,24 +446,6 @@ TcGeometry make_geometry(const MultiConv2dProblem& pr) {
   g.red_offset = region;
   g.smem = region + static_cast<size_t>(kWarps) * kTileChannels * 2 * sizeof(double);
   return g;
-}
-
-template <int KS>
-cudaError_t launch_conv(TcParams p, const TcGeometry& g, int64_t channel_tiles, cudaStream_t stream) {
-  if (g.smem > kDefaultSharedBytes) {
-    cudaError_t err = cudaFuncSetAttribute(multi_conv2d_tf32_kernel<KS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(g.smem));
-    if (err != cudaSuccess) return err;
-  }
-  for (int64_t t0 = 0; t0 < channel_tiles; t0 += kMaxGridY) {
-    p.tile_base = static_cast<int>(t0);
-    const dim3 grid(static_cast<unsigned>(g.pixel_tiles),
-                    static_cast<unsigned>(std::min<int64_t>(kMaxGridY, channel_tiles - t0)));
-    multi_conv2d_tf32_kernel<KS><<<grid, kThreads, g.smem, stream>>>(p);
-    cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
 }
 
 }  // namespace
@@ -550,53 +484,17 @@ cudaError_t launch_multi_conv2d_tf32(const MultiConv2dProblem& pr, const float* 
   if (g.smem > static_cast<size_t>(max_smem)) return cudaErrorInvalidConfiguration;  // stride too large
 
   TcParams p{};
-  p.x = x;
-  p.weight = weight;
-  p.meta = meta;
-  p.scale = scale;
-  p.shift = shift;
-  p.residual = residual;
-  p.prelu_slope = prelu_slope;
-  p.out = out;
-  p.part_s = pr.stats ? static_cast<double*>(workspace) : nullptr;
-  p.part_q = pr.stats ? p.part_s + pr.out_channels * g.pixel_tiles : nullptr;
-  p.x_sn = pr.x_strides[0];
-  p.x_sc = pr.x_strides[1];
-  p.x_sh = pr.x_strides[2];
-  p.x_sw = pr.x_strides[3];
-  p.r_sn = pr.residual_strides[0];
-  p.r_sc = pr.residual_strides[1];
-  p.r_sh = pr.residual_strides[2];
-  p.r_sw = pr.residual_strides[3];
-  p.weight_row = pr.weight_cols * pr.kernel * pr.kernel;
-  p.out_channels = pr.out_channels;
-  p.pixel_tiles = g.pixel_tiles;
-  p.N = static_cast<int>(pr.n);
-  p.H = static_cast<int>(pr.h);
-  p.W = static_cast<int>(pr.w);
-  p.Ho = static_cast<int>(g.h_out);
-  p.Wo = static_cast<int>(g.w_out);
-  p.stride = pr.stride;
-  p.padding = pr.padding;
-  p.num_candidates = pr.num_candidates;
-  p.tile_base = 0;
-  p.tile_w_log2 = g.tile_w_log2;
-  p.tiles_w = static_cast<int>(g.tiles_w);
-  p.tiles_per_group = static_cast<int>(g.tiles_h * g.tiles_w);
-  p.patch_h = g.patch_h;
-  p.patch_w = g.patch_w;
-  p.patch_elems = g.patch_h * g.patch_w;
+  fill_args<float>(p, pr, g, g.pixel_tiles, x, weight, meta, scale, shift, residual, prelu_slope, out, workspace);
   p.red_offset = static_cast<int>(g.red_offset);
   p.raw_offset = static_cast<int>(g.raw_offset);
   // Vector staging needs 16-byte aligned rows with unit column stride and whole vectors per row.
   const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && pr.x_strides[3] == 1 && pr.x_strides[2] % 4 == 0 &&
                        pr.x_strides[1] % 4 == 0 && pr.x_strides[0] % 4 == 0 && pr.w % 4 == 0;
   p.row_lanes = aligned ? g.row_lanes : 0;
-  p.activation = static_cast<int>(pr.activation);
-  p.stats = pr.stats ? 1 : 0;
 
-  err = pr.kernel == 1 ? launch_conv<1>(p, g, pr.channel_tiles, stream)
-                       : launch_conv<3>(p, g, pr.channel_tiles, stream);
+  err = pr.kernel == 1
+            ? launch_tiles(multi_conv2d_tf32_kernel<1>, p, g.pixel_tiles, pr.channel_tiles, kThreads, g.smem, stream)
+            : launch_tiles(multi_conv2d_tf32_kernel<3>, p, g.pixel_tiles, pr.channel_tiles, kThreads, g.smem, stream);
   if (err != cudaSuccess || !pr.stats) return err;
 
   return merge_partials(p.part_s, p.part_q, g.pixel_tiles, pr.out_channels, sum, sumsq, stream);
