@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kThreads, 3) multi_conv2d_tf32_kernel(const Tc
       const int c = kc * 8 + kk;
       const bool ok = n < nc && c < ckv;
       stage(reinterpret_cast<float*>(ws + r * kWeightStride + n),
-                 ok ? w_rows + static_cast<int64_t>(n) * p.weight_row + (ci0 + c) * KK + tap : p.weight, ok);
+            ok ? w_rows + static_cast<int64_t>(n) * p.weight_row + (ci0 + c) * KK + tap : p.weight, ok);
     }
     if (p.row_lanes > 0) {
       // Vector path (x rows 16-byte aligned, unit column stride, dense patch rows): a warp
@@ -278,8 +278,8 @@ __global__ void __launch_bounds__(kThreads, 3) multi_conv2d_tf32_kernel(const Tc
               }
               const int iw = iw_base + col * pstep;
               const bool ok = row_ok && iw >= 0 && iw < p.W;
-              stage(reinterpret_cast<float*>(d), ok ? xc + static_cast<int64_t>(ih) * p.x_sh + static_cast<int64_t>(iw) * p.x_sw : p.x,
-                         ok);
+              const float* src = ok ? xc + static_cast<int64_t>(ih) * p.x_sh + static_cast<int64_t>(iw) * p.x_sw : p.x;
+              stage(reinterpret_cast<float*>(d), src, ok);
             }
           }
         }
