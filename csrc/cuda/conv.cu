@@ -382,8 +382,7 @@ int64_t multi_conv2d_fill_meta(int num_candidates, const int64_t* in_offsets, co
 
 size_t multi_conv2d_workspace_bytes(const MultiConv2dProblem& problem) {
   if (!problem.stats || !valid_problem(problem)) return 0;
-  const Geometry g = make_geometry(problem);
-  return static_cast<size_t>(2 * problem.out_channels * g.pixel_tiles) * sizeof(double);
+  return partials_bytes(problem.out_channels, make_geometry(problem).pixel_tiles);
 }
 
 cudaError_t launch_multi_conv2d_f32(const MultiConv2dProblem& problem, const float* x, const float* weight,

@@ -117,8 +117,14 @@ __device__ __forceinline__ TileOrigin tile_origin(const ConvArgs<T>& p, int64_t 
   return o;
 }
 
+// Bytes of the statistics partials of a call: the per-(channel, pixel tile) sums, then the
+// sums of squares (the workspace layout fill_args sets up).
+inline size_t partials_bytes(int64_t out_channels, int64_t pixel_tiles) {
+  return static_cast<size_t>(2 * out_channels * pixel_tiles) * sizeof(double);
+}
+
 // Fills the shared parameters of a call (pixel_tiles: the kernel's grid.x; the statistics
-// partials, when asked for, are the first 2 * out_channels * pixel_tiles doubles of workspace).
+// partials, when asked for, are the first partials_bytes(...) of workspace).
 template <typename T>
 void fill_args(ConvArgs<T>& p, const MultiConv2dProblem& pr, const TileGeometry& g, int64_t pixel_tiles, const T* x,
                const T* weight, const int32_t* meta, const T* scale, const T* shift, const T* residual,

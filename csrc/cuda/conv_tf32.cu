@@ -80,6 +80,11 @@ struct TcParams : ConvArgs<float> {
 };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+// Word of (image row r, input channel c of an 8-channel group) within a staged position: the
+// channel index is XOR-swizzled by bit 2 of the row, so that the mma operand loads (lanes over
+// rows g and channels t) and the staging stores (lanes over columns and channels) hit 32 banks.
+__device__ __forceinline__ int operand_word(int r, int c) { return r * 8 + ((c & 7) ^ (((r >> 2) & 1) << 2)); }
+
 __device__ __forceinline__ uint32_t to_tf32(float v) {
   uint32_t r;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
@@ -159,11 +164,10 @@ __global__ void __launch_bounds__(kThreads, 3) multi_conv2d_tf32_kernel(const Tc
     const int px = pos & (tile_w - 1);
     pbase[i] = (py * cstep * p.patch_w + px * cstep) * kPosStride;
   }
-  const int swz = ((g >> 2) & 1) << 2;  // the same for image rows g and g + 8
-  const int a_off0 = g * 8 + (t ^ swz);
-  const int a_off1 = (g + 8) * 8 + (t ^ swz);
-  const int a_off2 = g * 8 + ((t + 4) ^ swz);
-  const int a_off3 = (g + 8) * 8 + ((t + 4) ^ swz);
+  const int a_off0 = operand_word(g, t);
+  const int a_off1 = operand_word(g + 8, t);
+  const int a_off2 = operand_word(g, t + 4);
+  const int a_off3 = operand_word(g + 8, t + 4);
 
   float acc[kWarpPositions][2][4];
 #pragma unroll
@@ -245,8 +249,7 @@ __global__ void __launch_bounds__(kThreads, 3) multi_conv2d_tf32_kernel(const Tc
           const int img = r / p.patch_h;
           const int c = cg * per_inst + cl;
           const float4 v = slots[u * kThreads];
-          uint32_t* dst = xs + ((c >> 3) * p.patch_elems + pr * p.patch_w) * kPosStride + img * 8 +
-                          ((c & 7) ^ (((img >> 2) & 1) << 2));
+          uint32_t* dst = xs + ((c >> 3) * p.patch_elems + pr * p.patch_w) * kPosStride + operand_word(img, c);
           const int col = iw0 - iw_base;  // patch column of v.x
           if (col >= 0 && col < p.patch_w) dst[col * kPosStride] = to_tf32(v.x);
           if (col + 1 >= 0 && col + 1 < p.patch_w) dst[(col + 1) * kPosStride] = to_tf32(v.y);
@@ -265,8 +268,7 @@ __global__ void __launch_bounds__(kThreads, 3) multi_conv2d_tf32_kernel(const Tc
           const float* xc = live ? p.x + static_cast<int64_t>(n) * p.x_sn +
                                        static_cast<int64_t>(in_offset + ci0 + c) * p.x_sc
                                  : p.x;
-          uint32_t* dst =
-              xs + (c >> 3) * p.patch_elems * kPosStride + img * 8 + ((c & 7) ^ (((img >> 2) & 1) << 2));
+          uint32_t* dst = xs + (c >> 3) * p.patch_elems * kPosStride + operand_word(img, c);
           for (int pr = 0; pr < p.patch_h; ++pr) {
             const int ih = ih_base + pr * pstep;
             const bool row_ok = live && ih >= 0 && ih < p.H;
@@ -452,8 +454,7 @@ TcGeometry make_geometry(const MultiConv2dProblem& pr) {
 
 size_t multi_conv2d_tf32_workspace_bytes(const MultiConv2dProblem& problem) {
   if (!problem.stats || !valid_problem(problem)) return 0;
-  const TcGeometry g = make_geometry(problem);
-  return static_cast<size_t>(2 * problem.out_channels * g.pixel_tiles) * sizeof(double);
+  return partials_bytes(problem.out_channels, make_geometry(problem).pixel_tiles);
 }
 
 cudaError_t launch_multi_conv2d_tf32(const MultiConv2dProblem& pr, const float* x, const float* weight,

@@ -490,8 +490,8 @@ class FastEngine(Engine):
               residual=None, activation="none", slope=None, stats=False):
         if self._tf32_cuda:
             out, s, q = torch.ops.fastsupernet.multi_conv2d_tf32(
-                x, weight, list(in_offsets), list(in_widths), list(out_widths), list(rows), stride, padding, scale,
-                shift, residual, activation, slope, stats)
+                x, weight, in_offsets, in_widths, out_widths, rows, stride, padding, scale, shift, residual, activation,
+                slope, stats)
             return (out, s, q) if stats else out
         if self._triton:
             from ..ops.triton_conv import multi_conv2d_triton
