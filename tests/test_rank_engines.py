@@ -27,7 +27,7 @@ from fastsupernet.ranking.engines import (
     prefix_sharing,
     prepare_data,
 )
-from fastsupernet.ranking.tree import build_plan, candidate_macs, layer_modules, spatial_sizes
+from fastsupernet.ranking.tree import build_plan, candidate_macs, layer_modules, network_macs, plan_macs, spatial_sizes
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -311,26 +311,71 @@ def test_prefix_sharing_bookkeeping():
     mods, sizes = layer_modules(model), spatial_sizes(model, 32)
     from fastsupernet.ranking.tree import _node_macs
 
-    run = model.run_widths(a)
+    run, run_b = model.run_widths(a), model.run_widths(b)
     head = sum(_node_macs(model, mods, sizes, run, d, 3) for d in range(k))
+    # position k (a conv1, one branch group): the two siblings are one unit at the wider width
+    narrower = min(_node_macs(model, mods, sizes, r, k, 3) for r in (run, run_b))
     total, shared = prefix_sharing(model, [a, b])
     assert total == candidate_macs(model, a) + candidate_macs(model, b)
-    assert shared == total - head
+    assert shared == total - head - narrower
     assert prefix_sharing(model, [a, a, a]) == (3 * candidate_macs(model, a), candidate_macs(model, a))
     assert prefix_sharing(model, []) == (0, 0)
     # conv1 of the first block at 32x32: widths stem -> position 1, 3x3
     assert _node_macs(model, mods, sizes, run, 1, 3) == run[0] * run[1] * 9 * 32 * 32
 
 
-def test_plan_levels_pack_each_prefix_once():
-    model = Supernet()
-    nets = sorted({a.widths for a in Track1Space().sample_many(50, seed=1)})
+@pytest.mark.parametrize("config", [SupernetConfig(), SupernetConfig.enhanced(branches=(1, 2, 4))],
+                         ids=["one-group", "enhanced"])
+def test_plan_levels_pack_each_unit_once(config):
+    """A unit per parent node, branch group and shortcut kind, as wide as its widest node."""
+    model = Supernet(config=config)
+    remap = model.config.remap
+    space = Track1Space()
+    nets = sorted({a.widths for a in space.sample_many(60, seed=1)})
+    # and families of siblings: networks equal but for one position, every choice there
+    for k in (0, 3, 4, 9, 14):
+        base = list(space.sample(k).values)
+        nets += [space.parse(base[:k] + [c] + base[k + 1:]).widths for c in space.choices[k]]
+    nets = sorted(set(nets))
     plan = build_plan(model, nets)
+    mods = layer_modules(model)
     for d, lv in enumerate(plan.levels):
-        prefixes = {n[: d + 1] for n in nets}
-        assert len(lv.run) == len(prefixes)
-        assert lv.channels == sum(model.config.remap(p[-1]) for p in prefixes)
-    assert len(plan.leaf_of) == len(nets) == len(set(plan.leaf_of))
+        conv, sc = mods[d]
+        units: dict = {}
+        for n in nets:
+            run = tuple(remap(w) for w in n)
+            kind = model.uses_shortcut_conv(sc.layer, run) if sc is not None else None
+            key = (n[:d], conv.groups.offset_of(n[d]), kind)
+            units[key] = max(units.get(key, 0), run[d])
+        assert len(lv.run) == len(units) and lv.channels == sum(units.values())
+        assert sorted(lv.run) == sorted(units.values())
+    assert len(plan.leaf_of) == len(nets)
+    # every network's leaf: a unit at least as wide as the network's last width
+    last = plan.levels[-1]
+    assert all(last.run[u] >= w == remap(n[-1]) for u, w, n in zip(plan.leaf_of, plan.leaf_width, nets))
+    total, shared = network_macs(model, nets)
+    assert shared == plan_macs(model, plan) < total
+
+
+def test_nested_siblings_match_reference_and_do_not_depend_on_each_other(trained, fmnist):
+    """Siblings at a conv1, a conv2 whose widths mix identity and conv shortcuts, and the stem."""
+    rd = prepare_data(fmnist, Protocol(recal_images=40, recal_batch=16, eval_images=48))
+    space = Track1Space()
+    base = list(space.sample(21).values)
+    archs = []
+    for k in (0, 5, 6):
+        for c in space.choices[k]:
+            v = list(base)
+            v[k] = c
+            archs.append(space.parse(v))
+    archs = list({a.widths: a for a in archs}.values())
+    fast, ref = make_engine("fast", trained, rd), make_engine("reference", trained, rd)
+    together = fast._logits(archs, rd.eval_x)
+    plan = build_plan(trained, sorted(a.widths for a in archs))
+    assert any(len(lv.run) < len({n[: d + 1] for n in plan.networks}) for d, lv in enumerate(plan.levels))
+    for k in (0, 3, len(archs) - 1):
+        torch.testing.assert_close(together[k], ref._logits(archs[k], rd.eval_x), rtol=RTOL, atol=ATOL)
+        assert torch.equal(fast._logits([archs[k]], rd.eval_x)[0], together[k])
 
 
 def test_fast_engine_is_a_fast_engine(trained, fmnist):

@@ -21,9 +21,11 @@ Engines (:func:`make_engine`):
     finishes or is abandoned.
 ``fast``
     The candidates are sorted into a prefix tree over their layer widths
-    (:mod:`fastsupernet.ranking.tree`): every shared prefix is computed once, and all nodes of
-    one tree level (one network position) run in one ``multi_conv2d`` call, each reading its
-    parent's channel slice of the previous level (siblings read the same slice). During
+    (:mod:`fastsupernet.ranking.tree`): every shared prefix is computed once, siblings that
+    differ only in their last width (same weight rows) once at the widest of them (the narrower
+    ones are its first channels), and all units of one tree level (one network position) run
+    in one ``multi_conv2d`` call, each reading its parent's channel slice of the previous level
+    (siblings read the same slice). During
     recalibration BN statistics come from the call's float64 ``stats`` output (one call per
     recalibration batch, so they are that batch's statistics) and the batch is normalised with
     them in a light elementwise pass; for evaluation BN is folded into the call's scale/shift
@@ -358,7 +360,7 @@ class _LevelTensors:
 
     gamma: torch.Tensor  # float64, (C,)
     beta: torch.Tensor
-    sc_gamma: torch.Tensor | None = None  # shortcut BN of the nodes with a shortcut conv (packed in their order)
+    sc_gamma: torch.Tensor | None = None  # shortcut BN of the units with a shortcut conv (packed in their order)
     sc_beta: torch.Tensor | None = None
     sc_channels: torch.Tensor | None = None  # the level channels those shortcut outputs land on (mixed case)
     id_src: torch.Tensor | None = None  # block-input channels copied as identity shortcut
@@ -552,13 +554,13 @@ class FastEngine(Engine):
     def _inputs(self, plan: tree.TreePlan, d: int) -> tuple[list[int], list[int]]:
         lv = plan.levels[d]
         if d == 0:
-            return [0] * len(lv.run), [self.model.in_channels] * len(lv.run)
+            return [0] * len(lv.run), lv.in_width
         prev = plan.levels[d - 1]
-        return [prev.offsets[p] for p in lv.parent], [prev.run[p] for p in lv.parent]
+        return [prev.offsets[p] for p in lv.parent], lv.in_width
 
-    def _shortcut_inputs(self, plan: tree.TreePlan, d: int, nodes: Sequence[int]) -> tuple[list[int], list[int]]:
+    def _shortcut_inputs(self, plan: tree.TreePlan, d: int, units: Sequence[int]) -> tuple[list[int], list[int]]:
         lv, src = plan.levels[d], plan.levels[d - 2]
-        return [src.offsets[lv.block_in[i]] for i in nodes], [src.run[lv.block_in[i]] for i in nodes]
+        return [src.offsets[lv.block_in[i]] for i in units], [lv.block_in_width[i] for i in units]
 
     def _forward(self, plan: tree.TreePlan, meta: list, consts: list[_LevelTensors], x: torch.Tensor,
                  recal: bool) -> torch.Tensor:
@@ -576,7 +578,7 @@ class FastEngine(Engine):
             conv, sc = self._mods[d]
             L = conv.layer
             t = consts[d]
-            io, iw, sc_nodes, sio, siw, sc_rows, sc_out, slope_k = meta[d]
+            io, iw, sc_units, sio, siw, sc_rows, sc_out, slope_k = meta[d]
             inp = acts[d - 1]
             block_in = acts.get(d - 2) if d >= 2 else acts[-1]
             act = "relu"
@@ -636,11 +638,11 @@ class FastEngine(Engine):
         batch statistics (applied in the light pass); otherwise the finished residual (BN applied,
         identities copied) and ``None``s. eval: the folded shortcut, ready as the conv's residual.
         """
-        _, _, sc_nodes, sio, siw, sc_rows, sc_out, _ = meta_d
+        _, _, sc_units, sio, siw, sc_rows, sc_out, _ = meta_d
         L = sc.layer
         w = self._weights[id(sc)]
         r = scale = shift = None
-        if sc_nodes:
+        if sc_units:
             if recal:
                 r, s, q = self._conv(block_in, w, sio, siw, sc_out, sc_rows, L.stride, 0, stats=True)
                 n = r.shape[0] * r.shape[2] * r.shape[3]
@@ -651,7 +653,7 @@ class FastEngine(Engine):
             else:
                 r = self._conv(block_in, w, sio, siw, sc_out, sc_rows, L.stride, 0, scale=t.sc_scale,
                                shift=t.sc_shift)
-        if t.id_src is not None:  # some (or all) nodes keep an identity shortcut
+        if t.id_src is not None:  # some (or all) units keep an identity shortcut
             full = torch.zeros((block_in.shape[0], lv.channels, *block_in.shape[2:]), dtype=block_in.dtype,
                                device=block_in.device)
             full.index_copy_(1, t.id_dst, block_in.index_select(1, t.id_src))
@@ -665,13 +667,13 @@ class FastEngine(Engine):
         for d, lv in enumerate(plan.levels):
             io, iw = self._inputs(plan, d)
             _, sc = self._mods[d]
-            sc_nodes, sio, siw, sc_rows, sc_out, slope_k = [], [], [], [], [], None
+            sc_units, sio, siw, sc_rows, sc_out, slope_k = [], [], [], [], [], None
             if sc is not None:
-                sc_nodes = [i for i, u in enumerate(lv.shortcut_conv) if u]
-                sio, siw = self._shortcut_inputs(plan, d, sc_nodes)
-                sc_rows = [lv.shortcut_rows[i] for i in sc_nodes]
-                sc_out = [lv.run[i] for i in sc_nodes]
-            meta.append((io, iw, sc_nodes, sio, siw, sc_rows, sc_out, slope_k))
+                sc_units = [i for i, u in enumerate(lv.shortcut_conv) if u]
+                sio, siw = self._shortcut_inputs(plan, d, sc_units)
+                sc_rows = [lv.shortcut_rows[i] for i in sc_units]
+                sc_out = [lv.run[i] for i in sc_units]
+            meta.append((io, iw, sc_units, sio, siw, sc_rows, sc_out, slope_k))
         return meta
 
     # ------------------------------------------------------------------ one group
@@ -701,11 +703,10 @@ class FastEngine(Engine):
         """Per network: padded feature index into the pooled last level, weight (L, classes, F), bias (L, classes)."""
         dev = self.data.device
         last = plan.levels[-1]
-        f = max(last.run[i] for i in plan.leaf_of)
+        f = max(plan.leaf_width)
         sentinel = last.channels  # a zero column appended to the pooled features
         feat_idx = []
-        for leaf in plan.leaf_of:
-            r = last.run[leaf]
+        for leaf, r in zip(plan.leaf_of, plan.leaf_width):
             feat_idx.append([last.offsets[leaf] + c for c in range(r)] + [sentinel] * (f - r))
         feat_idx_t = torch.tensor(feat_idx, device=dev)
         W = self.model.classifier_weight.detach()
@@ -717,7 +718,7 @@ class FastEngine(Engine):
         if weights.shape[-1] < f:
             weights = F.pad(weights, (0, f - weights.shape[-1]))
         weights = weights[..., :f].clone()
-        widths = torch.tensor([last.run[i] for i in plan.leaf_of], device=dev)
+        widths = torch.tensor(plan.leaf_width, device=dev)
         weights.masked_fill_(torch.arange(f, device=dev).view(1, 1, -1) >= widths.view(-1, 1, 1), 0.0)
         return feat_idx_t, weights.double(), b[row_idx].double()
 

@@ -7,10 +7,18 @@ BN, and at a block's conv2 also the shortcut and the residual add) depends only 
 in recalibration and in evaluation alike, so it is computed once per node. Leaves (level 18 in
 Track 1) are distinct networks; candidates with equal network widths share a leaf.
 
-A level's nodes are laid out side by side on the channel axis of one packed activation
-(node ``i`` at channels ``[offsets[i], offsets[i] + run[i])``), in the order of the sorted
-candidates, so that one ``multi_conv2d`` call computes the whole level, each node reading its
-parent's channel slice of the previous level (siblings read the same slice).
+Siblings nest. Nodes with the same parent differ only in the width of position ``d``; when
+they also use the same branch group (so the same weight rows) and the same kind of shortcut,
+the narrower ones are the first channels of the widest: every output channel of a conv
+depends only on its own weight row and the (shared) input, and BN normalises each channel
+with its own statistics. Such siblings form one *unit*, computed once at the widest width;
+a node is a unit and a width (its first channels).
+
+A level's units are laid out side by side on the channel axis of one packed activation
+(unit ``i`` at channels ``[offsets[i], offsets[i] + run[i])``), in the order of the sorted
+candidates, so that one ``multi_conv2d`` call computes the whole level, each unit reading its
+parent node's channels of the previous level: the first ``in_width[i]`` channels of unit
+``parent[i]``.
 """
 from __future__ import annotations
 
@@ -20,22 +28,24 @@ from typing import Sequence
 from ..space import Arch
 from ..supernet import PackedConvBN, Supernet
 
-__all__ = ["Level", "TreePlan", "layer_modules", "spatial_sizes", "build_plan", "prefix_sharing", "network_macs", "candidate_macs"]
+__all__ = ["Level", "TreePlan", "layer_modules", "spatial_sizes", "build_plan", "prefix_sharing", "network_macs", "plan_macs", "candidate_macs"]
 
 
 @dataclass
 class Level:
-    """The nodes of one network position, packed on the channel axis."""
+    """The units of one network position, packed on the channel axis."""
 
     position: int
     kind: str  # "stem" | "conv1" | "conv2"
-    parent: list[int] = field(default_factory=list)  # node index in the previous level (stem: 0, the image)
-    widths: list[int] = field(default_factory=list)  # original width (selects the branch group)
-    run: list[int] = field(default_factory=list)  # channels actually run (after the width map)
-    rows: list[int] = field(default_factory=list)  # first row of the node's slice in the conv's packed weight
-    offsets: list[int] = field(default_factory=list)  # first channel of the node in the packed activation
+    parent: list[int] = field(default_factory=list)  # unit index in the previous level (stem: 0, the image)
+    in_width: list[int] = field(default_factory=list)  # channels read from the parent unit (the parent node's run)
+    widths: list[int] = field(default_factory=list)  # original width of the widest node (selects the branch group)
+    run: list[int] = field(default_factory=list)  # channels computed (the widest node's, after the width map)
+    rows: list[int] = field(default_factory=list)  # first row of the unit's slice in the conv's packed weight
+    offsets: list[int] = field(default_factory=list)  # first channel of the unit in the packed activation
     # conv2 levels only: the shortcut from the block input (level position - 2)
-    block_in: list[int] = field(default_factory=list)  # node index in the block-input level
+    block_in: list[int] = field(default_factory=list)  # unit index in the block-input level
+    block_in_width: list[int] = field(default_factory=list)  # channels read from it (the block-input node's run)
     shortcut_conv: list[bool] = field(default_factory=list)  # 1x1 conv + BN (else identity)
     shortcut_rows: list[int] = field(default_factory=list)
 
@@ -43,12 +53,32 @@ class Level:
     def channels(self) -> int:
         return self.offsets[-1] + self.run[-1] if self.run else 0
 
-    def add(self, parent: int, width: int, run: int, row: int) -> int:
+    def add(self, parent: int, in_width: int, width: int, run: int, row: int, shortcut: tuple | None = None) -> int:
+        """The unit of a new node: the last unit when the node is its sibling with the same
+        weight rows and shortcut (then widened to the node's run), else a new unit.
+
+        ``shortcut`` (conv2 levels): (block-input unit, its channels read, shortcut conv?, its rows).
+        Nodes arrive in sorted order, so a node's siblings are consecutive at its level, widest last.
+        """
+        i = len(self.run) - 1
+        if (i >= 0 and self.parent[i] == parent and self.in_width[i] == in_width and self.rows[i] == row
+                and (shortcut is None or (self.block_in[i], self.block_in_width[i], self.shortcut_conv[i],
+                                          self.shortcut_rows[i]) == shortcut)):
+            if run > self.run[i]:
+                self.run[i], self.widths[i] = run, width
+            return i
         self.offsets.append(self.channels)
         self.parent.append(parent)
+        self.in_width.append(in_width)
         self.widths.append(width)
         self.run.append(run)
         self.rows.append(row)
+        if shortcut is not None:
+            bi, biw, use, sc_row = shortcut
+            self.block_in.append(bi)
+            self.block_in_width.append(biw)
+            self.shortcut_conv.append(use)
+            self.shortcut_rows.append(sc_row)
         return len(self.run) - 1
 
 
@@ -58,7 +88,8 @@ class TreePlan:
 
     levels: list[Level]
     networks: list[tuple[int, ...]]  # distinct network widths, sorted
-    leaf_of: list[int]  # networks[j] ends at node leaf_of[j] of the last level
+    leaf_of: list[int]  # networks[j] ends in unit leaf_of[j] of the last level ...
+    leaf_width: list[int]  # ... as its first leaf_width[j] channels
     classifier_rows: list[int]  # first classifier row of each network (its branch group)
 
 
@@ -124,10 +155,10 @@ def _lcp(a: Sequence[int] | None, b: Sequence[int]) -> int:
 
 
 def prefix_sharing(model: Supernet, archs: Sequence[Arch | str], *, resolution: int = 32) -> tuple[int, int]:
-    """(multiply-adds per image of all candidates one by one, the same with every shared prefix once).
+    """(multiply-adds per image of all candidates one by one, the same as the fast engine computes them).
 
-    Pure bookkeeping over the sorted candidates (no tensors): a candidate adds the nodes below
-    its longest common prefix with the previous one; equal networks add nothing.
+    Pure bookkeeping (no tensors): every unit of the candidates' tree (:func:`build_plan`) once,
+    at its width, and each distinct network's classifier; equal networks add nothing.
     """
     nets, members = _sorted_networks(model, archs)
     return network_macs(model, nets, [len(ids) for ids in members], resolution=resolution)
@@ -136,18 +167,31 @@ def prefix_sharing(model: Supernet, archs: Sequence[Arch | str], *, resolution: 
 def network_macs(model: Supernet, networks: Sequence[tuple[int, ...]], counts: Sequence[int] | None = None, *,
                  resolution: int = 32) -> tuple[int, int]:
     """:func:`prefix_sharing` of distinct sorted network widths, network j standing for ``counts[j]`` candidates."""
+    if not networks:
+        return 0, 0
     mods, sizes = layer_modules(model), spatial_sizes(model, resolution)
     remap, cin = model.config.remap, model.in_channels
-    total = shared = 0
-    prev = None
+    total = 0
     for j, net in enumerate(networks):
         run = tuple(remap(w) for w in net)
-        per_pos = [_node_macs(model, mods, sizes, run, d, cin) for d in range(len(mods))]
-        full = sum(per_pos) + run[-1] * model.num_classes
+        full = sum(_node_macs(model, mods, sizes, run, d, cin) for d in range(len(mods))) + run[-1] * model.num_classes
         total += full * (1 if counts is None else counts[j])
-        shared += sum(per_pos[_lcp(prev, net):]) + run[-1] * model.num_classes
-        prev = net
-    return total, shared
+    return total, plan_macs(model, build_plan(model, networks), resolution=resolution)
+
+
+def plan_macs(model: Supernet, plan: TreePlan, *, resolution: int = 32) -> int:
+    """Multiply-adds per image the fast engine computes for ``plan``: each unit once, at its width
+    (conv, and shortcut conv at a conv2), and each network's classifier."""
+    mods, sizes = layer_modules(model), spatial_sizes(model, resolution)
+    macs = sum(w * model.num_classes for w in plan.leaf_width)
+    for d, lv in enumerate(plan.levels):
+        L = mods[d][0].layer
+        hw = sizes[d] * sizes[d]
+        for i, run in enumerate(lv.run):
+            macs += lv.in_width[i] * run * L.kernel * L.kernel * hw
+            if lv.shortcut_conv and lv.shortcut_conv[i]:
+                macs += lv.block_in_width[i] * run * hw
+    return macs
 
 
 def build_plan(model: Supernet, networks: Sequence[tuple[int, ...]]) -> TreePlan:
@@ -155,24 +199,24 @@ def build_plan(model: Supernet, networks: Sequence[tuple[int, ...]]) -> TreePlan
     mods = layer_modules(model)
     remap = model.config.remap
     levels = [Level(d, conv.layer.kind) for d, (conv, _) in enumerate(mods)]
-    leaf_of, cls_rows = [], []
+    leaf_of, leaf_width, cls_rows = [], [], []
     prev = None
-    path: list[int] = [0] * len(mods)
+    path: list[int] = [0] * len(mods)  # the current network's unit at every level
     for net in networks:
         if prev is not None and not prev < net:
             raise ValueError("build_plan needs distinct networks in sorted order")
         run = tuple(remap(w) for w in net)
         for d in range(_lcp(prev, net), len(mods)):
             conv, sc = mods[d]
-            lv = levels[d]
-            i = lv.add(path[d - 1] if d > 0 else 0, net[d], run[d], conv.groups.offset_of(net[d]))
-            path[d] = i
+            shortcut = None
             if sc is not None:
-                lv.block_in.append(path[d - 2] if d >= 2 else 0)
-                use = model.uses_shortcut_conv(sc.layer, run)
-                lv.shortcut_conv.append(use)
-                lv.shortcut_rows.append(sc.groups.offset_of(net[d]))
+                shortcut = (path[d - 2], run[d - 2], model.uses_shortcut_conv(sc.layer, run),
+                            sc.groups.offset_of(net[d]))
+            in_width = run[d - 1] if d > 0 else model.in_channels
+            path[d] = levels[d].add(path[d - 1] if d > 0 else 0, in_width, net[d], run[d],
+                                    conv.groups.offset_of(net[d]), shortcut)
         leaf_of.append(path[len(mods) - 1])
+        leaf_width.append(run[len(mods) - 1])
         cls_rows.append(model.classifier_groups.offset_of(net[model.space.last_position]))
         prev = net
-    return TreePlan(levels, list(networks), leaf_of, cls_rows)
+    return TreePlan(levels, list(networks), leaf_of, leaf_width, cls_rows)
