@@ -9,6 +9,12 @@ of synthetic 3x32x32 pixels, 100 classes, a randomly initialised Track-1 superne
 not depend on the weights). ``test_rank_full_protocol`` times ``FASTSUPERNET_BENCH_RANK_FULL``
 candidates (default 2; 0 skips) at the full protocol, 5,000 + 10,000 images.
 
+Supernet: the default configuration (one branch group per layer, so siblings that differ in
+one width nest, see ``fastsupernet.ranking.tree``), or with ``FASTSUPERNET_BENCH_RANK_BRANCHES``
+= e.g. ``4,8,16`` the enhanced configuration with that many branches per stage (and as many
+for the classifier as the last stage): the final stage of ``configs/track1_seed.yaml``, where
+every width has its own weights and nothing nests.
+
 Floors, printed and stored in ``extra_info``: the multiply-adds each engine must do (the
 reference: every candidate in full; fast: after prefix sharing) as FLOPs over the fp32 GEMM
 rate of ``torch.mm`` 1024^3 measured in this run.
@@ -23,12 +29,13 @@ import time
 import pytest
 import torch
 
-from fastsupernet import Supernet, read_candidates
+from fastsupernet import Supernet, SupernetConfig, read_candidates
 from fastsupernet.io import official_candidates_path
 from fastsupernet.ranking.engines import RankData, make_engine, prefix_sharing
 
 CANDIDATES = int(os.environ.get("FASTSUPERNET_BENCH_RANK_CANDIDATES", "256"))
 FULL = int(os.environ.get("FASTSUPERNET_BENCH_RANK_FULL", "2"))
+BRANCHES = os.environ.get("FASTSUPERNET_BENCH_RANK_BRANCHES", "")
 RECAL, EVAL, BATCH, CLASSES = 512, 1024, 128, 100
 
 
@@ -48,7 +55,14 @@ def gemm_rate() -> float:
 @functools.lru_cache(maxsize=None)
 def _setup(n_cand: int, recal: int, evals: int):
     torch.manual_seed(0)
-    model = Supernet(in_channels=3, num_classes=CLASSES)
+    config = SupernetConfig()
+    if BRANCHES:
+        try:
+            g = tuple(int(b) for b in BRANCHES.split(","))
+        except ValueError:
+            raise ValueError(f"FASTSUPERNET_BENCH_RANK_BRANCHES must be comma-separated ints, got {BRANCHES!r}") from None
+        config = SupernetConfig.enhanced(branches=g, classifier_branches=g[-1])
+    model = Supernet(config=config, in_channels=3, num_classes=CLASSES)
     g = torch.Generator().manual_seed(1)
     data = RankData(
         recal_x=torch.randn(recal, 3, 32, 32, generator=g),
@@ -85,7 +99,8 @@ def _run(benchmark, engine_name: str, n_cand: int, recal: int, evals: int, group
 
 @pytest.mark.parametrize("engine", ["reference", "fast"])
 def test_rank_candidates(benchmark, engine):
-    _run(benchmark, engine, CANDIDATES, RECAL, EVAL, f"rank {CANDIDATES} official, {RECAL}+{EVAL} images")
+    net = f", branches {BRANCHES}" if BRANCHES else ""
+    _run(benchmark, engine, CANDIDATES, RECAL, EVAL, f"rank {CANDIDATES} official, {RECAL}+{EVAL} images{net}")
 
 
 @pytest.mark.skipif(FULL < 1, reason="FASTSUPERNET_BENCH_RANK_FULL=0")

@@ -6,7 +6,8 @@
 1. Throughput: a randomly initialised Track-1 supernet (3x32x32, 100 classes; timing does not
    depend on the weights), synthetic pixels, the full protocol (5,000 recalibration images in
    batches of 128, 10,000 evaluation images), the first ``--candidates`` official candidates
-   (default 1,000), fp32. Results stream per group of networks; the timed phase stops after
+   (default 1,000), fp32; ``--branches 4,8,16`` times the enhanced supernet with one branch per
+   width in every stage (the final stage of ``configs/track1_seed.yaml``: no siblings nest). Results stream per group of networks; the timed phase stops after
    ``--throughput-s`` seconds and reports what finished. Printed: candidates/s, the
    prefix-sharing ratio of the timed set and of all 50,000, peak GPU memory against the
    engine's limit, and a PROJECTION (not a measurement) of the time for all 50,000: the
@@ -35,7 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fastsupernet import Supernet, Track1Space, load_data, read_candidates
+from fastsupernet import Supernet, SupernetConfig, Track1Space, load_data, read_candidates
 from fastsupernet.data import normalize
 from fastsupernet.io import official_candidates_path
 from fastsupernet.metrics import kendall_tau
@@ -83,7 +84,11 @@ def _timed_score(engine, archs, groups, budget_s: float, dev) -> tuple[int, floa
 
 def throughput(args, dev, out: dict) -> None:
     torch.manual_seed(0)
-    model = Supernet(in_channels=3, num_classes=100).to(dev)
+    config = SupernetConfig()
+    if args.branches:
+        g = tuple(int(b) for b in args.branches.split(","))
+        config = SupernetConfig.enhanced(branches=g, classifier_branches=g[-1])
+    model = Supernet(config=config, in_channels=3, num_classes=100).to(dev)
     every = list(read_candidates(official_candidates_path()).values())
     archs = every[: args.candidates]
     data = _synthetic(dev, args.recal_images, args.eval_images, 128)
@@ -293,6 +298,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-images", type=int, default=10000)
     p.add_argument("--fp32-s", type=float, default=40.0, help="stop the fp32 timing at the first group boundary after this many seconds")
     p.add_argument("--throughput-s", type=float, default=60.0, help="time for the whole throughput phase")
+    p.add_argument("--branches", default="",
+                   help="throughput supernet: enhanced with these branches per stage, e.g. 4,8,16 (default: one group)")
     p.add_argument("--memory-limit", type=int, default=16 << 30, help="fast engine working memory, bytes")
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--tau-candidates", type=int, default=200)
