@@ -319,6 +319,31 @@ def test_threads_do_not_change_results():
     case.check(*many)
 
 
+@pytest.mark.parametrize("kernel", ["avx2", "generic"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_candidate_values_do_not_depend_on_its_row_blocks(kernel, dtype, monkeypatch):
+    """Rows are cut into register blocks per run of rows (4 + ... or 3 + 3 ...), and a run spans
+    every candidate of a shared input: a candidate's values and statistics are the same bits
+    whatever its neighbours (so whatever blocks its rows fall into)."""
+    if kernel == "generic":
+        monkeypatch.setenv("FASTSUPERNET_CPU_KERNEL", "generic")
+    monkeypatch.setenv("FASTSUPERNET_CPU_WINOGRAD", "0")
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 12, 9, 8, generator=g, dtype=dtype)
+    w = torch.randn(16, 12, 3, 3, generator=g, dtype=dtype)
+    for width in range(1, 14):
+        outs = []
+        for before in ([], [1], [2], [3], [5, 2]):
+            K = len(before) + 1
+            y, s, q = OPS.multi_conv2d(x, w, [0] * K, [12] * K, before + [width], [0] * K, 1, 1, None, None, None,
+                                       "none", None, True)
+            start = sum(before)
+            outs.append((y[:, start:start + width], s[start:start + width], q[start:start + width]))
+        for other in outs[1:]:
+            for a, b in zip(outs[0], other):
+                assert torch.equal(a, b), width
+
+
 def test_empty_batch():
     x = _rand(0, 4, 5, 5)
     w = _rand(6, 4, 3, 3)

@@ -166,6 +166,21 @@ at::Tensor per_row(const char* op, const c10::optional<at::Tensor>& t, const cha
   return t->to(dtype).contiguous();
 }
 
+// Rows of the next block of a run of `left` rows. A tile's accumulators are fused
+// multiply-add chains, one step per reduction index: a tile of one or two rows (3 or 6 chains)
+// waits on the FMA latency, while three rows (9 chains) already keep both FMA pipes busy. So a
+// run is cut into blocks of MR = 4 rows except where that would leave one or two rows over:
+// 5 = 3 + 2, 6 = 3 + 3, 9 = 3 + 3 + 3, 10 = 4 + 3 + 3 (measured on 32x32 3x3 calls, widths 5
+// and 9: see benchmarks/RESULTS.md). The block shape never changes a row's value: every
+// tile adds a row's products in the same order.
+template <int MR>
+int32_t block_rows(int64_t left) {
+  static_assert(MR == 4, "the split below is written for blocks of 4 rows");
+  if (left <= MR) return static_cast<int32_t>(left);
+  if (left == 5 || left == 6 || left == 9) return 3;
+  return MR;
+}
+
 template <typename T>
 void run_job(const ConvJob<T>& job, int64_t items, int64_t max_width, int64_t macs) {
   const int64_t scratch_n = conv::scratch_elements(job, max_width);
@@ -442,10 +457,10 @@ void multi_conv2d_direct(const at::Tensor& x, const at::Tensor& weight, at::IntA
     for (size_t s = 0; s < segments.size(); ++s) {
       segments[s].block_begin = static_cast<int64_t>(blocks.size());
       for (const auto& run : seg_rows[s]) {
-        for (int64_t row = run.first; row < run.second; row += MR) {
+        for (int64_t row = run.first; row < run.second; row += blocks.back().rows) {
           Block b;
           b.row0 = row;
-          b.rows = static_cast<int32_t>(std::min<int64_t>(MR, run.second - row));
+          b.rows = block_rows<MR>(run.second - row);
           b.depth = 0;
           for (int r = 0; r < b.rows; ++r) b.depth = std::max(b.depth, in_widths[cand[row + r]] * taps);
           b.a_off = a_total;
