@@ -61,9 +61,71 @@ struct TileArgs {
   const T* shift;
   const T* slope;
   int act;
+  int epi;                  // EpilogueKind: which compiled epilogue stores the tile
   bool stream;              // input read in place from memory: prefetch ahead
   double* lanes;            // per row: kStatLanes sums then kStatLanes sums of squares, or nullptr
 };
+
+// Epilogues compiled without run-time tests, for the combinations the ranking engine and the
+// trainer run; kEpiGeneric tests each part (any other combination). "Affine" is scale and
+// shift both given. Every kind does the same operations in the same order as the generic one.
+enum EpilogueKind : int {
+  kEpiGeneric = 0,
+  kEpiPlain,           // store
+  kEpiStats,           // statistics, store (recalibration)
+  kEpiAffine,          // * scale + shift
+  kEpiAffineRelu,
+  kEpiAffinePrelu,
+  kEpiAffineResRelu,   // * scale + shift + residual, ReLU
+  kEpiAffineResPrelu,
+};
+
+inline int epilogue_kind(bool stats, bool scale, bool shift, bool residual, int act) {
+  if (scale != shift) return kEpiGeneric;
+  if (!scale) return residual || act != kActNone ? kEpiGeneric : (stats ? kEpiStats : kEpiPlain);
+  if (stats) return kEpiGeneric;
+  if (!residual) return act == kActRelu ? kEpiAffineRelu : act == kActPrelu ? kEpiAffinePrelu : kEpiAffine;
+  return act == kActRelu ? kEpiAffineResRelu : act == kActPrelu ? kEpiAffineResPrelu : kEpiGeneric;
+}
+
+// Stores a tile's accumulators through the epilogue fixed by the template arguments.
+template <typename T, int MR, int NV, bool kStats, bool kAffine, bool kRes, int kAct>
+FSN_TARGET FSN_INLINE void store_tile(const TileArgs<T>& t, const typename Vec<T>::R (&acc)[MR][NV]) {
+  using V = Vec<T>;
+  using R = typename V::R;
+  constexpr int L = V::L;
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    T* orow = t.out + r * t.plane;
+    const T* rrow = kRes ? t.res + r * t.plane : nullptr;
+    double* ls = kStats ? t.lanes + r * 2 * kStatLanes : nullptr;
+    R sc{}, sh{}, sl{};
+    if constexpr (kAffine) {
+      sc = V::set1(t.scale[r]);
+      sh = V::set1(t.shift[r]);
+    }
+    if constexpr (kAct == kActPrelu) sl = V::set1(t.slope[r]);
+    typename V::S vs = V::stats_zero(), vq = V::stats_zero();
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      const int64_t d = t.dst[v];
+      const int n = t.len[v];
+      const bool full = n == L;
+      R y = acc[r][v];
+      if constexpr (kStats) V::stats_add(vs, vq, full ? y : V::keep_n(y, n));
+      if constexpr (kAffine) y = V::fma(y, sc, sh);
+      if constexpr (kRes) y = V::add(y, full ? V::load(rrow + d) : V::load_n(rrow + d, n));
+      if constexpr (kAct == kActRelu) y = V::relu(y);
+      if constexpr (kAct == kActPrelu) y = V::prelu(y, sl);
+      if (full) {
+        V::store(orow + d, y);
+      } else {
+        V::store_n(orow + d, y, n);
+      }
+    }
+    if constexpr (kStats) V::stats_flush(ls, ls + kStatLanes, vs, vq);
+  }
+}
 
 // One register tile: MR rows x NV vectors. Accumulates sum_k a[k][r] * src_v[tap[k]] in the
 // order k = 0, 1, ..., depth - 1 (one fused multiply-add per term where the ISA has FMA),
@@ -136,6 +198,16 @@ FSN_TARGET void tile(const TileArgs<T>& t) {
     }
   }
 
+  switch (t.epi) {
+    case kEpiPlain: return store_tile<T, MR, NV, false, false, false, kActNone>(t, acc);
+    case kEpiStats: return store_tile<T, MR, NV, true, false, false, kActNone>(t, acc);
+    case kEpiAffine: return store_tile<T, MR, NV, false, true, false, kActNone>(t, acc);
+    case kEpiAffineRelu: return store_tile<T, MR, NV, false, true, false, kActRelu>(t, acc);
+    case kEpiAffinePrelu: return store_tile<T, MR, NV, false, true, false, kActPrelu>(t, acc);
+    case kEpiAffineResRelu: return store_tile<T, MR, NV, false, true, true, kActRelu>(t, acc);
+    case kEpiAffineResPrelu: return store_tile<T, MR, NV, false, true, true, kActPrelu>(t, acc);
+    default: break;
+  }
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
     T* orow = t.out + r * t.plane;
@@ -304,6 +376,7 @@ FSN_TARGET void run_items_impl(const ConvJob<T>& j, int64_t begin, int64_t end, 
       t.tap = j.tap_off;
       t.plane = plane;
       t.act = j.activation;
+      t.epi = epilogue_kind(stats, j.scale != nullptr, j.shift != nullptr, j.residual != nullptr, j.activation);
       t.stream = j.direct;
       // Blocks are taken in groups whose packed weights stay in the L2 cache while every
       // pixel block of the image passes by; within a group, each pixel block's input stays
