@@ -15,6 +15,13 @@ one width nest, see ``fastsupernet.ranking.tree``), or with ``FASTSUPERNET_BENCH
 for the classifier as the last stage): the final stage of ``configs/track1_seed.yaml``, where
 every width has its own weights and nothing nests.
 
+``test_rank_interleaved`` (``FASTSUPERNET_BENCH_RANK_INTERLEAVED=R``, R >= 1; 0 skips) runs
+the two engines in turns on the same candidates, so that this machine's speed drift between
+runs hits both: the reference on R + 1 consecutive slices of the candidates (its time per
+candidate does not depend on the others), the fast engine on all of them between slices.
+Ratio: the reference's total over the median fast run; per fast run, the reference's rate on
+the slices before and after it.
+
 Floors, printed and stored in ``extra_info``: the multiply-adds each engine must do (the
 reference: every candidate in full; fast: after prefix sharing) as FLOPs over the fp32 GEMM
 rate of ``torch.mm`` 1024^3 measured in this run.
@@ -36,6 +43,7 @@ from fastsupernet.ranking.engines import RankData, make_engine, prefix_sharing
 CANDIDATES = int(os.environ.get("FASTSUPERNET_BENCH_RANK_CANDIDATES", "256"))
 FULL = int(os.environ.get("FASTSUPERNET_BENCH_RANK_FULL", "2"))
 BRANCHES = os.environ.get("FASTSUPERNET_BENCH_RANK_BRANCHES", "")
+INTERLEAVED = int(os.environ.get("FASTSUPERNET_BENCH_RANK_INTERLEAVED", "0"))
 RECAL, EVAL, BATCH, CLASSES = 512, 1024, 128, 100
 
 
@@ -107,3 +115,43 @@ def test_rank_candidates(benchmark, engine):
 @pytest.mark.parametrize("engine", ["reference", "fast"])
 def test_rank_full_protocol(benchmark, engine):
     _run(benchmark, engine, FULL, 5000, 10000, f"rank {FULL} official, 5000+10000 images")
+
+
+@pytest.mark.skipif(INTERLEAVED < 1, reason="FASTSUPERNET_BENCH_RANK_INTERLEAVED=0")
+def test_rank_interleaved(benchmark):
+    model, data, archs = _setup(CANDIDATES, RECAL, EVAL)
+    n = len(archs)
+    cuts = [round(i * n / (INTERLEAVED + 1)) for i in range(INTERLEAVED + 2)]
+    if any(b <= a for a, b in zip(cuts, cuts[1:])):
+        raise ValueError(f"FASTSUPERNET_BENCH_RANK_INTERLEAVED={INTERLEAVED} needs at least {INTERLEAVED + 1} candidates")
+    ref, fast = make_engine("reference", model, data), make_engine("fast", model, data)
+    ref_s: list[float] = []
+    fast_s: list[float] = []
+
+    def timed(engine, subset) -> float:
+        t = time.perf_counter()
+        assert len(list(engine.score(subset))) == len(subset)
+        return time.perf_counter() - t
+
+    def turns() -> None:
+        for i in range(INTERLEAVED + 1):
+            ref_s.append(timed(ref, archs[cuts[i]:cuts[i + 1]]))
+            if i < INTERLEAVED:
+                fast_s.append(timed(fast, archs))
+
+    benchmark.pedantic(turns, rounds=1, iterations=1)
+    sizes = [b - a for a, b in zip(cuts, cuts[1:])]
+    ref_total, fast_median = sum(ref_s), statistics.median(fast_s)
+    # per fast run: the reference's seconds per candidate on the slices either side of it, times n
+    local = [n * (ref_s[i] + ref_s[i + 1]) / (sizes[i] + sizes[i + 1]) / f for i, f in enumerate(fast_s)]
+    total, shared = prefix_sharing(model, archs)
+    group = f"rank {n} official interleaved, {RECAL}+{EVAL} images" + (f", branches {BRANCHES}" if BRANCHES else "")
+    benchmark.group = group
+    benchmark.extra_info.update(
+        candidates=n, reference_slices_s=ref_s, reference_total_s=ref_total, fast_runs_s=fast_s,
+        ratio=ref_total / fast_median, ratio_per_fast_run=local, sharing_ratio=total / shared,
+    )
+    print(f"\n{group}: reference {ref_total:.1f} s in {len(ref_s)} slices "
+          f"({', '.join(f'{t:.1f}' for t in ref_s)}); fast runs {', '.join(f'{t:.1f}' for t in fast_s)} s; "
+          f"ratio {ref_total / fast_median:.2f}x (per fast run {', '.join(f'{r:.2f}' for r in local)}); "
+          f"prefix sharing {total / shared:.3f}x")

@@ -42,8 +42,11 @@
 //  * Micro-kernel (conv_kernel.h): kRows x kVecs register tile (4 x 3 vectors of 8 floats or
 //    4 doubles with AVX2+FMA: 12 accumulators, 3 input loads + 4 weight broadcasts per 12
 //    FMAs; it runs at ~90 GFLOP/s on one core of the development VM, about the FMA peak).
+//    Runs of rows are cut into blocks of 4, or of 3 where 4 would leave one or two rows
+//    (block_rows: tiles of 1-2 rows wait on the FMA latency).
 //    The epilogue (scale/shift FMA, residual, ReLU/PReLU), the statistics (widened to float64
 //    in registers) and the store are applied to the registers: the output is written once.
+//    The combinations in use are compiled without run-time tests (EpilogueKind).
 //  * Loop order per image and segment: groups of blocks whose packed weights fit in L2
 //    (kPanelKiB), then pixel blocks (kVecs vectors; their input stays in L1), then the
 //    group's blocks.
