@@ -88,42 +88,60 @@ inline int epilogue_kind(bool stats, bool scale, bool shift, bool residual, int 
   return act == kActRelu ? kEpiAffineResRelu : act == kActPrelu ? kEpiAffineResPrelu : kEpiGeneric;
 }
 
-// Stores a tile's accumulators through the epilogue fixed by the template arguments.
-template <typename T, int MR, int NV, bool kStats, bool kAffine, bool kRes, int kAct>
+// A part of the epilogue the template leaves to a run-time test (the generic epilogue).
+constexpr int kRuntime = -1;
+
+// Stores a tile's accumulators through the epilogue: statistics of the raw values, then
+// * scale + shift (either may be absent), + residual, activation. Each template argument fixes
+// its part at compile time (0/1, or the activation) or leaves it to a run-time test
+// (kRuntime); kAffine fixes scale and shift together.
+template <typename T, int MR, int NV, int kStats, int kAffine, int kRes, int kAct>
 FSN_TARGET FSN_INLINE void store_tile(const TileArgs<T>& t, const typename Vec<T>::R (&acc)[MR][NV]) {
   using V = Vec<T>;
   using R = typename V::R;
   constexpr int L = V::L;
+  const bool stats = kStats == kRuntime ? t.lanes != nullptr : kStats != 0;
+  const bool scale = kAffine == kRuntime ? t.scale != nullptr : kAffine != 0;
+  const bool shift = kAffine == kRuntime ? t.shift != nullptr : kAffine != 0;
+  const bool res = kRes == kRuntime ? t.res != nullptr : kRes != 0;
+  const int act = kAct == kRuntime ? t.act : kAct;
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
     T* orow = t.out + r * t.plane;
-    const T* rrow = kRes ? t.res + r * t.plane : nullptr;
-    double* ls = kStats ? t.lanes + r * 2 * kStatLanes : nullptr;
-    R sc{}, sh{}, sl{};
-    if constexpr (kAffine) {
-      sc = V::set1(t.scale[r]);
-      sh = V::set1(t.shift[r]);
-    }
-    if constexpr (kAct == kActPrelu) sl = V::set1(t.slope[r]);
+    const T* rrow = res ? t.res + r * t.plane : nullptr;
+    double* ls = stats ? t.lanes + r * 2 * kStatLanes : nullptr;
+    const R sc = V::set1(scale ? t.scale[r] : T(1));
+    const R sh = V::set1(shift ? t.shift[r] : T(0));
+    const R sl = V::set1(act == kActPrelu ? t.slope[r] : T(0));
     typename V::S vs = V::stats_zero(), vq = V::stats_zero();
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) {
+      // A short vector (the end of an output row narrower than a multiple of L) keeps its
+      // first len[v] lanes: masked residual load and store, other lanes out of the statistics
+      // (they were computed from neighbouring input values).
       const int64_t d = t.dst[v];
       const int n = t.len[v];
       const bool full = n == L;
       R y = acc[r][v];
-      if constexpr (kStats) V::stats_add(vs, vq, full ? y : V::keep_n(y, n));
-      if constexpr (kAffine) y = V::fma(y, sc, sh);
-      if constexpr (kRes) y = V::add(y, full ? V::load(rrow + d) : V::load_n(rrow + d, n));
-      if constexpr (kAct == kActRelu) y = V::relu(y);
-      if constexpr (kAct == kActPrelu) y = V::prelu(y, sl);
+      if (stats) V::stats_add(vs, vq, full ? y : V::keep_n(y, n));
+      if (scale) {
+        y = shift ? V::fma(y, sc, sh) : V::mul(y, sc);
+      } else if (shift) {
+        y = V::add(y, sh);
+      }
+      if (res) y = V::add(y, full ? V::load(rrow + d) : V::load_n(rrow + d, n));
+      if (act == kActRelu) {
+        y = V::relu(y);
+      } else if (act == kActPrelu) {
+        y = V::prelu(y, sl);
+      }
       if (full) {
         V::store(orow + d, y);
       } else {
         V::store_n(orow + d, y, n);
       }
     }
-    if constexpr (kStats) V::stats_flush(ls, ls + kStatLanes, vs, vq);
+    if (stats) V::stats_flush(ls, ls + kStatLanes, vs, vq);
   }
 }
 
@@ -199,52 +217,14 @@ FSN_TARGET void tile(const TileArgs<T>& t) {
   }
 
   switch (t.epi) {
-    case kEpiPlain: return store_tile<T, MR, NV, false, false, false, kActNone>(t, acc);
-    case kEpiStats: return store_tile<T, MR, NV, true, false, false, kActNone>(t, acc);
-    case kEpiAffine: return store_tile<T, MR, NV, false, true, false, kActNone>(t, acc);
-    case kEpiAffineRelu: return store_tile<T, MR, NV, false, true, false, kActRelu>(t, acc);
-    case kEpiAffinePrelu: return store_tile<T, MR, NV, false, true, false, kActPrelu>(t, acc);
-    case kEpiAffineResRelu: return store_tile<T, MR, NV, false, true, true, kActRelu>(t, acc);
-    case kEpiAffineResPrelu: return store_tile<T, MR, NV, false, true, true, kActPrelu>(t, acc);
-    default: break;
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-    T* orow = t.out + r * t.plane;
-    const T* rrow = t.res != nullptr ? t.res + r * t.plane : nullptr;
-    double* ls = t.lanes != nullptr ? t.lanes + r * 2 * kStatLanes : nullptr;
-    const R sc = V::set1(t.scale != nullptr ? t.scale[r] : T(1));
-    const R sh = V::set1(t.shift != nullptr ? t.shift[r] : T(0));
-    const R sl = V::set1(t.slope != nullptr ? t.slope[r] : T(0));
-    typename V::S vs = V::stats_zero(), vq = V::stats_zero();
-#pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) {
-      // A short vector (the end of an output row narrower than a multiple of L) keeps its
-      // first len[v] lanes: masked residual load and store, other lanes out of the statistics
-      // (they were computed from neighbouring input values).
-      const int64_t d = t.dst[v];
-      const int n = t.len[v];
-      const bool full = n == L;
-      R y = acc[r][v];
-      if (ls != nullptr) V::stats_add(vs, vq, full ? y : V::keep_n(y, n));
-      if (t.scale != nullptr) {
-        y = t.shift != nullptr ? V::fma(y, sc, sh) : V::mul(y, sc);
-      } else if (t.shift != nullptr) {
-        y = V::add(y, sh);
-      }
-      if (rrow != nullptr) y = V::add(y, full ? V::load(rrow + d) : V::load_n(rrow + d, n));
-      if (t.act == kActRelu) {
-        y = V::relu(y);
-      } else if (t.act == kActPrelu) {
-        y = V::prelu(y, sl);
-      }
-      if (full) {
-        V::store(orow + d, y);
-      } else {
-        V::store_n(orow + d, y, n);
-      }
-    }
-    if (ls != nullptr) V::stats_flush(ls, ls + kStatLanes, vs, vq);
+    case kEpiPlain: return store_tile<T, MR, NV, 0, 0, 0, kActNone>(t, acc);
+    case kEpiStats: return store_tile<T, MR, NV, 1, 0, 0, kActNone>(t, acc);
+    case kEpiAffine: return store_tile<T, MR, NV, 0, 1, 0, kActNone>(t, acc);
+    case kEpiAffineRelu: return store_tile<T, MR, NV, 0, 1, 0, kActRelu>(t, acc);
+    case kEpiAffinePrelu: return store_tile<T, MR, NV, 0, 1, 0, kActPrelu>(t, acc);
+    case kEpiAffineResRelu: return store_tile<T, MR, NV, 0, 1, 1, kActRelu>(t, acc);
+    case kEpiAffineResPrelu: return store_tile<T, MR, NV, 0, 1, 1, kActPrelu>(t, acc);
+    default: return store_tile<T, MR, NV, kRuntime, kRuntime, kRuntime, kRuntime>(t, acc);
   }
 }
 
