@@ -113,16 +113,19 @@ def spatial_sizes(model: Supernet, resolution: int) -> list[int]:
     return sizes
 
 
+def _conv_macs(kernel: int, size: int, cin: int, cout: int, shortcut_cin: int = 0) -> int:
+    """Multiply-adds per image of a kernel x kernel conv with ``size`` x ``size`` outputs, and of a
+    1x1 shortcut conv from ``shortcut_cin`` channels to the same ``cout`` outputs (0: none)."""
+    return (cin * kernel * kernel + shortcut_cin) * cout * size * size
+
+
 def _node_macs(model: Supernet, mods, sizes, run: Sequence[int], d: int, in_channels: int) -> int:
     """Multiply-adds per image of position d (conv, and the shortcut conv at a conv2) for run widths ``run``."""
     conv, sc = mods[d]
     L = conv.layer
-    hw = sizes[d] * sizes[d]
     cin = in_channels if L.in_position is None else run[L.in_position]
-    macs = cin * run[d] * L.kernel * L.kernel * hw
-    if sc is not None and model.uses_shortcut_conv(sc.layer, run):
-        macs += run[sc.layer.in_position] * run[d] * hw
-    return macs
+    sc_cin = run[sc.layer.in_position] if sc is not None and model.uses_shortcut_conv(sc.layer, run) else 0
+    return _conv_macs(L.kernel, sizes[d], cin, run[d], sc_cin)
 
 
 def candidate_macs(model: Supernet, arch: Arch | str, resolution: int = 32) -> int:
@@ -185,12 +188,10 @@ def plan_macs(model: Supernet, plan: TreePlan, *, resolution: int = 32) -> int:
     mods, sizes = layer_modules(model), spatial_sizes(model, resolution)
     macs = sum(w * model.num_classes for w in plan.leaf_width)
     for d, lv in enumerate(plan.levels):
-        L = mods[d][0].layer
-        hw = sizes[d] * sizes[d]
+        kernel = mods[d][0].layer.kernel
         for i, run in enumerate(lv.run):
-            macs += lv.in_width[i] * run * L.kernel * L.kernel * hw
-            if lv.shortcut_conv and lv.shortcut_conv[i]:
-                macs += lv.block_in_width[i] * run * hw
+            sc_cin = lv.block_in_width[i] if lv.shortcut_conv and lv.shortcut_conv[i] else 0
+            macs += _conv_macs(kernel, sizes[d], lv.in_width[i], run, sc_cin)
     return macs
 
 
