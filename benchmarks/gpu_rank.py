@@ -82,12 +82,18 @@ def _timed_score(engine, archs, groups, budget_s: float, dev) -> tuple[int, floa
     return len(done), time.perf_counter() - t0, done
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints such as 4,8,16, got {text!r}") from None
+
+
 def throughput(args, dev, out: dict) -> None:
     torch.manual_seed(0)
     config = SupernetConfig()
     if args.branches:
-        g = tuple(int(b) for b in args.branches.split(","))
-        config = SupernetConfig.enhanced(branches=g, classifier_branches=g[-1])
+        config = SupernetConfig.enhanced(branches=args.branches, classifier_branches=args.branches[-1])
     model = Supernet(config=config, in_channels=3, num_classes=100).to(dev)
     every = list(read_candidates(official_candidates_path()).values())
     archs = every[: args.candidates]
@@ -298,7 +304,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-images", type=int, default=10000)
     p.add_argument("--fp32-s", type=float, default=40.0, help="stop the fp32 timing at the first group boundary after this many seconds")
     p.add_argument("--throughput-s", type=float, default=60.0, help="time for the whole throughput phase")
-    p.add_argument("--branches", default="",
+    p.add_argument("--branches", default=(), type=_int_list,
                    help="throughput supernet: enhanced with these branches per stage, e.g. 4,8,16 (default: one group)")
     p.add_argument("--memory-limit", type=int, default=16 << 30, help="fast engine working memory, bytes")
     p.add_argument("--train-steps", type=int, default=300)
