@@ -6,6 +6,8 @@
 //   csrc/cpu/channel_stats.cpp, csrc/cpu/conv.cpp, csrc/cpu/conv_weight_grad.cpp,
 //   csrc/cpu/bn_act.cpp -> CPU
 //   csrc/cuda/channel_stats_binding.cpp, csrc/cuda/conv_binding.cpp  -> CUDA (only built when torch has CUDA)
+// The exception: the CPU block cache's two configuration ops (no tensor arguments, so no
+// dispatch key) are defined with their implementation in csrc/cpu/block_cache.cpp.
 //
 // The module itself exports nothing to Python: importing it runs the static registrations
 // below, after which the ops live under torch.ops.fastsupernet. Because nothing here

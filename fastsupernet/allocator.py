@@ -10,11 +10,20 @@ smaller tensors that stay inside the heap). Serving large blocks from the heap i
 not returning freed memory to the system at once, removes that cost: measured 1.2-1.5x on
 ranking and on the batched training step (benchmarks/RESULTS.md).
 
+That is not enough when a tensor of hundreds of MiB is allocated while the previous one of
+the same size is still alive (``y = op(x)`` in a loop): glibc carves small blocks out of the
+freed hole, the next large request no longer fits in it and the heap grows onto fresh pages
+again (a 580 MiB ``multi_conv2d`` output: 0.31 s per call reusing pages, 0.70-0.88 s on fresh
+ones). The compiled extension therefore adds a block cache (``csrc/cpu/block_cache.cpp``):
+freed blocks of at least :data:`BLOCK_CACHE_MIN_BYTES` are kept whole, up to a total of
+``FASTSUPERNET_CPU_BLOCK_CACHE_MB`` (default 2048; 0 turns it off), and serve the next request
+of about their size (at most a quarter larger).
+
 The command line applies :func:`tune_cpu_allocator` when it starts (set
 ``FASTSUPERNET_CPU_ALLOCATOR=system`` to leave the allocator alone). Library users call it
 themselves: it changes the allocator of the whole process (freed memory is kept for reuse up
-to :data:`KEEP_FREE_BYTES` instead of going back to the system), which is a choice for the
-program, not for a library import.
+to :data:`KEEP_FREE_BYTES` instead of going back to the system, and up to the block cache's
+limit in large blocks), which is a choice for the program, not for a library import.
 """
 from __future__ import annotations
 
@@ -23,27 +32,49 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["tune_cpu_allocator", "KEEP_FREE_BYTES"]
+import torch
+
+__all__ = ["tune_cpu_allocator", "cpu_block_cache_stats", "KEEP_FREE_BYTES", "BLOCK_CACHE_MIN_BYTES",
+           "BLOCK_CACHE_DEFAULT_MB"]
 
 #: Free memory at the top of the heap kept for reuse before it is returned to the system.
 KEEP_FREE_BYTES = 2**31 - 1  # mallopt takes an int
+
+#: Smallest block the block cache keeps.
+BLOCK_CACHE_MIN_BYTES = 16 * 2**20
+#: Default total of idle large blocks the block cache keeps (FASTSUPERNET_CPU_BLOCK_CACHE_MB).
+BLOCK_CACHE_DEFAULT_MB = 2048
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
 
+def _block_cache_bytes() -> int:
+    raw = os.environ.get("FASTSUPERNET_CPU_BLOCK_CACHE_MB", str(BLOCK_CACHE_DEFAULT_MB)).strip()
+    try:
+        mb = int(raw)
+    except ValueError:
+        mb = -1
+    if mb < 0:
+        raise ValueError(f"FASTSUPERNET_CPU_BLOCK_CACHE_MB must be a whole number of MiB >= 0, got {raw!r}")
+    return mb * 2**20
+
+
 def tune_cpu_allocator() -> bool:
-    """Serve large CPU blocks from the heap and keep freed memory for reuse (glibc only).
+    """Serve large CPU blocks from the heap and keep freed memory for reuse (glibc only), and
+    keep large freed blocks whole for the next tensor of their size (the extension's block cache).
 
     Returns whether the allocator was changed: ``False`` on other C libraries or platforms, or
-    when ``FASTSUPERNET_CPU_ALLOCATOR=system``. Safe to call more than once.
+    when ``FASTSUPERNET_CPU_ALLOCATOR=system``. Safe to call more than once (a later call sets
+    the block cache's limit again from the environment).
     """
     choice = os.environ.get("FASTSUPERNET_CPU_ALLOCATOR", "heap").strip().lower()
     if choice == "system":
         return False
     if choice != "heap":
         raise ValueError(f"FASTSUPERNET_CPU_ALLOCATOR must be 'heap' or 'system', got {choice!r}")
+    keep = _block_cache_bytes()  # checked before anything changes
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -57,4 +88,21 @@ def tune_cpu_allocator() -> bool:
     # no mmap for large blocks (they come from the heap and stay mapped when freed) ...
     ok = mallopt(_M_MMAP_MAX, 0) == 1
     # ... and up to KEEP_FREE_BYTES of free heap top is kept rather than trimmed after each free
-    return bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREE_BYTES) == 1 and ok)
+    ok = mallopt(_M_TRIM_THRESHOLD, KEEP_FREE_BYTES) == 1 and ok
+    if keep > 0 or cpu_block_cache_stats() is not None:  # never installs it only to turn it off
+        from .ops import _extension
+
+        if _extension.load() is not None:
+            torch.ops.fastsupernet._cpu_block_cache(keep, BLOCK_CACHE_MIN_BYTES)
+    return bool(ok)
+
+
+def cpu_block_cache_stats() -> dict[str, int] | None:
+    """Counters of the block cache (``hits``, ``misses``, ``idle_blocks``, ``idle_bytes``,
+    ``keep_bytes``, ``min_bytes``), or ``None`` if it is not installed in this process."""
+    if "fastsupernet._C" not in sys.modules:
+        return None
+    values = list(torch.ops.fastsupernet._cpu_block_cache_stats())
+    if not values:
+        return None
+    return dict(zip(("hits", "misses", "idle_blocks", "idle_bytes", "keep_bytes", "min_bytes"), values))
