@@ -4,7 +4,7 @@
 #     bash benchmarks/gpu_check.sh
 #
 # Sections ("# --- section: NAME") run in order and stop at the first failure: the card, the
-# build of the CUDA extension, the GPU kernel tests, the kernel benchmark table, the training
+# build of the CUDA extension, the GPU kernel tests, the kernel benchmark tables, the training
 # step (batched vs loop, and the projected pipeline time, benchmarks/gpu_train.py) and the
 # ranking engine (throughput and precision fidelity, benchmarks/gpu_rank.py). Every step
 # has its own time limit, and all steps together at most GPU_CHECK_LIMIT_S seconds (default 240).
@@ -170,6 +170,9 @@ fi
 check 60 "${PYTHON}" -m pytest -q -p no:cacheprovider tests/test_ops.py -k "cuda or gpu or triton"
 check 90 "${PYTHON}" benchmarks/gpu_kernels.py
 check 60 "${PYTHON}" benchmarks/gpu_kernels.py --precision tf32
+# one width class of a deep ranking level: multi_conv2d vs one batched cuDNN conv (fp32 and tf32);
+# decides how the fast engine should run the levels where every node has one child
+check 45 "${PYTHON}" benchmarks/gpu_class_conv.py
 
 # --- section: training
 section training
