@@ -13,11 +13,13 @@
    engine's limit, and a PROJECTION (not a measurement) of the time for all 50,000: the
    measured seconds per computed multiply-add times the multiply-adds all 50,000 need.
    With time left, tf32 and bf16 are timed on ``--other-candidates`` the same way after a
-   warm-up (Triton's compile and autotuning; tf32 runs the CUDA tensor-core kernel where built).
+   warm-up (Triton's compile and autotuning; tf32 runs the CUDA tensor-core kernel where built);
+   ``fp32/class`` and ``tf32/class`` time the engine's ``conv_route="class"`` experiment (one
+   cuDNN convolution per chunk of a width class instead of ``multi_conv2d``).
 2. Fidelity: a supernet trained for a few hundred steps on the bundled Fashion-MNIST subset
    (on the GPU, seconds), ``--tau-candidates`` random candidates (default 200) at the bundled
-   data's protocol (1,200 recalibration images, 2,000 test images): Kendall tau of tf32 and bf16
-   vs fp32 accuracies (target >= 0.98), fp32 fast vs the reference engine on the first 30, and a
+   data's protocol (1,200 recalibration images, 2,000 test images): Kendall tau of the
+   ``--fidelity-runs`` (default tf32 and bf16) vs fp32 accuracies (target >= 0.98), fp32 fast vs the reference engine on the first 30, and a
    candidate's logits alone vs inside the whole set.
 
 Writes a JSON summary with ``--json PATH``. Exit status 1 if a fidelity target is missed.
@@ -82,6 +84,15 @@ def _timed_score(engine, archs, groups, budget_s: float, dev) -> tuple[int, floa
     return len(done), time.perf_counter() - t0, done
 
 
+RUNS = ("fp32", "tf32", "bf16", "fp32/class", "tf32/class")
+
+
+def _run_kind(entry: str) -> tuple[str, str]:
+    """(precision, conv route) of a --precisions / --fidelity-runs entry such as tf32 or tf32/class."""
+    precision, _, route = entry.partition("/")
+    return precision, route or "kernel"
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(b) for b in text.split(","))
@@ -109,29 +120,33 @@ def throughput(args, dev, out: dict) -> None:
     images = data.recal_x.shape[0] + data.eval_x.shape[0]
     rows = []
     budget_end = time.perf_counter() + args.throughput_s
-    for precision in args.precisions:
-        n_cand = len(archs) if precision == "fp32" else args.other_candidates
+    for entry in args.precisions:
+        precision, route = _run_kind(entry)
+        n_cand = len(archs) if entry == "fp32" else args.other_candidates
         if precision == "bf16" and dev.type != "cuda":
             print("bf16: skipped (needs CUDA)")
             continue
         left = min(budget_end - time.perf_counter(), _left(args))
-        if precision != "fp32" and left < 10:
-            print(f"{precision}: skipped (time budget spent)")
+        if entry != "fp32" and left < 10:
+            print(f"{entry}: skipped (time budget spent)")
             continue
         sub = archs[:n_cand]
         if not sub:
             continue
-        if precision != "fp32":  # first calls (Triton: compile + autotune) on the same batch shapes
+        if entry != "fp32":  # first calls (Triton: compile + autotune; cuDNN) on the same batch shapes
             t = time.perf_counter()
-            list(make_engine("fast", model, _synthetic(dev, 256, 256, 128), precision=precision).score(sub[:8]))
+            list(make_engine("fast", model, _synthetic(dev, 256, 256, 128), precision=precision,
+                             conv_route=route).score(sub[:8]))
             _sync(dev)
-            print(f"{precision}: warm-up (Triton: compile and autotune) {time.perf_counter() - t:.1f} s")
+            what = "cuDNN heuristics" if route == "class" else "Triton: compile and autotune"
+            print(f"{entry}: warm-up ({what}) {time.perf_counter() - t:.1f} s")
             left = budget_end - time.perf_counter()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
             base = torch.cuda.memory_allocated(dev)
-        engine = make_engine("fast", model, data, precision=precision, memory_limit_bytes=args.memory_limit)
-        budget = args.fp32_s if precision == "fp32" else max(left, 1.0)
+        engine = make_engine("fast", model, data, precision=precision, memory_limit_bytes=args.memory_limit,
+                             conv_route=route)
+        budget = args.fp32_s if entry == "fp32" else max(left, 1.0)
         groups = engine.candidate_groups(sub)
         n_done, secs, done = _timed_score(engine, sub, groups, budget, dev)
         finished = [sub[i] for i in done]
@@ -140,7 +155,7 @@ def throughput(args, dev, out: dict) -> None:
         done_set = set(done)
         computed = sum(prefix_sharing(model, [sub[i] for i in g])[1] for g in groups if done_set.issuperset(g))
         row = {
-            "precision": precision, "candidates": n_done, "of": len(sub), "seconds": secs,
+            "precision": precision, "conv_route": route, "candidates": n_done, "of": len(sub), "seconds": secs,
             "candidates_per_s": n_done / secs, "images": images, "groups": engine.stats.groups,
             "sharing_ratio_timed": tot / shr, "tflops_effective": 2 * computed * images / secs / 1e12,
             "memory_limit_bytes": engine.memory_limit_bytes,
@@ -153,7 +168,9 @@ def throughput(args, dev, out: dict) -> None:
         mem = (f", peak working memory {row['peak_working_bytes'] / 2**30:.2f} GiB of a "
                f"{row['memory_limit_bytes'] / 2**30:.2f} GiB limit" if "peak_working_bytes" in row else "")
         tiles = ""
-        if engine._tf32_cuda:
+        if route == "class":
+            tiles = f" (width classes through F.conv2d, {engine.class_chunk} units per call)"
+        elif engine._tf32_cuda:
             tiles = " (CUDA tensor-core kernel multi_conv2d_tf32)"
             row["conv"] = "multi_conv2d_tf32"
         elif engine._triton:
@@ -162,7 +179,7 @@ def throughput(args, dev, out: dict) -> None:
             fixed = os.environ.get(CONFIG_ENV_VAR, "")
             tiles = f" (Triton tiles: {'fixed configuration ' + fixed if fixed else 'autotuned'})"
             row["triton_config"] = fixed or "autotune"
-        print(f"{precision}{tiles}: {n_done}/{len(sub)} candidates x {images} images in {secs:.1f} s = "
+        print(f"{entry}{tiles}: {n_done}/{len(sub)} candidates x {images} images in {secs:.1f} s = "
               f"{n_done / secs:.2f} candidates/s, {row['tflops_effective']:.1f} TFLOP/s effective, "
               f"prefix sharing of the timed set {tot / shr:.3f}x, {engine.stats.groups} groups{mem}; "
               f"PROJECTED all 50,000: {row['projected_50000_s'] / 60:.1f} min (a projection, not a measurement)")
@@ -242,18 +259,19 @@ def fidelity(args, dev, out: dict) -> bool:
     rd = prepare_data(data, protocol, dev)
     archs = Track1Space().sample_many(args.tau_candidates, seed=7)
     scores, not_run = {}, []
-    for precision in ("fp32", "tf32", "bf16"):
+    for entry in ["fp32"] + [e for e in args.fidelity_runs if e != "fp32"]:
+        precision, route = _run_kind(entry)
         if precision == "bf16" and dev.type != "cuda":
             continue
-        if precision != "fp32" and _left(args) < 15:
-            print(f"fidelity: {precision} NOT RUN (deadline --deadline-s {args.deadline_s:.0f} s near)")
-            not_run.append(precision)
+        if entry != "fp32" and _left(args) < 15:
+            print(f"fidelity: {entry} NOT RUN (deadline --deadline-s {args.deadline_s:.0f} s near)")
+            not_run.append(entry)
             continue
         t = time.perf_counter()
-        eng = make_engine("fast", model, rd, precision=precision)
-        scores[precision] = sorted(eng.score(archs), key=lambda s: s.index)
+        eng = make_engine("fast", model, rd, precision=precision, conv_route=route)
+        scores[entry] = sorted(eng.score(archs), key=lambda s: s.index)
         _sync(dev)
-        print(f"fidelity: fast {precision} on {len(archs)} candidates in {time.perf_counter() - t:.1f} s")
+        print(f"fidelity: fast {entry} on {len(archs)} candidates in {time.perf_counter() - t:.1f} s")
     ok = True
     res = {"candidates": len(archs), "protocol": protocol.to_dict(), "precisions_not_run": not_run}
     acc32 = [s.acc for s in scores["fp32"]]
@@ -282,15 +300,16 @@ def fidelity(args, dev, out: dict) -> bool:
     print(f"fidelity: fp32 fast vs reference on {n_ref} candidates: tau {tau_ref:.4f}, largest accuracy "
           f"difference {diff:.5f} ({'ok' if good else 'MISSED'}); reference took {ref_s:.1f} s "
           f"({n_ref / ref_s:.2f} candidates/s at this protocol)")
-    fast = make_engine("fast", model, rd)
     x = rd.eval_x[:256]
     group = archs[:50]
     k = len(group) // 2
-    together = fast._logits(group, x)
-    alone = fast._logits([group[k]], x)[0]
-    d = (alone - together[k]).abs().max().item()
-    res["independence_max_abs_logit_diff"] = d
-    print(f"fidelity: a candidate's logits alone vs among {len(group)}: largest difference {d:.3g}")
+    for route in ["kernel"] + (["class"] if any(_run_kind(e)[1] == "class" for e in scores) else []):
+        fast = make_engine("fast", model, rd, conv_route=route)
+        together = fast._logits(group, x)
+        alone = fast._logits([group[k]], x)[0]
+        d = (alone - together[k]).abs().max().item()
+        res["independence_max_abs_logit_diff" + ("" if route == "kernel" else "_class")] = d
+        print(f"fidelity ({route} route): a candidate's logits alone vs among {len(group)}: largest difference {d:.3g}")
     out["fidelity"] = res
     return ok
 
@@ -315,7 +334,11 @@ def main(argv=None) -> int:
     p.add_argument("--deadline-s", type=float, default=1e9,
                    help="skip the remaining precisions once fewer than ~15 s of this budget are left")
     p.add_argument("--precisions", default="fp32,tf32,bf16",
-                   help="comma-separated precisions of the throughput phase, in the order they are timed")
+                   help="comma-separated runs of the throughput phase, in the order they are timed: fp32, tf32, "
+                        "bf16, or fp32/class, tf32/class (the fast engine's conv_route='class' experiment)")
+    p.add_argument("--fidelity-runs", default="tf32,bf16",
+                   help="comma-separated runs whose Kendall tau vs fp32 the fidelity phase measures "
+                        "(same names as --precisions)")
     p.add_argument("--triton-config", default=None,
                    help="index of a fixed Triton tile configuration (FASTSUPERNET_TRITON_CONFIG) instead of "
                         "autotuning: fewer compiles, e.g. for the quick fidelity check")
@@ -326,10 +349,12 @@ def main(argv=None) -> int:
     p.add_argument("--skip-fidelity", action="store_true")
     p.add_argument("--json", default=None, help="write the summary here")
     args = p.parse_args(argv)
-    args.precisions = [v.strip() for v in args.precisions.split(",") if v.strip()]
-    unknown = [v for v in args.precisions if v not in ("fp32", "tf32", "bf16")]
-    if unknown:
-        p.error(f"--precisions: unknown {', '.join(unknown)} (expected fp32, tf32, bf16)")
+    for name in ("precisions", "fidelity_runs"):
+        runs = [v.strip() for v in getattr(args, name).split(",") if v.strip()]
+        unknown = [v for v in runs if v not in RUNS]
+        if unknown:
+            p.error(f"--{name.replace('_', '-')}: unknown {', '.join(unknown)} (expected {', '.join(RUNS)})")
+        setattr(args, name, runs)
     if args.triton_config is not None:
         from fastsupernet.ops.triton_conv import CONFIG_ENV_VAR
 

@@ -47,8 +47,18 @@ def test_gpu_class_conv_rejects_an_unknown_precision():
 
 def test_gpu_rank_dry_run():
     pytest.importorskip("fastsupernet._C")
-    out = _run("gpu_rank.py", "--dry-run")
-    assert "tau" in out and "done in" in out
+    # the runs gpu_check.sh asks for (tf32 computes fp32 on CPU)
+    out = _run("gpu_rank.py", "--dry-run", "--precisions", "fp32,tf32,tf32/class",
+               "--fidelity-runs", "tf32,tf32/class")
+    assert "tf32/class (width classes through F.conv2d" in out
+    assert "Kendall tau tf32/class vs fp32" in out and "done in" in out
+    assert "(class route): a candidate's logits alone vs among 8: largest difference 0" in out
+
+
+def test_gpu_rank_rejects_an_unknown_run():
+    out = subprocess.run([sys.executable, str(BENCH / "gpu_rank.py"), "--precisions", "fp32,fp16/class"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "--precisions: unknown fp16/class" in out.stderr
 
 
 def test_gpu_train_dry_run():

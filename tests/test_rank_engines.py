@@ -480,3 +480,59 @@ def test_fast_engine_gpu_precision_plumbing(trained, fmnist, monkeypatch, precis
     else:
         assert not torch.equal(got, want)
         assert (got.argmax(-1) != want.argmax(-1)).float().mean() <= 0.1
+
+
+# ----------------------------------------------------------------------------- the class route
+def test_class_route_matches_reference_and_does_not_depend_on_the_others(trained, fmnist):
+    """conv_route="class": one F.conv2d per chunk of a width class, padded chunks."""
+    rd = prepare_data(fmnist, Protocol(recal_images=48, recal_batch=16, eval_images=64))
+    space = Track1Space()
+    base = list(space.sample(7).values)
+    crafted = []  # the first two widths vary: every deeper level is one class of up to 16 units
+    for c0 in space.choices[0]:
+        for c1 in space.choices[1]:
+            crafted.append(space.parse([c0, c1] + base[2:]))
+    archs = _archs(6, seed=2) + crafted[:10]
+    fast = FastEngine(trained, rd, conv_route="class", class_chunk=3)
+    ref = make_engine("reference", trained, rd)
+    together = fast._logits(archs, rd.eval_x)
+    # some class ran in more than one chunk, and some chunk was padded
+    sizes = [g for plan in fast._class_plans.values() for _, _, _, g, _, _ in plan]
+    assert any(g > 3 for g in sizes) and any(g % 3 for g in sizes)
+    for k in (0, 5, 6, 11, 15):
+        torch.testing.assert_close(together[k], ref._logits(archs[k], rd.eval_x), rtol=RTOL, atol=ATOL)
+        assert torch.equal(fast._logits([archs[k]], rd.eval_x)[0], together[k])
+    got = _scores(make_engine("fast", trained, rd, conv_route="class"), archs)
+    want = _scores(make_engine("fast", trained, rd), archs)
+    for a, b in zip(got, want):
+        assert abs(a.acc - b.acc) <= 1 / 64 and a.loss == pytest.approx(b.loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("config", [
+    SupernetConfig.enhanced(branches=(1, 2, 4), classifier_branches=2),
+    SupernetConfig(branches=(1, 1, 1), shortcut="projection", residual_activation="prelu", width_map=((4, 5),)),
+], ids=["enhanced", "projection-prelu-map"])
+def test_class_route_on_supernet_options(fmnist, config):
+    torch.manual_seed(0)
+    model = _random_bn(Supernet(Track1Space(), config, in_channels=1, num_classes=10), 1)
+    for blocks in model.stages:
+        for i, blk in enumerate(blocks):
+            if hasattr(blk, "prelu"):
+                blk.prelu.data.fill_(0.1 + 0.1 * i)
+    rd = prepare_data(fmnist, Protocol(recal_images=40, recal_batch=16, eval_images=32))
+    archs = _archs(6, seed=8)
+    fast = FastEngine(model, rd, conv_route="class", class_chunk=2)
+    ref = make_engine("reference", model, rd)
+    got = fast._logits(archs, rd.eval_x)
+    for k, a in enumerate(archs):
+        torch.testing.assert_close(got[k], ref._logits(a, rd.eval_x), rtol=RTOL, atol=ATOL)
+
+
+def test_class_route_bad_values(trained, fmnist):
+    rd = prepare_data(fmnist, Protocol(recal_images=8, eval_images=8))
+    with pytest.raises(ValueError, match="conv_route must be one of .*'cudnn'"):
+        make_engine("fast", trained, rd, conv_route="cudnn")
+    with pytest.raises(ValueError, match="conv_route 'class' is an option of the fast engine"):
+        make_engine("reference", trained, rd, conv_route="class")
+    with pytest.raises(ValueError, match="class_chunk must be an int >= 1, got 0"):
+        FastEngine(trained, rd, conv_route="class", class_chunk=0)

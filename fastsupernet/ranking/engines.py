@@ -41,6 +41,17 @@ Engines (:func:`make_engine`):
     Triton pass per level during recalibration on CUDA), and the classifier and loss run in
     float64; on CPU the numbers are bitwise identical (tested).
 
+    ``conv_route="class"`` (an experiment, :data:`CONV_ROUTES`): at the deep levels every tree
+    node has one child, and the units of a level with the same input width, output width and
+    weight rows (a *width class*) apply one weight slice to different inputs; this route runs
+    each class as ``F.conv2d`` (cuDNN, oneDNN) over its units' gathered inputs as one batch, in
+    chunks of ``class_chunk`` units (the last chunk zero-padded, so every call of a class has
+    one shape and one algorithm), and scatters the result back, then takes the statistics with
+    ``channel_stats`` or applies the BN pass. Slower than ``kernel`` on CPU (oneDNN runs these
+    narrow convolutions at 0.4-0.7x the kernel's rate); whether cuDNN's tensor cores win on a
+    GPU is what ``benchmarks/gpu_class_conv.py`` and ``gpu_rank.py --precisions tf32/class``
+    measure.
+
 Precision: ``fp32`` (TF32 off), ``tf32`` (TF32 tensor cores allowed on CUDA: cuDNN/cuBLAS
 for the reference engine; for the fast one the CUDA tensor-core kernel
 ``fastsupernet::multi_conv2d_tf32``, or the Triton convolution with ``input_precision="tf32"``
@@ -248,14 +259,19 @@ class Engine:
             yield
             return
         mm, cd = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        det, bench = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
         allow = self.precision == "tf32"
         torch.backends.cuda.matmul.allow_tf32 = allow
         torch.backends.cudnn.allow_tf32 = allow
+        if getattr(self, "conv_route", "kernel") == "class":
+            # one deterministic algorithm per convolution shape (cuDNN's choice by heuristics)
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         try:
             yield
         finally:
             torch.backends.cuda.matmul.allow_tf32 = mm
             torch.backends.cudnn.allow_tf32 = cd
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = det, bench
 
 
 def _batches(n: int, size: int) -> list[slice]:
@@ -394,6 +410,14 @@ def _affine(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.
     return y.mul_(scale.view(1, -1, 1, 1)).add_(shift.view(1, -1, 1, 1))
 
 
+#: How the fast engine runs a level's convolutions: ``kernel``, one multi-candidate kernel call
+#: (``multi_conv2d``) per level; ``class``, one ``F.conv2d`` (cuDNN, oneDNN) per chunk of a
+#: width class (an experiment for the GPU: ``benchmarks/gpu_class_conv.py``).
+CONV_ROUTES = ("kernel", "class")
+#: Units per ``F.conv2d`` call of the ``class`` route (a short chunk is padded to this many).
+CLASS_CHUNK = 4
+
+
 def _ranges(starts: Sequence[int], lengths: Sequence[int]) -> list[int]:
     return [s + j for s, n in zip(starts, lengths) for j in range(n)]
 
@@ -403,10 +427,20 @@ class FastEngine(Engine):
 
     name = "fast"
 
-    def __init__(self, *args, eval_batch: int | None = None, **kw) -> None:
+    def __init__(self, *args, eval_batch: int | None = None, conv_route: str = "kernel",
+                 class_chunk: int = CLASS_CHUNK, **kw) -> None:
         super().__init__(*args, **kw)
         self.eval_batch = eval_batch or self.recal_batch
         dev = self.data.device
+        if conv_route not in CONV_ROUTES:
+            raise ValueError(f"conv_route must be one of {CONV_ROUTES}, got {conv_route!r}")
+        if conv_route == "class" and self.precision == "bf16":
+            raise ValueError("conv_route 'class' runs fp32 or tf32 convolutions; precision 'bf16' needs 'kernel'")
+        if not isinstance(class_chunk, int) or isinstance(class_chunk, bool) or class_chunk < 1:
+            raise ValueError(f"class_chunk must be an int >= 1, got {class_chunk!r}")
+        self.conv_route = conv_route
+        self.class_chunk = class_chunk
+        self._class_plans: dict[tuple, list] = {}
         self._mods = tree.layer_modules(self.model)
         self._sizes = tree.spatial_sizes(self.model, self.resolution)
         self._act_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
@@ -419,6 +453,8 @@ class FastEngine(Engine):
         # tf32: the CUDA tensor-core kernel (multi_conv2d_tf32) where built, else Triton's tf32 dot; bf16: Triton
         self._tf32_cuda = dev.type == "cuda" and self.precision == "tf32" and has_kernel("multi_conv2d_tf32", "CUDA")
         self._triton = dev.type == "cuda" and self.precision in ("tf32", "bf16") and not self._tf32_cuda
+        if self.conv_route == "class":  # F.conv2d under the precision's TF32 setting, NCHW
+            self._tf32_cuda = self._triton = False
         self._fused_light = dev.type == "cuda" and _triton_available()
         # the compiled one-pass CPU version (float32 activations; bf16 runs the torch ops)
         self._compiled_light = (dev.type == "cpu" and self._act_dtype == torch.float32
@@ -490,6 +526,10 @@ class FastEngine(Engine):
     # ------------------------------------------------------------------ one conv call
     def _conv(self, x, weight, in_offsets, in_widths, out_widths, rows, stride, padding, *, scale=None, shift=None,
               residual=None, activation="none", slope=None, stats=False):
+        if self.conv_route == "class":
+            return self._conv_by_class(x, weight, in_offsets, in_widths, out_widths, rows, stride, padding,
+                                       scale=scale, shift=shift, residual=residual, activation=activation,
+                                       slope=slope, stats=stats)
         if self._tf32_cuda:
             out, s, q = torch.ops.fastsupernet.multi_conv2d_tf32(
                 x, weight, in_offsets, in_widths, out_widths, rows, stride, padding, scale, shift, residual, activation,
@@ -508,6 +548,63 @@ class FastEngine(Engine):
         return ops.multi_conv2d(x, weight, in_offsets, in_widths, out_widths, rows, stride=stride, padding=padding,
                                 scale=scale, shift=shift, residual=residual, activation=activation,
                                 prelu_slope=slope, stats=stats)
+
+    def _class_plan(self, in_offsets, in_widths, out_widths, rows, device) -> list:
+        """Per width class (input width, output width, weight rows), in order of first unit:
+        (a, o, rows, units, input channel index, output channel index)."""
+        key = (tuple(in_offsets), tuple(in_widths), tuple(out_widths), tuple(rows))
+        plan = self._class_plans.get(key)
+        if plan is not None:
+            return plan
+        out_offsets = [0]
+        for o in out_widths[:-1]:
+            out_offsets.append(out_offsets[-1] + o)
+        classes: dict[tuple[int, int, int], list[int]] = {}
+        for k, cls in enumerate(zip(in_widths, out_widths, rows)):
+            classes.setdefault(cls, []).append(k)
+        plan = []
+        for (a, o, r), units in classes.items():
+            idx_in = torch.tensor(_ranges([in_offsets[k] for k in units], [a] * len(units)), device=device)
+            idx_out = torch.tensor(_ranges([out_offsets[k] for k in units], [o] * len(units)), device=device)
+            plan.append((a, o, r, len(units), idx_in, idx_out))
+        self._class_plans[key] = plan
+        return plan
+
+    def _conv_by_class(self, x, weight, in_offsets, in_widths, out_widths, rows, stride, padding, *, scale, shift,
+                       residual, activation, slope, stats):
+        """``_conv`` by width classes: the units of a class apply one weight slice to their own
+        inputs, so the class is a convolution of its units' gathered channel slices as one batch
+        of units x N images, run in chunks of ``class_chunk`` units (the last one padded with
+        zeros: every call of a class has one shape, hence one algorithm, and a unit's numbers do
+        not depend on the others) and scattered back into the packed layout; then the level's
+        statistics in float64 (``channel_stats``) or its BN/residual/activation pass."""
+        n, _, h, w = x.shape
+        c_out = sum(out_widths)
+        ch = self.class_chunk
+        out = None
+        for a, o, r, g, idx_in, idx_out in self._class_plan(in_offsets, in_widths, out_widths, rows, x.device):
+            wk = weight[r : r + o, :a].contiguous()
+            chunks = -(-g // ch)
+            batch = x.new_empty((chunks * ch, n, a, h, w))
+            if chunks * ch > g:
+                batch[g:].zero_()
+            batch[:g].copy_(x.index_select(1, idx_in).view(n, g, a, h, w).transpose(0, 1))
+            flat = batch.view(chunks * ch * n, a, h, w)
+            ys = [F.conv2d(flat[c * ch * n : (c + 1) * ch * n], wk, stride=stride, padding=padding)
+                  for c in range(chunks)]
+            y = torch.cat(ys) if chunks > 1 else ys[0]
+            ho, wo = y.shape[2], y.shape[3]
+            if out is None:
+                out = x.new_empty((n, c_out, ho, wo))
+            y = y.view(chunks * ch, n, o, ho * wo)[:g].transpose(0, 1).reshape(n, g * o, ho * wo)
+            out.view(n, c_out, ho * wo).index_copy_(1, idx_out, y)
+        if stats:
+            s, q = ops.channel_stats(out)
+            return out, s, q
+        if scale is None and residual is None and activation == "none":
+            return out
+        return self._light(out, scale, shift, residual, None, None, activation,
+                           slope[:1] if slope is not None else None)
 
     # ------------------------------------------------------------------ per-group constants
     def _level_tensors(self, plan: tree.TreePlan) -> list[_LevelTensors]:
@@ -735,6 +832,7 @@ class FastEngine(Engine):
     def _run_group(self, networks: Sequence[tuple[int, ...]]):
         """(plan, eval meta, folded constants, classifier) of one group after recalibration."""
         plan = tree.build_plan(self.model, networks)
+        self._class_plans.clear()  # the previous group's
         meta = self._meta(plan)
         consts = self._recalibrate(plan, meta)
         return plan, meta, consts, self._classifier(plan)
@@ -787,18 +885,23 @@ class FastEngine(Engine):
 
 # ----------------------------------------------------------------------------- factory
 def make_engine(name: str, model: Supernet, data: RankData, *, precision: str = "fp32",
-                memory_limit_bytes: int | None = None) -> Engine:
+                memory_limit_bytes: int | None = None, conv_route: str = "kernel") -> Engine:
     """An engine by name (:data:`ENGINES`) for ``model`` on ``data``'s device.
 
     The model is moved to the data's device (``nn.Module.to``, in place). The recalibration
     batch size is ``data.recal_batch`` (the protocol's, set by :func:`prepare_data`).
     ``memory_limit_bytes`` bounds the fast engine's working memory (default: half the free GPU
     memory, or 2 GiB on CPU); the reference engine needs one batch at a time and ignores it.
+    ``conv_route`` (fast engine, :data:`CONV_ROUTES`): ``kernel`` (default) or the ``class``
+    experiment (one ``F.conv2d`` per chunk of a width class; fp32 and tf32).
     """
     if name not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {name!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     model.to(data.device)
-    cls = FastEngine if name == "fast" else ReferenceEngine
-    return cls(model, data, precision, memory_limit_bytes)
+    if name == "fast":
+        return FastEngine(model, data, precision, memory_limit_bytes, conv_route=conv_route)
+    if conv_route != "kernel":
+        raise ValueError(f"conv_route {conv_route!r} is an option of the fast engine, not of {name!r}")
+    return ReferenceEngine(model, data, precision, memory_limit_bytes)
