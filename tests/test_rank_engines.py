@@ -434,6 +434,18 @@ def test_fast_engine_fused_light_pass_matches(trained, fmnist):
     torch.testing.assert_close(fused._logits(archs, rd.eval_x), plain._logits(archs, rd.eval_x), rtol=RTOL, atol=ATOL)
 
 
+def test_class_route_with_the_fused_light_pass_matches(trained, fmnist):
+    """The class route as it runs on CUDA: its BN passes (eval, and shortcut convs without an
+    activation) through the Triton bn_act kernel."""
+    _interpreted_triton()
+    rd = prepare_data(fmnist, Protocol(recal_images=8, recal_batch=8, eval_images=8))
+    archs = [Track1Space().smallest(), Track1Space().sample(2), Track1Space().sample(3)]
+    plain = make_engine("fast", trained, rd)
+    fused = make_engine("fast", trained, rd, conv_route="class")
+    fused._fused_light = True
+    torch.testing.assert_close(fused._logits(archs, rd.eval_x), plain._logits(archs, rd.eval_x), rtol=RTOL, atol=ATOL)
+
+
 def _emulated_triton_conv(seen: list):
     """Stands in for ``multi_conv2d_triton`` on CPU: the reference conv in float32 on the given
     dtype's values, output in x's dtype and memory format (as the Triton kernel does)."""

@@ -549,10 +549,10 @@ class FastEngine(Engine):
                                 scale=scale, shift=shift, residual=residual, activation=activation,
                                 prelu_slope=slope, stats=stats)
 
-    def _class_plan(self, in_offsets, in_widths, out_widths, rows, device) -> list:
+    def _class_plan(self, weight, in_offsets, in_widths, out_widths, rows) -> list:
         """Per width class (input width, output width, weight rows), in order of first unit:
-        (a, o, rows, units, input channel index, output channel index)."""
-        key = (tuple(in_offsets), tuple(in_widths), tuple(out_widths), tuple(rows))
+        (a, o, weight slice, units, input channel index, output channel index)."""
+        key = (weight.data_ptr(), tuple(in_offsets), tuple(in_widths), tuple(out_widths), tuple(rows))
         plan = self._class_plans.get(key)
         if plan is not None:
             return plan
@@ -564,9 +564,9 @@ class FastEngine(Engine):
             classes.setdefault(cls, []).append(k)
         plan = []
         for (a, o, r), units in classes.items():
-            idx_in = torch.tensor(_ranges([in_offsets[k] for k in units], [a] * len(units)), device=device)
-            idx_out = torch.tensor(_ranges([out_offsets[k] for k in units], [o] * len(units)), device=device)
-            plan.append((a, o, r, len(units), idx_in, idx_out))
+            idx_in = torch.tensor(_ranges([in_offsets[k] for k in units], [a] * len(units)), device=weight.device)
+            idx_out = torch.tensor(_ranges([out_offsets[k] for k in units], [o] * len(units)), device=weight.device)
+            plan.append((a, o, weight[r : r + o, :a].contiguous(), len(units), idx_in, idx_out))
         self._class_plans[key] = plan
         return plan
 
@@ -582,8 +582,7 @@ class FastEngine(Engine):
         c_out = sum(out_widths)
         ch = self.class_chunk
         out = None
-        for a, o, r, g, idx_in, idx_out in self._class_plan(in_offsets, in_widths, out_widths, rows, x.device):
-            wk = weight[r : r + o, :a].contiguous()
+        for a, o, wk, g, idx_in, idx_out in self._class_plan(weight, in_offsets, in_widths, out_widths, rows):
             chunks = -(-g // ch)
             batch = x.new_empty((chunks * ch, n, a, h, w))
             if chunks * ch > g:
