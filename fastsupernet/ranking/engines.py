@@ -549,9 +549,10 @@ class FastEngine(Engine):
                                 scale=scale, shift=shift, residual=residual, activation=activation,
                                 prelu_slope=slope, stats=stats)
 
-    def _class_plan(self, weight, in_offsets, in_widths, out_widths, rows) -> list:
-        """Per width class (input width, output width, weight rows), in order of first unit:
-        (a, o, weight slice, units, input channel index, output channel index)."""
+    def _class_plan(self, weight, in_offsets, in_widths, out_widths, rows):
+        """The level's width classes (input width, output width, weight rows), in order of first
+        unit: a list of (a, o, weight slice, units), and the input and output channel indices of
+        all units in that class order."""
         key = (weight.data_ptr(), tuple(in_offsets), tuple(in_widths), tuple(out_widths), tuple(rows))
         plan = self._class_plans.get(key)
         if plan is not None:
@@ -562,11 +563,13 @@ class FastEngine(Engine):
         classes: dict[tuple[int, int, int], list[int]] = {}
         for k, cls in enumerate(zip(in_widths, out_widths, rows)):
             classes.setdefault(cls, []).append(k)
-        plan = []
+        listed, idx_in, idx_out = [], [], []
         for (a, o, r), units in classes.items():
-            idx_in = torch.tensor(_ranges([in_offsets[k] for k in units], [a] * len(units)), device=weight.device)
-            idx_out = torch.tensor(_ranges([out_offsets[k] for k in units], [o] * len(units)), device=weight.device)
-            plan.append((a, o, weight[r : r + o, :a].contiguous(), len(units), idx_in, idx_out))
+            idx_in += _ranges([in_offsets[k] for k in units], [a] * len(units))
+            idx_out += _ranges([out_offsets[k] for k in units], [o] * len(units))
+            listed.append((a, o, weight[r : r + o, :a].contiguous(), len(units)))
+        dev = weight.device
+        plan = (listed, torch.tensor(idx_in, device=dev), torch.tensor(idx_out, device=dev))
         self._class_plans[key] = plan
         return plan
 
@@ -577,26 +580,35 @@ class FastEngine(Engine):
         of units x N images, run in chunks of ``class_chunk`` units (the last one padded with
         zeros: every call of a class has one shape, hence one algorithm, and a unit's numbers do
         not depend on the others) and scattered back into the packed layout; then the level's
-        statistics in float64 (``channel_stats``) or its BN/residual/activation pass."""
+        statistics in float64 (``channel_stats``) or its BN/residual/activation pass. One gather
+        and one scatter per level; per class a copy into its (padded) batch, per chunk a conv and
+        a copy of its units' outputs."""
         n, _, h, w = x.shape
-        c_out = sum(out_widths)
+        k = weight.shape[2]
+        ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+        p_in, p_out = h * w, ho * wo
         ch = self.class_chunk
-        out = None
-        for a, o, wk, g, idx_in, idx_out in self._class_plan(weight, in_offsets, in_widths, out_widths, rows):
+        classes, idx_in, idx_out = self._class_plan(weight, in_offsets, in_widths, out_widths, rows)
+        gathered = x.index_select(1, idx_in)  # (n, sum g a, h, w), class order
+        c_out = idx_out.numel()
+        by_class = x.new_empty((n, c_out, p_out))  # outputs in class order
+        batch_len = sum(-(-g // ch) * ch * a for a, _, _, g in classes)
+        batches = x.new_empty((batch_len * n * p_in,))
+        gi = go = bi = 0
+        for a, o, wk, g in classes:
             chunks = -(-g // ch)
-            batch = x.new_empty((chunks * ch, n, a, h, w))
+            batch = batches[bi * n * p_in : (bi + chunks * ch * a) * n * p_in].view(chunks * ch, n, a, h, w)
+            batch[:g].copy_(gathered[:, gi : gi + g * a].view(n, g, a, h, w).transpose(0, 1))
             if chunks * ch > g:
                 batch[g:].zero_()
-            batch[:g].copy_(x.index_select(1, idx_in).view(n, g, a, h, w).transpose(0, 1))
-            flat = batch.view(chunks * ch * n, a, h, w)
-            ys = [F.conv2d(flat[c * ch * n : (c + 1) * ch * n], wk, stride=stride, padding=padding)
-                  for c in range(chunks)]
-            y = torch.cat(ys) if chunks > 1 else ys[0]
-            ho, wo = y.shape[2], y.shape[3]
-            if out is None:
-                out = x.new_empty((n, c_out, ho, wo))
-            y = y.view(chunks * ch, n, o, ho * wo)[:g].transpose(0, 1).reshape(n, g * o, ho * wo)
-            out.view(n, c_out, ho * wo).index_copy_(1, idx_out, y)
+            for c in range(chunks):
+                y = F.conv2d(batch[c * ch : (c + 1) * ch].view(ch * n, a, h, w), wk, stride=stride, padding=padding)
+                real = min(ch, g - c * ch)
+                dst = by_class[:, go + c * ch * o : go + (c * ch + real) * o].view(n, real, o, p_out)
+                dst.copy_(y.view(ch, n, o, p_out)[:real].transpose(0, 1))
+            gi, go, bi = gi + g * a, go + g * o, bi + chunks * ch * a
+        out = x.new_empty((n, c_out, ho, wo))
+        out.view(n, c_out, p_out).index_copy_(1, idx_out, by_class)
         if stats:
             s, q = ops.channel_stats(out)
             return out, s, q
