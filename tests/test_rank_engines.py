@@ -275,7 +275,8 @@ def _random_bn(model: Supernet, seed: int) -> Supernet:
     SupernetConfig(branches=(2, 2, 2), shortcut="projection"),
     SupernetConfig(branches=(1, 1, 1), shortcut="projection", residual_activation="prelu", width_map=((4, 5),)),
 ], ids=["enhanced", "projection", "projection-prelu-map"])
-def test_fast_matches_reference_on_supernet_options(fmnist, config):
+@pytest.mark.parametrize("route", ["kernel", "class"])
+def test_fast_matches_reference_on_supernet_options(fmnist, config, route):
     torch.manual_seed(0)
     model = _random_bn(Supernet(Track1Space(), config, in_channels=1, num_classes=10), 1)
     for blocks in model.stages:
@@ -293,7 +294,8 @@ def test_fast_matches_reference_on_supernet_options(fmnist, config):
         v[4] = v[2]
         v[10] = v[8]
         archs.append(space.parse(v))
-    fast, ref = make_engine("fast", model, rd), make_engine("reference", model, rd)
+    fast = FastEngine(model, rd, conv_route=route, class_chunk=2)
+    ref = make_engine("reference", model, rd)
     got = fast._logits(archs, rd.eval_x)
     for k, a in enumerate(archs):
         torch.testing.assert_close(got[k], ref._logits(a, rd.eval_x), rtol=RTOL, atol=ATOL)
@@ -518,26 +520,6 @@ def test_class_route_matches_reference_and_does_not_depend_on_the_others(trained
     want = _scores(make_engine("fast", trained, rd), archs)
     for a, b in zip(got, want):
         assert abs(a.acc - b.acc) <= 1 / 64 and a.loss == pytest.approx(b.loss, rel=1e-4)
-
-
-@pytest.mark.parametrize("config", [
-    SupernetConfig.enhanced(branches=(1, 2, 4), classifier_branches=2),
-    SupernetConfig(branches=(1, 1, 1), shortcut="projection", residual_activation="prelu", width_map=((4, 5),)),
-], ids=["enhanced", "projection-prelu-map"])
-def test_class_route_on_supernet_options(fmnist, config):
-    torch.manual_seed(0)
-    model = _random_bn(Supernet(Track1Space(), config, in_channels=1, num_classes=10), 1)
-    for blocks in model.stages:
-        for i, blk in enumerate(blocks):
-            if hasattr(blk, "prelu"):
-                blk.prelu.data.fill_(0.1 + 0.1 * i)
-    rd = prepare_data(fmnist, Protocol(recal_images=40, recal_batch=16, eval_images=32))
-    archs = _archs(6, seed=8)
-    fast = FastEngine(model, rd, conv_route="class", class_chunk=2)
-    ref = make_engine("reference", model, rd)
-    got = fast._logits(archs, rd.eval_x)
-    for k, a in enumerate(archs):
-        torch.testing.assert_close(got[k], ref._logits(a, rd.eval_x), rtol=RTOL, atol=ATOL)
 
 
 def test_class_route_bad_values(trained, fmnist):
