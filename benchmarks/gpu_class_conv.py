@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_class_conv.py                 # on the GPU, fp32 (TF32 off) and tf32
     python benchmarks/gpu_class_conv.py --dry-run       # CPU, tiny shapes: exercises the whole script
+    python benchmarks/gpu_class_conv.py --cpu           # CPU, the same classes with G / 4 units (C++ kernel vs oneDNN)
 
 At the deep levels of the ranking tree (16x16 and 8x8 in Track 1, 85% of the multiply-adds of
 all 50,000 official candidates) every tree node has one child, so ``multi_conv2d`` computes G
@@ -61,7 +62,7 @@ def run(device: str, classes, batch: int, precision: str) -> int:
     import fastsupernet._C  # noqa: F401  (registers the ops)
 
     op = getattr(torch.ops.fastsupernet, op_name)
-    rate = gemm_rate(device, 4096 if device == "cuda" else 256)
+    rate = gemm_rate(device, 4096 if device == "cuda" else 1024 if batch > 2 else 256)
     print(f"\n{precision}: {op_name} vs one batched F.conv2d per width class, batch {batch}, 3x3 stride 1; "
           f"GEMM {rate / 1e12:.1f} TFLOP/s ({'TF32' if precision == 'tf32' else 'fp32'})\n")
     print("| class (HxW a->o, G) | multi ms | class ms | conv only ms | class x multi | multi TFLOP/s | "
@@ -98,21 +99,28 @@ def run(device: str, classes, batch: int, precision: str) -> int:
             continue
         flops = 2.0 * n * g * hw * hw * 9 * a * o
         print(f"| {hw}x{hw} {a}->{o}, {g} | {t_multi * 1e3:.3f} | {t_class * 1e3:.3f} | {t_conv * 1e3:.3f} | "
-              f"{t_multi / t_class:.2f} | {flops / t_multi / 1e12:.1f} | {flops / t_conv / 1e12:.1f} | {diff:.1e} |")
+              f"{t_multi / t_class:.2f} | {flops / t_multi / 1e12:.3g} | {flops / t_conv / 1e12:.3g} | {diff:.1e} |")
     return status
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes (checks the script, not the speed)")
+    ap.add_argument("--cpu", action="store_true", help="CPU, fp32, the GPU's classes with a quarter of the units")
     ap.add_argument("--precisions", default="fp32,tf32", help="comma-separated: fp32, tf32 (default both)")
     args = ap.parse_args(argv)
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     bad = [p for p in precisions if p not in ("fp32", "tf32")]
     if bad or not precisions:
         ap.error(f"--precisions: expected fp32 and/or tf32, got {args.precisions!r}")
-    if args.dry_run:
+    if args.dry_run or args.cpu:
         device, classes, batch = "cpu", TINY_CLASSES, 2
+        if args.cpu:
+            from fastsupernet.allocator import tune_cpu_allocator
+
+            tune_cpu_allocator()  # as the command line does: large blocks kept mapped (no page faults per call)
+            classes, batch = [(hw, a, o, max(g // 4, 1)) for hw, a, o, g in CLASSES], BATCH
+            print(f"device: CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")
         precisions = ["fp32"]  # tf32 is a CUDA kernel
     else:
         if not torch.cuda.is_available():
