@@ -16,8 +16,9 @@ freed hole, the next large request no longer fits in it and the heap grows onto 
 again (a 580 MiB ``multi_conv2d`` output: 0.31 s per call reusing pages, 0.70-0.88 s on fresh
 ones). The compiled extension therefore adds a block cache (``csrc/cpu/block_cache.cpp``):
 freed blocks of at least :data:`BLOCK_CACHE_MIN_BYTES` are kept whole, up to a total of
-``FASTSUPERNET_CPU_BLOCK_CACHE_MB`` (default 2048; 0 turns it off), and serve the next request
-of about their size (at most a quarter larger).
+``FASTSUPERNET_CPU_BLOCK_CACHE_MB`` (default 2048, or an eighth of the machine's memory where
+that is less; 0 turns it off), and serve the next request of about their size (at most a
+quarter larger).
 
 The command line applies :func:`tune_cpu_allocator` when it starts (set
 ``FASTSUPERNET_CPU_ALLOCATOR=system`` to leave the allocator alone). Library users call it
@@ -42,7 +43,8 @@ KEEP_FREE_BYTES = 2**31 - 1  # mallopt takes an int
 
 #: Smallest block the block cache keeps.
 BLOCK_CACHE_MIN_BYTES = 16 * 2**20
-#: Default total of idle large blocks the block cache keeps (FASTSUPERNET_CPU_BLOCK_CACHE_MB).
+#: Default total of idle large blocks the block cache keeps (FASTSUPERNET_CPU_BLOCK_CACHE_MB),
+#: or an eighth of the machine's memory where that is less.
 BLOCK_CACHE_DEFAULT_MB = 2048
 
 # glibc's mallopt parameters (malloc.h)
@@ -50,8 +52,16 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
 
+def _default_block_cache_mb() -> int:
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return BLOCK_CACHE_DEFAULT_MB
+    return min(BLOCK_CACHE_DEFAULT_MB, ram // 8 // 2**20)
+
+
 def _block_cache_bytes() -> int:
-    raw = os.environ.get("FASTSUPERNET_CPU_BLOCK_CACHE_MB", str(BLOCK_CACHE_DEFAULT_MB)).strip()
+    raw = os.environ.get("FASTSUPERNET_CPU_BLOCK_CACHE_MB", str(_default_block_cache_mb())).strip()
     try:
         mb = int(raw)
     except ValueError:

@@ -135,3 +135,14 @@ def test_block_cache_op_rejects_bad_limits():
         torch.ops.fastsupernet._cpu_block_cache(-5, 1)
     with pytest.raises(RuntimeError, match="min_bytes must be >= 1, got 0"):
         torch.ops.fastsupernet._cpu_block_cache(0, 0)
+
+
+def test_block_cache_default_limit_is_at_most_an_eighth_of_the_memory(monkeypatch):
+    from fastsupernet import allocator
+
+    monkeypatch.delenv("FASTSUPERNET_CPU_BLOCK_CACHE_MB", raising=False)
+    sizes = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 2 * 2**30 // 4096}  # a 2 GiB machine
+    monkeypatch.setattr(allocator.os, "sysconf", lambda name: sizes[name])
+    assert allocator._block_cache_bytes() == 256 * 2**20
+    sizes["SC_PHYS_PAGES"] = 64 * 2**30 // 4096
+    assert allocator._block_cache_bytes() == allocator.BLOCK_CACHE_DEFAULT_MB * 2**20
