@@ -12,6 +12,9 @@ input, the table compares:
   ``F.conv2d`` with the candidate's weight slice, ``F.batch_norm`` in eval mode, ReLU;
 - cuda: ``torch.ops.fastsupernet.multi_conv2d`` on CUDA tensors (the compiled CUDA kernel), one
   call with the folded BN (scale, shift) and ReLU fused;
+- cuda2img (fp32 only): the same CUDA kernel with two images per pixel tile
+  (``FASTSUPERNET_CUDA_CONV_IMAGES=2``, an experiment: every staged weight serves twice the
+  multiply-adds);
 - triton: ``fastsupernet.ops.triton_conv.multi_conv2d_triton`` with the same arguments (shown as
   n/a when that module is missing or fails).
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -164,6 +168,26 @@ def _reference_op() -> tuple[Callable | None, str]:
     return (run, "") if hasattr(reference, "multi_conv2d") else (None, "reference.multi_conv2d is missing")
 
 
+IMAGES_VAR = "FASTSUPERNET_CUDA_CONV_IMAGES"
+
+
+def _two_images(op: Callable) -> Callable:
+    """``op`` with the CUDA fp32 kernel's two-image tiles (csrc/cuda/conv.cu), for this call only."""
+
+    def run(*args):
+        before = os.environ.get(IMAGES_VAR)
+        os.environ[IMAGES_VAR] = "2"
+        try:
+            return op(*args)
+        finally:
+            if before is None:
+                del os.environ[IMAGES_VAR]
+            else:
+                os.environ[IMAGES_VAR] = before
+
+    return run
+
+
 def backends(device: str, precision: str = "fp32") -> list[tuple[str, Callable | None, str, bool]]:
     """(column, fn or None, why not available, required) per fused backend on the device."""
     if device == "cuda":
@@ -171,7 +195,10 @@ def backends(device: str, precision: str = "fp32") -> list[tuple[str, Callable |
         if precision == "bf16":
             op, why = None, "the CUDA kernels compute float32 / float64 (and TF32) only"
         tri, why_t = _triton_op("tf32" if precision == "tf32" else "ieee")
-        return [("cuda", op, why, precision != "bf16"), ("triton", tri, why_t, False)]
+        cols = [("cuda", op, why, precision != "bf16")]
+        if precision == "fp32":  # the two-image experiment of the fp32 kernel
+            cols.append(("cuda2img", _two_images(op) if op is not None else None, why, False))
+        return cols + [("triton", tri, why_t, False)]
     op, why = _compiled_op("cpu")
     ref, why_r = _reference_op()
     return [("cpp", op, why, False), ("reference", ref, why_r, False)]

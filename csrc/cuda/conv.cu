@@ -15,6 +15,14 @@
 // switch picks the specialisation, so narrow candidates do not pay for 16 channels).
 // Weights are read in place from the packed (R, C_max, k, k) tensor (row stride C_max * k * k).
 //
+// Images per tile (IMG = 1 or 2). With IMG = 2 a block computes the same 64 positions of two
+// consecutive images (a lane: 2 pixels x 2 images x NC channels), so every staged and loaded
+// weight serves twice the multiply-adds; pixel tile q covers images 2q and 2q + 1 (the second
+// absent when N is odd). An experiment for float only, opt-in per call with the environment
+// variable FASTSUPERNET_CUDA_CONV_IMAGES=2 (read on the host at each launch; default 1). The
+// numbers are the same as with IMG = 1 except the statistics' order of summation (one partial
+// per channel and tile of two images).
+//
 // Layout. x is read through its four element strides: contiguous NCHW is the fast path
 // (coalesced patch rows); channels_last and other strided views are read correctly with less
 // coalesced loads. out is contiguous NCHW. residual is read through its strides.
@@ -41,6 +49,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <type_traits>
 
 namespace fastsupernet {
 namespace cuda {
@@ -50,6 +60,7 @@ constexpr int kWarp = 32;
 constexpr int kTileLog2 = 6;     // 64 output pixels per pixel tile (2 per lane)
 constexpr int kWeightStride = 20; // shared-memory row of one reduction index: 16 channels + pad
 constexpr int kMinBlocksPerSM = 20; // caps registers at 96 (float: no spills)
+constexpr int kMinBlocksPerSM2 = 14; // two images per tile: 4 x NC accumulators, cap at 146 registers
 
 template <int KS>
 struct ChunkOf {
@@ -85,14 +96,16 @@ struct ConvParams : ConvArgs<T> {
   int step_c, step_h, step_w;  // 32 = step_c * patch_elems + step_h * patch_w + step_w
 };
 
-// One (pixel tile, channel tile) block with NC (multiple of 4, >= the tile's nc) channels.
-template <typename T, int KS, int NC>
+// One (pixel tile, channel tile) block with NC (multiple of 4, >= the tile's nc) channels, for
+// IMG images.
+template <typename T, int KS, int NC, int IMG>
 __device__ __forceinline__ void conv_tile(const ConvParams<T>& p, T* __restrict__ ws,
                                           T* __restrict__ xs, int64_t ptile, int k, int c0, int nc) {
   constexpr int KK = KS * KS;
   constexpr int CK = ChunkOf<KS>::value;
   constexpr int RK = CK * KK;  // reduction indices per chunk
   const int lane = threadIdx.x;
+  const int xs_image = CK * p.patch_elems;  // shared-memory elements of one image's patch
 
   const int32_t* cand = p.meta + static_cast<int64_t>(k) * kCandidateInts;
   const int in_offset = cand[0];
@@ -103,7 +116,7 @@ __device__ __forceinline__ void conv_tile(const ConvParams<T>& p, T* __restrict_
   // Tile position; a patch step is `pstep` input pixels (the 1x1 patch holds exactly the
   // sampled pixels, the 3x3 patch the dense window).
   const TileOrigin origin = tile_origin(p, ptile, kTileLog2);
-  const int64_t n = origin.image;
+  const int64_t n0 = origin.image * IMG;  // the tile's first image
   const int tile_w = 1 << p.tile_w_log2;
   const int oh_t = origin.oh;
   const int ow_t = origin.ow;
@@ -126,15 +139,18 @@ __device__ __forceinline__ void conv_tile(const ConvParams<T>& p, T* __restrict_
   const int e_h = e_rem / p.patch_w;
   const int e_w = e_rem - e_h * p.patch_w;
 
-  const T* x_n = p.x + n * p.x_sn + static_cast<int64_t>(in_offset) * p.x_sc;
   const T* w_rows = p.weight + static_cast<int64_t>(row0) * p.weight_row;
 
-  T acc_a[NC];
-  T acc_b[NC];
+  // acc_a[i][c], acc_b[i][c]: pixels a and b of image n0 + i
+  T acc_a[IMG][NC];
+  T acc_b[IMG][NC];
 #pragma unroll
-  for (int c = 0; c < NC; ++c) {
-    acc_a[c] = T(0);
-    acc_b[c] = T(0);
+  for (int i = 0; i < IMG; ++i) {
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+      acc_a[i][c] = T(0);
+      acc_b[i][c] = T(0);
+    }
   }
 
   for (int ci0 = 0; ci0 < in_width; ci0 += CK) {
@@ -153,16 +169,20 @@ __device__ __forceinline__ void conv_tile(const ConvParams<T>& p, T* __restrict_
       stage(&ws[r * kWeightStride + c], ok ? w_chunk + static_cast<int64_t>(c) * p.weight_row + r : p.weight, ok);
     }
 
-    // Input patch of the chunk, xs[cc * patch_elems + h * patch_w + w], zero outside the image.
-    {
+    // Input patch of the chunk for image n0 + img, xs[img * xs_image + cc * patch_elems + h * patch_w + w],
+    // zero outside the image (and for an absent second image).
+#pragma unroll
+    for (int img = 0; img < IMG; ++img) {
       const int total = ckv * p.patch_elems;
-      const T* x_chunk = x_n + static_cast<int64_t>(ci0) * p.x_sc;
+      const bool image_ok = n0 + img < p.N;
+      const T* x_chunk = p.x + (n0 + img) * p.x_sn + static_cast<int64_t>(in_offset + ci0) * p.x_sc;
+      T* xs_img = xs + img * xs_image;
       int cc = e_c, h = e_h, w = e_w;
       for (int i = lane; i < total; i += kWarp) {
         const int ih = ih_base + h * pstep;
         const int iw = iw_base + w * pstep;
-        const bool ok = ih >= 0 && ih < p.H && iw >= 0 && iw < p.W;
-        stage(&xs[i],
+        const bool ok = image_ok && ih >= 0 && ih < p.H && iw >= 0 && iw < p.W;
+        stage(&xs_img[i],
               ok ? x_chunk + cc * p.x_sc + static_cast<int64_t>(ih) * p.x_sh + static_cast<int64_t>(iw) * p.x_sw : p.x,
               ok);
         w += p.step_w;
@@ -189,8 +209,12 @@ __device__ __forceinline__ void conv_tile(const ConvParams<T>& p, T* __restrict_
 #pragma unroll
         for (int kx = 0; kx < KS; ++kx) {
           const int off = ky * p.patch_w + kx;
-          const T a = xc[base_a + off];
-          const T b = xc[base_b + off];
+          T a[IMG], b[IMG];
+#pragma unroll
+          for (int i = 0; i < IMG; ++i) {
+            a[i] = xc[i * xs_image + base_a + off];
+            b[i] = xc[i * xs_image + base_b + off];
+          }
           const T* wr = wc + (ky * KS + kx) * kWeightStride;
 #pragma unroll
           for (int c = 0; c < NC; c += 4) {
@@ -198,8 +222,11 @@ __device__ __forceinline__ void conv_tile(const ConvParams<T>& p, T* __restrict_
             load4(wr + c, w4);
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-              acc_a[c + j] = fma(a, w4[j], acc_a[c + j]);
-              acc_b[c + j] = fma(b, w4[j], acc_b[c + j]);
+#pragma unroll
+              for (int i = 0; i < IMG; ++i) {
+                acc_a[i][c + j] = fma(a[i], w4[j], acc_a[i][c + j]);
+                acc_b[i][c + j] = fma(b[i], w4[j], acc_b[i][c + j]);
+              }
             }
           }
         }
@@ -224,10 +251,17 @@ __device__ __forceinline__ void conv_tile(const ConvParams<T>& p, T* __restrict_
     if (c < nc) {
       const int64_t oc = oc0 + c;
       if (p.stats) {
-        const double ya = valid_a ? static_cast<double>(acc_a[c]) : 0.0;
-        const double yb = valid_b ? static_cast<double>(acc_b[c]) : 0.0;
-        const double s = warp_sum(ya + yb);
-        const double q = warp_sum(ya * ya + yb * yb);
+        double ys = 0.0, yq = 0.0;  // this lane's valid outputs, image by image, a then b
+#pragma unroll
+        for (int i = 0; i < IMG; ++i) {
+          const bool image_ok = n0 + i < p.N;
+          const double ya = valid_a && image_ok ? static_cast<double>(acc_a[i][c]) : 0.0;
+          const double yb = valid_b && image_ok ? static_cast<double>(acc_b[i][c]) : 0.0;
+          ys += ya + yb;
+          yq += ya * ya + yb * yb;
+        }
+        const double s = warp_sum(ys);
+        const double q = warp_sum(yq);
         if (lane == 0) {
           p.part_s[oc * p.pixel_tiles + ptile] = s;
           p.part_q[oc * p.pixel_tiles + ptile] = q;
@@ -235,30 +269,36 @@ __device__ __forceinline__ void conv_tile(const ConvParams<T>& p, T* __restrict_
       }
       const T sc = p.scale != nullptr ? p.scale[oc] : T(1);
       const T sh = p.shift != nullptr ? p.shift[oc] : T(0);
-      T* out_c = p.out + (n * p.out_channels + oc) * plane;
-      const T* res_c = p.residual != nullptr ? p.residual + n * p.r_sn + oc * p.r_sc : nullptr;
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const bool valid = j == 0 ? valid_a : valid_b;
-        if (!valid) continue;
-        T y = j == 0 ? acc_a[c] : acc_b[c];
-        if (p.scale != nullptr) y = y * sc;
-        if (p.shift != nullptr) y = y + sh;
-        if (res_c != nullptr) y = y + res_c[j == 0 ? res_a : res_b];
-        if (p.activation == static_cast<int>(Activation::kRelu)) {
-          y = y < T(0) ? T(0) : y;  // NaN passes through, as torch.relu
-        } else if (p.activation == static_cast<int>(Activation::kPRelu)) {
-          y = y > T(0) ? y : slope * y;
+      for (int i = 0; i < IMG; ++i) {
+        const int64_t n = n0 + i;
+        if (n >= p.N) continue;
+        T* out_c = p.out + (n * p.out_channels + oc) * plane;
+        const T* res_c = p.residual != nullptr ? p.residual + n * p.r_sn + oc * p.r_sc : nullptr;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const bool valid = j == 0 ? valid_a : valid_b;
+          if (!valid) continue;
+          T y = j == 0 ? acc_a[i][c] : acc_b[i][c];
+          if (p.scale != nullptr) y = y * sc;
+          if (p.shift != nullptr) y = y + sh;
+          if (res_c != nullptr) y = y + res_c[j == 0 ? res_a : res_b];
+          if (p.activation == static_cast<int>(Activation::kRelu)) {
+            y = y < T(0) ? T(0) : y;  // NaN passes through, as torch.relu
+          } else if (p.activation == static_cast<int>(Activation::kPRelu)) {
+            y = y > T(0) ? y : slope * y;
+          }
+          out_c[j == 0 ? pix_a : pix_b] = y;
         }
-        out_c[j == 0 ? pix_a : pix_b] = y;
       }
     }
   }
 }
 
 // Grid (pixel tiles, channel tiles of this launch), one warp per block.
-template <typename T, int KS>
-__global__ void __launch_bounds__(kWarp, kMinBlocksPerSM) multi_conv2d_kernel(const ConvParams<T> p) {
+template <typename T, int KS, int IMG>
+__global__ void __launch_bounds__(kWarp, IMG == 1 ? kMinBlocksPerSM : kMinBlocksPerSM2)
+    multi_conv2d_kernel(const ConvParams<T> p) {
   extern __shared__ __align__(16) unsigned char conv_shared[];
   constexpr int CK = ChunkOf<KS>::value;
   T* ws = reinterpret_cast<T*>(conv_shared);
@@ -274,13 +314,13 @@ __global__ void __launch_bounds__(kWarp, kMinBlocksPerSM) multi_conv2d_kernel(co
   const int nc = min(kTileChannels, out_width - c0);
   // Block-uniform: the whole block takes one branch.
   if (nc <= 4) {
-    conv_tile<T, KS, 4>(p, ws, xs, ptile, k, c0, nc);
+    conv_tile<T, KS, 4, IMG>(p, ws, xs, ptile, k, c0, nc);
   } else if (nc <= 8) {
-    conv_tile<T, KS, 8>(p, ws, xs, ptile, k, c0, nc);
+    conv_tile<T, KS, 8, IMG>(p, ws, xs, ptile, k, c0, nc);
   } else if (nc <= 12) {
-    conv_tile<T, KS, 12>(p, ws, xs, ptile, k, c0, nc);
+    conv_tile<T, KS, 12, IMG>(p, ws, xs, ptile, k, c0, nc);
   } else {
-    conv_tile<T, KS, 16>(p, ws, xs, ptile, k, c0, nc);
+    conv_tile<T, KS, 16, IMG>(p, ws, xs, ptile, k, c0, nc);
   }
 }
 
@@ -288,18 +328,25 @@ struct Geometry : TileGeometry {
   int64_t pixel_tiles;
 };
 
-Geometry make_geometry(const MultiConv2dProblem& pr) {
+// images: per pixel tile (1, or 2 for the two-image kernel)
+Geometry make_geometry(const MultiConv2dProblem& pr, int images = 1) {
   Geometry g{};
   static_cast<TileGeometry&>(g) = choose_tiles(pr, kTileLog2);
-  g.pixel_tiles = pr.n * g.tiles_h * g.tiles_w;
+  g.pixel_tiles = div_up(pr.n, images) * g.tiles_h * g.tiles_w;
   return g;
 }
 
-size_t shared_bytes(int kernel, const Geometry& g, size_t elem) {
+size_t shared_bytes(int kernel, const Geometry& g, size_t elem, int images) {
   const int ck = kernel == 1 ? ChunkOf<1>::value : ChunkOf<3>::value;
   return (static_cast<size_t>(ck) * kernel * kernel * kWeightStride +
-          static_cast<size_t>(ck) * g.patch_h * g.patch_w) *
+          static_cast<size_t>(images) * ck * g.patch_h * g.patch_w) *
          elem;
+}
+
+// Images per pixel tile of the float kernel: FASTSUPERNET_CUDA_CONV_IMAGES (1 or 2; default 1).
+int images_per_tile() {
+  const char* v = std::getenv("FASTSUPERNET_CUDA_CONV_IMAGES");
+  return v != nullptr && v[0] == '2' && v[1] == '\0' ? 2 : 1;
 }
 
 template <typename T>
@@ -308,7 +355,8 @@ cudaError_t launch_impl(const MultiConv2dProblem& pr, const T* x, const T* weigh
                         double* sum, double* sumsq, void* workspace, size_t workspace_bytes,
                         cudaStream_t stream) {
   if (!valid_problem(pr)) return cudaErrorInvalidValue;
-  const Geometry g = make_geometry(pr);
+  const int images = std::is_same<T, float>::value ? images_per_tile() : 1;  // (double: registers)
+  const Geometry g = make_geometry(pr, images);
   if (g.h_out < 1 || g.w_out < 1) return cudaErrorInvalidValue;
   if (pr.activation == Activation::kPRelu && prelu_slope == nullptr) return cudaErrorInvalidValue;
   if (pr.h > 0x7fffffffLL || pr.w > 0x7fffffffLL || pr.channel_tiles > 0x7fffffffLL ||
@@ -321,7 +369,7 @@ cudaError_t launch_impl(const MultiConv2dProblem& pr, const T* x, const T* weigh
     return cudaErrorInvalidValue;
   }
 
-  const size_t smem = shared_bytes(pr.kernel, g, sizeof(T));
+  const size_t smem = shared_bytes(pr.kernel, g, sizeof(T), images);
   int device = 0;
   int max_smem = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -336,9 +384,18 @@ cudaError_t launch_impl(const MultiConv2dProblem& pr, const T* x, const T* weigh
   p.step_h = (kWarp - p.step_c * p.patch_elems) / p.patch_w;
   p.step_w = kWarp - p.step_c * p.patch_elems - p.step_h * p.patch_w;
 
+  if constexpr (std::is_same<T, float>::value) {
+    if (images == 2) {
+      err = pr.kernel == 1
+                ? launch_tiles(multi_conv2d_kernel<T, 1, 2>, p, g.pixel_tiles, pr.channel_tiles, kWarp, smem, stream)
+                : launch_tiles(multi_conv2d_kernel<T, 3, 2>, p, g.pixel_tiles, pr.channel_tiles, kWarp, smem, stream);
+      if (err != cudaSuccess || !pr.stats) return err;
+      return merge_partials(p.part_s, p.part_q, g.pixel_tiles, pr.out_channels, sum, sumsq, stream);
+    }
+  }
   err = pr.kernel == 1
-            ? launch_tiles(multi_conv2d_kernel<T, 1>, p, g.pixel_tiles, pr.channel_tiles, kWarp, smem, stream)
-            : launch_tiles(multi_conv2d_kernel<T, 3>, p, g.pixel_tiles, pr.channel_tiles, kWarp, smem, stream);
+            ? launch_tiles(multi_conv2d_kernel<T, 1, 1>, p, g.pixel_tiles, pr.channel_tiles, kWarp, smem, stream)
+            : launch_tiles(multi_conv2d_kernel<T, 3, 1>, p, g.pixel_tiles, pr.channel_tiles, kWarp, smem, stream);
   if (err != cudaSuccess || !pr.stats) return err;
 
   return merge_partials(p.part_s, p.part_q, g.pixel_tiles, pr.out_channels, sum, sumsq, stream);
