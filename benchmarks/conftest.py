@@ -1,9 +1,15 @@
 """Benchmarks run with the CPU allocator the command line uses (fastsupernet.allocator): large
-blocks from the heap. FASTSUPERNET_CPU_ALLOCATOR=system measures glibc's default instead."""
-from fastsupernet.allocator import tune_cpu_allocator
+blocks from the heap, and freed large blocks kept whole for reuse (the block cache).
+FASTSUPERNET_CPU_ALLOCATOR=system measures glibc's default instead; FASTSUPERNET_CPU_BLOCK_CACHE_MB=0
+the heap without the block cache."""
+from fastsupernet.allocator import cpu_block_cache_stats, tune_cpu_allocator
 
 ALLOCATOR_TUNED = tune_cpu_allocator()
 
 
 def pytest_report_header(config):
-    return f"fastsupernet CPU allocator: {'heap (tuned)' if ALLOCATOR_TUNED else 'system default'}"
+    if not ALLOCATOR_TUNED:
+        return "fastsupernet CPU allocator: system default"
+    cache = cpu_block_cache_stats()
+    kept = f"block cache up to {cache['keep_bytes'] >> 20} MiB" if cache and cache["keep_bytes"] else "no block cache"
+    return f"fastsupernet CPU allocator: heap (tuned), {kept}"
