@@ -184,8 +184,9 @@ check 45 "${PYTHON}" benchmarks/gpu_train.py --reps 3 --budget-s 15
 # The fast ranking engine at the full protocol (5,000 + 10,000 images): fp32 throughput on the
 # first 1,000 official candidates (three groups under the 16 GiB limit, about 30 s on an H200)
 # and tf32 (the CUDA tensor-core kernel) on the first group of them (426), prefix-sharing ratios
-# and a projection for all 50,000; tf32/class: the engine's conv_route="class" experiment (one
-# cuDNN convolution per chunk of a width class) on the same group; then tf32, tf32/class and bf16 vs fp32 Kendall tau
+# and a projection for all 50,000; fp32/img2: the fp32 kernel's two-image tiles, tf32/class: the
+# engine's conv_route="class" experiment (one cuDNN convolution per chunk of a width class), each on
+# the same first group; then tf32, tf32/class, fp32/img2 and bf16 vs fp32 Kendall tau
 # (>= 0.98) on a briefly trained supernet, and fp32 fast vs reference. Triton runs one fixed tile
 # configuration here: autotuning compiles every configuration for each set of epilogue flags,
 # about a minute per precision on a fresh machine. Last, with whatever time is left (the script
@@ -195,7 +196,7 @@ check 45 "${PYTHON}" benchmarks/gpu_train.py --reps 3 --budget-s 15
 section ranking
 RANK_LEFT=$((DEADLINE - SECONDS))
 check "${RANK_LEFT}" "${PYTHON}" benchmarks/gpu_rank.py --candidates 1000 --other-candidates 426 \
-  --precisions fp32,tf32,tf32/class --fidelity-runs tf32,tf32/class,bf16 \
+  --precisions fp32,fp32/img2,tf32,tf32/class --fidelity-runs tf32,tf32/class,fp32/img2,bf16 \
   --fp32-s 20 --throughput-s 100 --tau-candidates 100 --tau-recal 512 --tau-eval 1000 --ref-candidates 10 \
   --deadline-s $((RANK_LEFT - 8)) --triton-config 2 --json "${LOG_DIR}/rank.json"
 

@@ -15,7 +15,8 @@
    With time left, tf32 and bf16 are timed on ``--other-candidates`` the same way after a
    warm-up (Triton's compile and autotuning; tf32 runs the CUDA tensor-core kernel where built);
    ``fp32/class`` and ``tf32/class`` time the engine's ``conv_route="class"`` experiment (one
-   cuDNN convolution per chunk of a width class instead of ``multi_conv2d``).
+   cuDNN convolution per chunk of a width class instead of ``multi_conv2d``), ``fp32/img2`` the
+   CUDA fp32 kernel with two images per pixel tile (``FASTSUPERNET_CUDA_CONV_IMAGES=2``).
 2. Fidelity: a supernet trained for a few hundred steps on the bundled Fashion-MNIST subset
    (on the GPU, seconds), ``--tau-candidates`` random candidates (default 200) at the bundled
    data's protocol (1,200 recalibration images, 2,000 test images): Kendall tau of the
@@ -27,6 +28,7 @@ Writes a JSON summary with ``--json PATH``. Exit status 1 if a fidelity target i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -84,13 +86,32 @@ def _timed_score(engine, archs, groups, budget_s: float, dev) -> tuple[int, floa
     return len(done), time.perf_counter() - t0, done
 
 
-RUNS = ("fp32", "tf32", "bf16", "fp32/class", "tf32/class")
+RUNS = ("fp32", "tf32", "bf16", "fp32/class", "tf32/class", "fp32/img2")
+IMAGES_VAR = "FASTSUPERNET_CUDA_CONV_IMAGES"
 
 
 def _run_kind(entry: str) -> tuple[str, str]:
-    """(precision, conv route) of a --precisions / --fidelity-runs entry such as tf32 or tf32/class."""
+    """(precision, conv route) of a --precisions / --fidelity-runs entry such as tf32 or tf32/class
+    (fp32/img2: the kernel route with the CUDA fp32 kernel's two-image tiles, see :func:`_run_env`)."""
     precision, _, route = entry.partition("/")
-    return precision, route or "kernel"
+    return precision, "kernel" if route in ("", "img2") else route
+
+
+@contextlib.contextmanager
+def _run_env(entry: str):
+    """The environment of a run: ``FASTSUPERNET_CUDA_CONV_IMAGES=2`` for fp32/img2, else unchanged."""
+    if not entry.endswith("/img2"):
+        yield
+        return
+    before = os.environ.get(IMAGES_VAR)
+    os.environ[IMAGES_VAR] = "2"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[IMAGES_VAR]
+        else:
+            os.environ[IMAGES_VAR] = before
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -133,29 +154,30 @@ def throughput(args, dev, out: dict) -> None:
         sub = archs[:n_cand]
         if not sub:
             continue
-        if entry != "fp32":  # first calls (Triton: compile + autotune; cuDNN) on the same batch shapes
-            t = time.perf_counter()
-            list(make_engine("fast", model, _synthetic(dev, 256, 256, 128), precision=precision,
-                             conv_route=route).score(sub[:8]))
-            _sync(dev)
-            what = "cuDNN heuristics" if route == "class" else "Triton: compile and autotune"
-            print(f"{entry}: warm-up ({what}) {time.perf_counter() - t:.1f} s")
-            left = budget_end - time.perf_counter()
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-            base = torch.cuda.memory_allocated(dev)
-        engine = make_engine("fast", model, data, precision=precision, memory_limit_bytes=args.memory_limit,
-                             conv_route=route)
-        budget = args.fp32_s if entry == "fp32" else max(left, 1.0)
-        groups = engine.candidate_groups(sub)
-        n_done, secs, done = _timed_score(engine, sub, groups, budget, dev)
+        with _run_env(entry):
+            if entry != "fp32":  # first calls (Triton: compile + autotune; cuDNN) on the same batch shapes
+                t = time.perf_counter()
+                list(make_engine("fast", model, _synthetic(dev, 256, 256, 128), precision=precision,
+                                 conv_route=route).score(sub[:8]))
+                _sync(dev)
+                what = "cuDNN heuristics" if route == "class" else "Triton: compile and autotune"
+                print(f"{entry}: warm-up ({what}) {time.perf_counter() - t:.1f} s")
+                left = budget_end - time.perf_counter()
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+                base = torch.cuda.memory_allocated(dev)
+            engine = make_engine("fast", model, data, precision=precision, memory_limit_bytes=args.memory_limit,
+                                 conv_route=route)
+            budget = args.fp32_s if entry == "fp32" else max(left, 1.0)
+            groups = engine.candidate_groups(sub)
+            n_done, secs, done = _timed_score(engine, sub, groups, budget, dev)
         finished = [sub[i] for i in done]
         tot, shr = prefix_sharing(model, finished) if finished else (0, 1)
         # what the engine computed: prefixes shared within each group it finished, not across groups
         done_set = set(done)
         computed = sum(prefix_sharing(model, [sub[i] for i in g])[1] for g in groups if done_set.issuperset(g))
         row = {
-            "precision": precision, "conv_route": route, "candidates": n_done, "of": len(sub), "seconds": secs,
+            "run": entry, "precision": precision, "conv_route": route, "candidates": n_done, "of": len(sub), "seconds": secs,
             "candidates_per_s": n_done / secs, "images": images, "groups": engine.stats.groups,
             "sharing_ratio_timed": tot / shr, "tflops_effective": 2 * computed * images / secs / 1e12,
             "memory_limit_bytes": engine.memory_limit_bytes,
@@ -268,9 +290,10 @@ def fidelity(args, dev, out: dict) -> bool:
             not_run.append(entry)
             continue
         t = time.perf_counter()
-        eng = make_engine("fast", model, rd, precision=precision, conv_route=route)
-        scores[entry] = sorted(eng.score(archs), key=lambda s: s.index)
-        _sync(dev)
+        with _run_env(entry):
+            eng = make_engine("fast", model, rd, precision=precision, conv_route=route)
+            scores[entry] = sorted(eng.score(archs), key=lambda s: s.index)
+            _sync(dev)
         print(f"fidelity: fast {entry} on {len(archs)} candidates in {time.perf_counter() - t:.1f} s")
     ok = True
     res = {"candidates": len(archs), "protocol": protocol.to_dict(), "precisions_not_run": not_run}

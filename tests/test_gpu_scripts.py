@@ -48,9 +48,9 @@ def test_gpu_class_conv_rejects_an_unknown_precision():
 def test_gpu_rank_dry_run():
     pytest.importorskip("fastsupernet._C")
     # the runs gpu_check.sh asks for (tf32 computes fp32 on CPU)
-    out = _run("gpu_rank.py", "--dry-run", "--precisions", "fp32,tf32,tf32/class",
-               "--fidelity-runs", "tf32,tf32/class")
-    assert "tf32/class (width classes through F.conv2d" in out
+    out = _run("gpu_rank.py", "--dry-run", "--precisions", "fp32,fp32/img2,tf32,tf32/class",
+               "--fidelity-runs", "tf32,tf32/class,fp32/img2,bf16")
+    assert "tf32/class (width classes through F.conv2d" in out and "fp32/img2: " in out
     assert "Kendall tau tf32/class vs fp32" in out and "done in" in out
     assert "(class route): a candidate's logits alone vs among 8: largest difference 0" in out
 
