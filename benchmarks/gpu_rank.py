@@ -154,60 +154,72 @@ def throughput(args, dev, out: dict) -> None:
         sub = archs[:n_cand]
         if not sub:
             continue
-        with _run_env(entry):
-            if entry != "fp32":  # first calls (Triton: compile + autotune; cuDNN) on the same batch shapes
-                t = time.perf_counter()
-                list(make_engine("fast", model, _synthetic(dev, 256, 256, 128), precision=precision,
-                                 conv_route=route).score(sub[:8]))
-                _sync(dev)
-                what = "cuDNN heuristics" if route == "class" else "Triton: compile and autotune"
-                print(f"{entry}: warm-up ({what}) {time.perf_counter() - t:.1f} s")
-                left = budget_end - time.perf_counter()
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-                base = torch.cuda.memory_allocated(dev)
-            engine = make_engine("fast", model, data, precision=precision, memory_limit_bytes=args.memory_limit,
-                                 conv_route=route)
-            budget = args.fp32_s if entry == "fp32" else max(left, 1.0)
-            groups = engine.candidate_groups(sub)
-            n_done, secs, done = _timed_score(engine, sub, groups, budget, dev)
-        finished = [sub[i] for i in done]
-        tot, shr = prefix_sharing(model, finished) if finished else (0, 1)
-        # what the engine computed: prefixes shared within each group it finished, not across groups
-        done_set = set(done)
-        computed = sum(prefix_sharing(model, [sub[i] for i in g])[1] for g in groups if done_set.issuperset(g))
-        row = {
-            "run": entry, "precision": precision, "conv_route": route, "candidates": n_done, "of": len(sub), "seconds": secs,
-            "candidates_per_s": n_done / secs, "images": images, "groups": engine.stats.groups,
-            "sharing_ratio_timed": tot / shr, "tflops_effective": 2 * computed * images / secs / 1e12,
-            "memory_limit_bytes": engine.memory_limit_bytes,
-        }
-        if dev.type == "cuda":
-            row["peak_working_bytes"] = torch.cuda.max_memory_allocated(dev) - base
-        # projection: measured seconds per computed multiply-add x what all 50,000 need (shared)
-        row["projected_50000_s"] = secs / computed * shared_all if computed else math.nan
+        try:
+            row = _throughput_run(args, dev, model, data, sub, entry, precision, route, budget_end, left, images,
+                                  shared_all)
+        except Exception as exc:  # noqa: BLE001 (an experiment's failure must not cost the other runs)
+            print(f"{entry}: FAILED ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+            out.setdefault("failed_runs", []).append(f"throughput {entry}: {type(exc).__name__}: {exc}")
+            continue
         rows.append(row)
-        mem = (f", peak working memory {row['peak_working_bytes'] / 2**30:.2f} GiB of a "
-               f"{row['memory_limit_bytes'] / 2**30:.2f} GiB limit" if "peak_working_bytes" in row else "")
-        tiles = ""
-        if route == "class":
-            tiles = f" (width classes through F.conv2d, {engine.class_chunk} units per call)"
-        elif engine._tf32_cuda:
-            tiles = " (CUDA tensor-core kernel multi_conv2d_tf32)"
-            row["conv"] = "multi_conv2d_tf32"
-        elif engine._triton:
-            from fastsupernet.ops.triton_conv import CONFIG_ENV_VAR
-
-            fixed = os.environ.get(CONFIG_ENV_VAR, "")
-            tiles = f" (Triton tiles: {'fixed configuration ' + fixed if fixed else 'autotuned'})"
-            row["triton_config"] = fixed or "autotune"
-        print(f"{entry}{tiles}: {n_done}/{len(sub)} candidates x {images} images in {secs:.1f} s = "
-              f"{n_done / secs:.2f} candidates/s, {row['tflops_effective']:.1f} TFLOP/s effective, "
-              f"prefix sharing of the timed set {tot / shr:.3f}x, {engine.stats.groups} groups{mem}; "
-              f"PROJECTED all 50,000: {row['projected_50000_s'] / 60:.1f} min (a projection, not a measurement)")
     out["throughput"] = rows
     if args.profile:
         out["profile"] = profile(model, data, archs[: args.profile], dev, args.profile_precision)
+
+
+def _throughput_run(args, dev, model, data, sub, entry, precision, route, budget_end, left, images, shared_all):
+    """One timed run of the throughput phase; its row (printed)."""
+    with _run_env(entry):
+        if entry != "fp32":  # first calls (Triton: compile + autotune; cuDNN) on the same batch shapes
+            t = time.perf_counter()
+            list(make_engine("fast", model, _synthetic(dev, 256, 256, 128), precision=precision,
+                             conv_route=route).score(sub[:8]))
+            _sync(dev)
+            what = "cuDNN heuristics" if route == "class" else "Triton: compile and autotune"
+            print(f"{entry}: warm-up ({what}) {time.perf_counter() - t:.1f} s")
+            left = budget_end - time.perf_counter()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+        engine = make_engine("fast", model, data, precision=precision, memory_limit_bytes=args.memory_limit,
+                             conv_route=route)
+        budget = args.fp32_s if entry == "fp32" else max(left, 1.0)
+        groups = engine.candidate_groups(sub)
+        n_done, secs, done = _timed_score(engine, sub, groups, budget, dev)
+    finished = [sub[i] for i in done]
+    tot, shr = prefix_sharing(model, finished) if finished else (0, 1)
+    # what the engine computed: prefixes shared within each group it finished, not across groups
+    done_set = set(done)
+    computed = sum(prefix_sharing(model, [sub[i] for i in g])[1] for g in groups if done_set.issuperset(g))
+    row = {
+        "run": entry, "precision": precision, "conv_route": route, "candidates": n_done, "of": len(sub), "seconds": secs,
+        "candidates_per_s": n_done / secs, "images": images, "groups": engine.stats.groups,
+        "sharing_ratio_timed": tot / shr, "tflops_effective": 2 * computed * images / secs / 1e12,
+        "memory_limit_bytes": engine.memory_limit_bytes,
+    }
+    if dev.type == "cuda":
+        row["peak_working_bytes"] = torch.cuda.max_memory_allocated(dev) - base
+    # projection: measured seconds per computed multiply-add x what all 50,000 need (shared)
+    row["projected_50000_s"] = secs / computed * shared_all if computed else math.nan
+    mem = (f", peak working memory {row['peak_working_bytes'] / 2**30:.2f} GiB of a "
+           f"{row['memory_limit_bytes'] / 2**30:.2f} GiB limit" if "peak_working_bytes" in row else "")
+    tiles = ""
+    if route == "class":
+        tiles = f" (width classes through F.conv2d, {engine.class_chunk} units per call)"
+    elif engine._tf32_cuda:
+        tiles = " (CUDA tensor-core kernel multi_conv2d_tf32)"
+        row["conv"] = "multi_conv2d_tf32"
+    elif engine._triton:
+        from fastsupernet.ops.triton_conv import CONFIG_ENV_VAR
+
+        fixed = os.environ.get(CONFIG_ENV_VAR, "")
+        tiles = f" (Triton tiles: {'fixed configuration ' + fixed if fixed else 'autotuned'})"
+        row["triton_config"] = fixed or "autotune"
+    print(f"{entry}{tiles}: {n_done}/{len(sub)} candidates x {images} images in {secs:.1f} s = "
+          f"{n_done / secs:.2f} candidates/s, {row['tflops_effective']:.1f} TFLOP/s effective, "
+          f"prefix sharing of the timed set {tot / shr:.3f}x, {engine.stats.groups} groups{mem}; "
+          f"PROJECTED all 50,000: {row['projected_50000_s'] / 60:.1f} min (a projection, not a measurement)")
+    return row
 
 
 def profile(model, data, archs, dev, precision: str = "fp32") -> list[dict]:
@@ -290,10 +302,17 @@ def fidelity(args, dev, out: dict) -> bool:
             not_run.append(entry)
             continue
         t = time.perf_counter()
-        with _run_env(entry):
-            eng = make_engine("fast", model, rd, precision=precision, conv_route=route)
-            scores[entry] = sorted(eng.score(archs), key=lambda s: s.index)
-            _sync(dev)
+        try:
+            with _run_env(entry):
+                eng = make_engine("fast", model, rd, precision=precision, conv_route=route)
+                scores[entry] = sorted(eng.score(archs), key=lambda s: s.index)
+                _sync(dev)
+        except Exception as exc:  # noqa: BLE001 (reported; the other runs go on)
+            if entry == "fp32":
+                raise
+            print(f"fidelity: {entry} FAILED ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+            out.setdefault("failed_runs", []).append(f"fidelity {entry}: {type(exc).__name__}: {exc}")
+            continue
         print(f"fidelity: fast {entry} on {len(archs)} candidates in {time.perf_counter() - t:.1f} s")
     ok = True
     res = {"candidates": len(archs), "protocol": protocol.to_dict(), "precisions_not_run": not_run}
@@ -408,6 +427,9 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+    if out.get("failed_runs"):
+        print("gpu_rank: FAILED runs: " + "; ".join(r.splitlines()[0][:160] for r in out["failed_runs"]))
+        return 1
     return 0 if ok or args.dry_run else 1
 
 

@@ -69,3 +69,23 @@ def test_gpu_train_dry_run():
 def test_gpu_check_script_parses():
     out = subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_gpu_rank_a_failing_run_costs_only_itself(monkeypatch, capsys):
+    """An experiment that raises on the GPU is reported, the other runs still go, exit status 1."""
+    pytest.importorskip("fastsupernet._C")
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_rank
+
+    from fastsupernet.ranking import engines
+
+    def boom(self, *args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(engines.FastEngine, "_conv_by_class", boom)
+    rc = gpu_rank.main(["--dry-run", "--precisions", "fp32,tf32/class,tf32", "--fidelity-runs", "tf32/class,tf32"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "tf32/class: FAILED (RuntimeError: injected failure)" in out
+    assert "fidelity: tf32/class FAILED" in out
+    assert "Kendall tau tf32 vs fp32" in out and "\ntf32: " in out  # the runs after it
