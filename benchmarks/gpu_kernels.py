@@ -12,9 +12,9 @@ input, the table compares:
   ``F.conv2d`` with the candidate's weight slice, ``F.batch_norm`` in eval mode, ReLU;
 - cuda: ``torch.ops.fastsupernet.multi_conv2d`` on CUDA tensors (the compiled CUDA kernel), one
   call with the folded BN (scale, shift) and ReLU fused;
-- cuda2img (fp32 only): the same CUDA kernel with two images per pixel tile
-  (``FASTSUPERNET_CUDA_CONV_IMAGES=2``, an experiment: every staged weight serves twice the
-  multiply-adds);
+- cuda2img (``--two-images``, fp32, instead of the triton column): the same CUDA kernel with two
+  images per pixel tile (``FASTSUPERNET_CUDA_CONV_IMAGES=2``, an experiment: every staged weight
+  serves twice the multiply-adds; a separate run, so that a fault in it cannot cost the main table);
 - triton: ``fastsupernet.ops.triton_conv.multi_conv2d_triton`` with the same arguments (shown as
   n/a when that module is missing or fails).
 
@@ -188,17 +188,17 @@ def _two_images(op: Callable) -> Callable:
     return run
 
 
-def backends(device: str, precision: str = "fp32") -> list[tuple[str, Callable | None, str, bool]]:
-    """(column, fn or None, why not available, required) per fused backend on the device."""
+def backends(device: str, precision: str = "fp32", two_images: bool = False) -> list[tuple[str, Callable | None, str, bool]]:
+    """(column, fn or None, why not available, required) per fused backend on the device
+    (``two_images``: the CUDA fp32 kernel with one and with two images per pixel tile)."""
     if device == "cuda":
         op, why = _compiled_op("cuda", "multi_conv2d_tf32" if precision == "tf32" else "multi_conv2d")
         if precision == "bf16":
             op, why = None, "the CUDA kernels compute float32 / float64 (and TF32) only"
         tri, why_t = _triton_op("tf32" if precision == "tf32" else "ieee")
-        cols = [("cuda", op, why, precision != "bf16")]
-        if precision == "fp32":  # the two-image experiment of the fp32 kernel
-            cols.append(("cuda2img", _two_images(op) if op is not None else None, why, False))
-        return cols + [("triton", tri, why_t, False)]
+        if two_images:  # the fp32 kernel's two-image experiment next to the kernel itself, nothing else
+            return [("cuda", op, why, True), ("cuda2img", _two_images(op) if op is not None else None, why, False)]
+        return [("cuda", op, why, precision != "bf16"), ("triton", tri, why_t, False)]
     op, why = _compiled_op("cpu")
     ref, why_r = _reference_op()
     return [("cpp", op, why, False), ("reference", ref, why_r, False)]
@@ -258,7 +258,7 @@ def _fmt_x(a: float | None, b: float | None) -> str:
 PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
 
 
-def run(device: str, layers, ks, batch: int, precision: str = "fp32") -> int:
+def run(device: str, layers, ks, batch: int, precision: str = "fp32", two_images: bool = False) -> int:
     dtype = PRECISIONS[precision]
     if device == "cuda":
         tf32 = precision == "tf32"
@@ -272,7 +272,7 @@ def run(device: str, layers, ks, batch: int, precision: str = "fp32") -> int:
         name = f"CPU ({torch.get_num_threads()} threads)"
         rate = gemm_rate(device, 256)
         bandwidth = copy_bandwidth(device, 1 << 24)
-    cols = backends(device, precision)
+    cols = backends(device, precision, two_images)
     what = {"fp32": "fp32 (TF32 off)",
             "tf32": "fp32 tensors, TF32 on (loop: cuDNN; cuda: multi_conv2d_tf32; triton: tf32 dot)",
             "bf16": "bf16"}[precision]
@@ -339,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                     help="fp32 (default; TF32 off everywhere), tf32 (TF32 on: cuDNN loop, the CUDA tensor-core "
                          "kernel, Triton tf32 dot) or bf16 (bf16 tensors; no CUDA kernel column); GPU only")
+    ap.add_argument("--two-images", action="store_true",
+                    help="the CUDA fp32 kernel with one and with two images per pixel tile (no triton column)")
     args = ap.parse_args(argv)
     device = "cpu" if args.dry_run else (args.device or "cuda")
     tiny = args.tiny or args.dry_run
@@ -351,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     if args.precision != "fp32" and device != "cuda":
         ap.error("--precision tf32 / bf16 needs the GPU")
-    return run(device, TINY_LAYERS if tiny else LAYERS, ks, batch, args.precision)
+    if args.two_images and (args.precision != "fp32" or device != "cuda"):
+        ap.error("--two-images is an experiment of the CUDA fp32 kernel: fp32 on the GPU only")
+    return run(device, TINY_LAYERS if tiny else LAYERS, ks, batch, args.precision, args.two_images)
 
 
 if __name__ == "__main__":

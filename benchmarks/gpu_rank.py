@@ -175,8 +175,8 @@ def _throughput_run(args, dev, model, data, sub, entry, precision, route, budget
             list(make_engine("fast", model, _synthetic(dev, 256, 256, 128), precision=precision,
                              conv_route=route).score(sub[:8]))
             _sync(dev)
-            what = "cuDNN heuristics" if route == "class" else "Triton: compile and autotune"
-            print(f"{entry}: warm-up ({what}) {time.perf_counter() - t:.1f} s")
+            print(f"{entry}: warm-up (first calls: Triton compiles and autotunes, cuDNN picks algorithms) "
+                  f"{time.perf_counter() - t:.1f} s")
             left = budget_end - time.perf_counter()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)

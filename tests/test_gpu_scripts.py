@@ -29,6 +29,12 @@ def test_gpu_kernels_dry_run():
     assert "| layer |" in out and "x loop" in out
 
 
+def test_gpu_kernels_two_images_is_a_gpu_fp32_experiment():
+    out = subprocess.run([sys.executable, str(BENCH / "gpu_kernels.py"), "--dry-run", "--two-images"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "--two-images is an experiment of the CUDA fp32 kernel" in out.stderr
+
+
 def test_gpu_class_conv_dry_run():
     pytest.importorskip("fastsupernet._C")
     out = _run("gpu_class_conv.py", "--dry-run")
