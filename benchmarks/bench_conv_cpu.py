@@ -184,6 +184,52 @@ def test_sliced(benchmark, name, impl):
         torch.testing.assert_close(out, peer(), rtol=1e-4, atol=1e-4)
 
 
+# forward + backward (training): gradients of x, the packed weight and the BN's gamma and beta
+SLICED_TRAIN = ["32x32 16->16 3x3", "16x16 32->32 3x3", "8x8 64->64 3x3", "16x16 32->64 3x3 s2",
+                "16x16 32->64 1x1 s2"]
+
+
+@pytest.mark.parametrize("impl", ["peer", "ours"])
+@pytest.mark.parametrize("name", SLICED_TRAIN)
+def test_sliced_forward_backward(benchmark, name, impl):
+    """Forward + backward of one candidate with the folded-BN + ReLU epilogue: the peer sequence
+    under autograd vs ``fastsupernet.ops.sliced_conv2d`` (its registered autograd). Floor: 3x the
+    forward's FLOPs and bytes (forward, input gradient, weight gradient), direct algorithm."""
+    if impl != "peer" and not HAVE_EXT:
+        pytest.skip("compiled extension not built")
+    from fastsupernet.ops import sliced_conv2d
+
+    x, weight, bn, cout, k, stride, flops, nbytes, _ = _sliced_setup(name)
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    gamma, beta = bn.gamma.clone().requires_grad_(True), bn.beta.clone().requires_grad_(True)
+    a, pad = x.shape[1], k // 2
+    sl = slice(ROW_OFFSET, ROW_OFFSET + cout)
+    ho = (x.shape[2] + 2 * pad - k) // stride + 1
+    grad_out = torch.randn(BATCH, cout, ho, ho, generator=torch.Generator().manual_seed(2))
+    inputs = (x, weight, gamma, beta)
+
+    def peer():
+        w = weight[sl, :a].contiguous()
+        y = F.conv2d(x, w, stride=stride, padding=pad)
+        y = F.batch_norm(y, bn.mean[sl], bn.var[sl], gamma[sl], beta[sl], training=False)
+        return torch.autograd.grad(F.relu(y), inputs, grad_out)
+
+    def ours():
+        scale = gamma[sl] * torch.rsqrt(bn.var[sl] + EPS)
+        shift = beta[sl] - bn.mean[sl] * scale
+        y = sliced_conv2d(x, weight, cout, row_offset=ROW_OFFSET, stride=stride, padding=pad, scale=scale,
+                          shift=shift, activation="relu")
+        return torch.autograd.grad(y, inputs, grad_out)
+
+    benchmark.group = f"sliced {name} forward+backward"
+    _floor(benchmark, 3 * flops, 3 * nbytes)
+    got = benchmark.pedantic(peer if impl == "peer" else ours, rounds=5, iterations=1, warmup_rounds=1)
+    if impl != "peer":
+        for g, want in zip(got, peer()):  # fp32 sums of up to 262k products in two orders
+            torch.testing.assert_close(g, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
+
+
 # --- K candidates: multi_conv2d vs a loop of the peer sequence -----------------------------------
 # name: (H, max width)
 SPACES = {"32x32 w<=16": (32, 16), "16x16 w<=32": (16, 32), "8x8 w<=64": (8, 64)}
