@@ -378,7 +378,7 @@ def multi_conv2d(
 
     When autograd will need ``scale``'s gradient (activation none or relu), the epilogue runs as
     tensor ops after the kernel instead of inside it, so that the conv output it needs is kept
-    rather than recomputed in the backward (forward + backward 1.0x-1.25x faster on CPU); the
+    rather than recomputed in the backward (forward + backward 1.0x-1.16x faster on CPU); the
     output then differs from the fused epilogue's by at most one rounding (``y * scale + shift``
     as two roundings or one).
     """
