@@ -35,6 +35,7 @@ Exit status 1 when the compiled op fails on any shape (the Triton column only re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import statistics
@@ -171,19 +172,27 @@ def _reference_op() -> tuple[Callable | None, str]:
 IMAGES_VAR = "FASTSUPERNET_CUDA_CONV_IMAGES"
 
 
+@contextlib.contextmanager
+def two_image_tiles():
+    """The CUDA fp32 kernel's two-image tiles (csrc/cuda/conv.cu) inside the block, the previous
+    setting after it (also used by gpu_rank.py)."""
+    before = os.environ.get(IMAGES_VAR)
+    os.environ[IMAGES_VAR] = "2"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[IMAGES_VAR]
+        else:
+            os.environ[IMAGES_VAR] = before
+
+
 def _two_images(op: Callable) -> Callable:
-    """``op`` with the CUDA fp32 kernel's two-image tiles (csrc/cuda/conv.cu), for this call only."""
+    """``op`` with the CUDA fp32 kernel's two-image tiles, for this call only."""
 
     def run(*args):
-        before = os.environ.get(IMAGES_VAR)
-        os.environ[IMAGES_VAR] = "2"
-        try:
+        with two_image_tiles():
             return op(*args)
-        finally:
-            if before is None:
-                del os.environ[IMAGES_VAR]
-            else:
-                os.environ[IMAGES_VAR] = before
 
     return run
 

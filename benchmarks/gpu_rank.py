@@ -46,6 +46,9 @@ from fastsupernet.io import official_candidates_path
 from fastsupernet.metrics import kendall_tau
 from fastsupernet.ranking.engines import Protocol, RankData, make_engine, prefix_sharing, prepare_data
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_kernels import two_image_tiles  # noqa: E402  (the sibling script)
+
 TAU_TARGET = 0.98
 _T0 = time.perf_counter()
 
@@ -87,7 +90,6 @@ def _timed_score(engine, archs, groups, budget_s: float, dev) -> tuple[int, floa
 
 
 RUNS = ("fp32", "tf32", "bf16", "fp32/class", "tf32/class", "fp32/img2")
-IMAGES_VAR = "FASTSUPERNET_CUDA_CONV_IMAGES"
 
 
 def _run_kind(entry: str) -> tuple[str, str]:
@@ -97,21 +99,9 @@ def _run_kind(entry: str) -> tuple[str, str]:
     return precision, "kernel" if route in ("", "img2") else route
 
 
-@contextlib.contextmanager
 def _run_env(entry: str):
-    """The environment of a run: ``FASTSUPERNET_CUDA_CONV_IMAGES=2`` for fp32/img2, else unchanged."""
-    if not entry.endswith("/img2"):
-        yield
-        return
-    before = os.environ.get(IMAGES_VAR)
-    os.environ[IMAGES_VAR] = "2"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[IMAGES_VAR]
-        else:
-            os.environ[IMAGES_VAR] = before
+    """The environment of a run: the fp32 kernel's two-image tiles for fp32/img2, else unchanged."""
+    return two_image_tiles() if entry.endswith("/img2") else contextlib.nullcontext()
 
 
 def _int_list(text: str) -> tuple[int, ...]:

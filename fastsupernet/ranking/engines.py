@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.conv import _out_hw
 from ..ops._extension import has_kernel
 from ..data import Dataset, normalize
 from ..space import Arch
@@ -584,8 +585,7 @@ class FastEngine(Engine):
         and one scatter per level; per class a copy into its (padded) batch, per chunk a conv and
         a copy of its units' outputs."""
         n, _, h, w = x.shape
-        k = weight.shape[2]
-        ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+        ho, wo = _out_hw(h, w, weight.shape[2], stride, padding)
         p_in, p_out = h * w, ho * wo
         ch = self.class_chunk
         classes, idx_in, idx_out = self._class_plan(weight, in_offsets, in_widths, out_widths, rows)
