@@ -57,9 +57,10 @@
 //    number of threads. (The AVX2 and the portable version differ: FMA vs multiply-add.)
 //  * Outputs of >= 8 MiB are madvise(MADV_HUGEPAGE)d before the first write: a fresh output
 //    of hundreds of MiB otherwise spends more time in page faults than in the convolution.
-//  * ISA: conv_avx2.cpp (target attribute, chosen at run time when the CPU has AVX2 and
-//    FMA) and conv_generic.cpp (portable) compile the same kernel (conv_kernel.h).
-//    FASTSUPERNET_CPU_KERNEL=generic forces the portable one.
+//  * ISA: conv_avx512.cpp (float32, AVX-512 F/DQ/VL: the tile as row pairs of 16 lanes),
+//    conv_avx2.cpp (AVX2 and FMA) and conv_generic.cpp (portable) compile the same kernel
+//    (conv_kernel.h), chosen at run time by what the CPU has. The AVX-512 and AVX2 versions
+//    give the same values bit for bit. FASTSUPERNET_CPU_KERNEL=avx2 or =generic forces one.
 //
 // Error bounds (u = 2^-24 for float32, 2^-53 for float64; d = in_width * kh * kw of the
 // element's candidate; A = sum over the d taps of |w| |x|):
@@ -151,10 +152,24 @@ int parse_activation(const char* op, c10::string_view activation) {
   return conv::kActNone;
 }
 
-// FASTSUPERNET_CPU_KERNEL=generic forces the portable kernel (read at every call).
+// FASTSUPERNET_CPU_KERNEL=generic forces the portable kernel, =avx2 the AVX2 one (read at every call).
 bool use_avx2() {
   static const bool cpu_ok = conv::cpu_has_avx2_fma();
   return cpu_ok && !conv::generic_kernel_forced();
+}
+bool use_avx512() {
+  static const bool cpu_ok = conv::cpu_has_avx512();
+  return cpu_ok && conv::avx512_kernel_allowed();
+}
+
+bool run_items(const ConvJob<float>& job, int64_t begin, int64_t end, float* scratch, double* lanes, bool avx2,
+               bool avx512) {
+  return (avx512 && conv::run_items_avx512(job, begin, end, scratch, lanes)) ||
+         (avx2 && conv::run_items_avx2(job, begin, end, scratch, lanes));
+}
+bool run_items(const ConvJob<double>& job, int64_t begin, int64_t end, double* scratch, double* lanes, bool avx2,
+               bool) {
+  return avx2 && conv::run_items_avx2(job, begin, end, scratch, lanes);
 }
 
 // A 1-D per-row tensor (scale, shift) as a contiguous tensor of the compute dtype.
@@ -188,11 +203,11 @@ template <typename T>
 void run_job(const ConvJob<T>& job, int64_t items, int64_t max_width, int64_t macs) {
   const int64_t scratch_n = conv::scratch_elements(job, max_width);
   const int64_t lanes_n = conv::lane_elements(job);
-  const bool avx2 = use_avx2();
+  const bool avx2 = use_avx2(), avx512 = use_avx512();
   auto body = [&](int64_t begin, int64_t end) {
     std::vector<T> scratch(static_cast<size_t>(scratch_n));
     std::vector<double> lanes(static_cast<size_t>(lanes_n));
-    if (!(avx2 && conv::run_items_avx2(job, begin, end, scratch.data(), lanes.data()))) {
+    if (!run_items(job, begin, end, scratch.data(), lanes.data(), avx2, avx512)) {
       conv::run_items_generic(job, begin, end, scratch.data(), lanes.data());
     }
   };
@@ -474,7 +489,8 @@ void multi_conv2d_direct(const at::Tensor& x, const at::Tensor& weight, at::IntA
       segments[s].block_end = static_cast<int64_t>(blocks.size());
     }
   }
-  std::vector<T> a(static_cast<size_t>(a_total), T(0));
+  // + 4: the AVX-512 tile reads 4 weights per step whatever the block's rows (conv_avx512.cpp)
+  std::vector<T> a(static_cast<size_t>(a_total + 4), T(0));
   {
     const T* w = weight.const_data_ptr<T>();
     const int64_t s0 = weight.stride(0), s1 = weight.stride(1), s2 = weight.stride(2), s3 = weight.stride(3);

@@ -16,6 +16,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "cpu/conv_plan.h"
@@ -46,11 +47,14 @@ FSN_INLINE void prefetch_lines(const T* p) {
   }
 }
 
+// Most plan vectors a register tile may have.
+constexpr int kMaxTileVecs = 8;
+
 template <typename T>
 struct TileArgs {
   const T* a;               // packed (depth, rows) weight panel
   int64_t depth;            // reduction length
-  const T* b[8];            // per vector: source of lane 0 of tap 0
+  const T* b[kMaxTileVecs]; // per vector: source of lane 0 of tap 0
   const int64_t* tap;       // per tap: offset from b[v]
   T* out;                   // output plane of the block's first row (this image)
   const T* res;             // residual plane of the same row, or nullptr
@@ -145,77 +149,9 @@ FSN_TARGET FSN_INLINE void store_tile(const TileArgs<T>& t, const typename Vec<T
   }
 }
 
-// One register tile: MR rows x NV vectors. Accumulates sum_k a[k][r] * src_v[tap[k]] in the
-// order k = 0, 1, ..., depth - 1 (one fused multiply-add per term where the ISA has FMA),
-// then applies the epilogue, updates the statistics and stores.
+// Stores a tile's accumulators through the epilogue kind t.epi.
 template <typename T, int MR, int NV>
-FSN_TARGET void tile(const TileArgs<T>& t) {
-  using V = Vec<T>;
-  using R = typename V::R;
-  constexpr int L = V::L;
-
-  R acc[MR][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
-  }
-  const T* __restrict a = t.a;
-  const int64_t* __restrict tap = t.tap;
-  const T* b[NV];
-#pragma GCC unroll 16
-  for (int v = 0; v < NV; ++v) b[v] = t.b[v];
-
-  const int64_t depth = t.depth;
-  // Prefetches for the pixel blocks two ahead of this one (their lines arrive while this tile
-  // computes): the residual the epilogue will read (1.15-1.25x on 32x32 Track-1 calls with a
-  // residual); for an input read in place from memory (1x1 convs, memory-bound) its planes
-  // and the output lines as well (1.2x on Track-1 1x1 calls; for 3x3 convs, whose input sits
-  // in the scratch, prefetching the output added nothing).
-  constexpr int64_t kAhead = 2 * NV * L;
-  const int64_t next = t.dst[0] + kAhead;
-  if (t.stream) {
-    for (int64_t k = 0; k < depth; ++k) prefetch_lines<false>(b[0] + tap[k] + kAhead);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) prefetch_lines<true>(t.out + r * t.plane + next);
-  }
-  if (t.res != nullptr) {
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) prefetch_lines<false>(t.res + r * t.plane + next);
-  }
-  if constexpr (MR * NV + NV + 1 <= 16) {
-    // NV input vectors live across the MR rows; one broadcast weight at a time
-    for (int64_t k = 0; k < depth; ++k) {
-      const int64_t o = tap[k];
-      R bv[NV];
-#pragma GCC unroll 16
-      for (int v = 0; v < NV; ++v) bv[v] = V::load(b[v] + o);
-#pragma GCC unroll 16
-      for (int r = 0; r < MR; ++r) {
-        const R av = V::bcast(a + r);
-#pragma GCC unroll 16
-        for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(av, bv[v], acc[r][v]);
-      }
-      a += MR;
-    }
-  } else {
-    // (too many registers for the order above) MR broadcast weights live across the NV
-    // vectors; one input vector at a time. Same products, same order per accumulator.
-    for (int64_t k = 0; k < depth; ++k) {
-      const int64_t o = tap[k];
-      R av[MR];
-#pragma GCC unroll 16
-      for (int r = 0; r < MR; ++r) av[r] = V::bcast(a + r);
-#pragma GCC unroll 16
-      for (int v = 0; v < NV; ++v) {
-        const R bv = V::load(b[v] + o);
-#pragma GCC unroll 16
-        for (int r = 0; r < MR; ++r) acc[r][v] = V::fma(av[r], bv, acc[r][v]);
-      }
-      a += MR;
-    }
-  }
-
+FSN_TARGET FSN_INLINE void store_epilogue(const TileArgs<T>& t, const typename Vec<T>::R (&acc)[MR][NV]) {
   switch (t.epi) {
     case kEpiPlain: return store_tile<T, MR, NV, 0, 0, 0, kActNone>(t, acc);
     case kEpiStats: return store_tile<T, MR, NV, 1, 0, 0, kActNone>(t, acc);
@@ -228,6 +164,144 @@ FSN_TARGET void tile(const TileArgs<T>& t) {
   }
 }
 
+// Whether the instruction set computes tiles as row pairs (its Vec defines the pair register
+// P, kTileVecs and the pair operations: conv_avx512.cpp).
+template <typename V, typename = void>
+struct RowPairs : std::false_type {};
+template <typename V>
+struct RowPairs<V, std::void_t<decltype(V::kTileVecs)>> : std::true_type {};
+
+// Plan vectors per register tile.
+template <typename T>
+constexpr int tile_vecs() {
+  if constexpr (RowPairs<Vec<T>>::value) {
+    return Vec<T>::kTileVecs;
+  } else {
+    return Blocking<T>::kVecs;
+  }
+}
+
+// Prefetches for the pixel blocks two ahead of this one (their lines arrive while this tile
+// computes): the residual the epilogue will read (1.15-1.25x on 32x32 Track-1 calls with a
+// residual); for an input read in place from memory (1x1 convs, memory-bound) its planes and
+// the output lines as well (1.2x on Track-1 1x1 calls; for 3x3 convs, whose input sits in the
+// scratch, prefetching the output added nothing).
+template <typename T, int MR, int NV>
+FSN_TARGET FSN_INLINE void prefetch_ahead(const TileArgs<T>& t, const T* b0) {
+  constexpr int64_t kAhead = 2 * NV * Vec<T>::L;
+  const int64_t next = t.dst[0] + kAhead;
+  if (t.stream) {
+    for (int64_t k = 0; k < t.depth; ++k) prefetch_lines<false>(b0 + t.tap[k] + kAhead);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) prefetch_lines<true>(t.out + r * t.plane + next);
+  }
+  if (t.res != nullptr) {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) prefetch_lines<false>(t.res + r * t.plane + next);
+  }
+}
+
+// The row-pair tile (instruction sets with RowPairs): accumulator [p][v] holds vector v of
+// rows 2p and 2p + 1; each output is the same chain of fused multiply-adds as in tile below.
+template <typename T, int MR, int NV>
+FSN_TARGET FSN_INLINE void tile_pairs(const TileArgs<T>& t) {
+  using V = Vec<T>;
+  using P = typename V::P;
+  using R = typename V::R;
+  constexpr int MP = (MR + 1) / 2;
+  P acc[MP][NV];
+#pragma GCC unroll 16
+  for (int p = 0; p < MP; ++p) {
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[p][v] = V::pair_zero();
+  }
+  const T* __restrict a = t.a;
+  const int64_t* __restrict tap = t.tap;
+  const T* b[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) b[v] = t.b[v];
+  prefetch_ahead<T, MR, NV>(t, b[0]);
+  const int64_t depth = t.depth;
+  for (int64_t k = 0; k < depth; ++k) {
+    const int64_t o = tap[k];
+    P w[MP];
+    V::template pair_weights<MP>(a, w);
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      const P bv = V::dup_load(b[v] + o);
+#pragma GCC unroll 16
+      for (int p = 0; p < MP; ++p) acc[p][v] = V::pair_fma(w[p], bv, acc[p][v]);
+    }
+    a += MR;
+  }
+  R out[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) out[r][v] = (r & 1) ? V::hi(acc[r / 2][v]) : V::lo(acc[r / 2][v]);
+  }
+  store_epilogue<T, MR, NV>(t, out);
+}
+
+// One register tile: MR rows x NV vectors. Accumulates sum_k a[k][r] * src_v[tap[k]] in the
+// order k = 0, 1, ..., depth - 1 (one fused multiply-add per term where the ISA has FMA),
+// then applies the epilogue, updates the statistics and stores.
+template <typename T, int MR, int NV>
+FSN_TARGET void tile(const TileArgs<T>& t) {
+  using V = Vec<T>;
+  if constexpr (RowPairs<V>::value) {
+    tile_pairs<T, MR, NV>(t);
+  } else {
+    using R = typename V::R;
+    R acc[MR][NV];
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+    }
+    const T* __restrict a = t.a;
+    const int64_t* __restrict tap = t.tap;
+    const T* b[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) b[v] = t.b[v];
+    prefetch_ahead<T, MR, NV>(t, b[0]);
+    const int64_t depth = t.depth;
+    if constexpr (MR * NV + NV + 1 <= 16) {
+      // NV input vectors live across the MR rows; one broadcast weight at a time
+      for (int64_t k = 0; k < depth; ++k) {
+        const int64_t o = tap[k];
+        R bv[NV];
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) bv[v] = V::load(b[v] + o);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) {
+          const R av = V::bcast(a + r);
+#pragma GCC unroll 16
+          for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(av, bv[v], acc[r][v]);
+        }
+        a += MR;
+      }
+    } else {
+      // (too many registers for the order above) MR broadcast weights live across the NV
+      // vectors; one input vector at a time. Same products, same order per accumulator.
+      for (int64_t k = 0; k < depth; ++k) {
+        const int64_t o = tap[k];
+        R av[MR];
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) av[r] = V::bcast(a + r);
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) {
+          const R bv = V::load(b[v] + o);
+#pragma GCC unroll 16
+          for (int r = 0; r < MR; ++r) acc[r][v] = V::fma(av[r], bv, acc[r][v]);
+        }
+        a += MR;
+      }
+    }
+    store_epilogue<T, MR, NV>(t, acc);
+  }
+}
+
 template <typename T>
 using TileFn = void (*)(const TileArgs<T>&);
 
@@ -236,10 +310,9 @@ constexpr std::array<TileFn<T>, sizeof...(Vs)> tile_row(std::integer_sequence<in
   return {{&tile<T, MR, Vs + 1>...}};
 }
 
-template <typename T, int... Rs>
-constexpr std::array<std::array<TileFn<T>, Blocking<T>::kVecs>, sizeof...(Rs)> tile_table(
-    std::integer_sequence<int, Rs...>) {
-  return {{tile_row<T, Rs + 1>(std::make_integer_sequence<int, Blocking<T>::kVecs>())...}};
+template <typename T, int NV, int... Rs>
+constexpr std::array<std::array<TileFn<T>, NV>, sizeof...(Rs)> tile_table(std::integer_sequence<int, Rs...>) {
+  return {{tile_row<T, Rs + 1>(std::make_integer_sequence<int, NV>())...}};
 }
 
 // Rows of the input the scratch copy prefetches ahead of the one it copies.
@@ -322,9 +395,9 @@ FSN_TARGET void build_scratch(const ConvJob<T>& j, int64_t n, int64_t si, T* __r
 
 template <typename T>
 FSN_TARGET void run_items_impl(const ConvJob<T>& j, int64_t begin, int64_t end, T* scratch, double* lanes) {
-  constexpr int NV = Blocking<T>::kVecs;
-  static constexpr auto table =
-      tile_table<T>(std::make_integer_sequence<int, Blocking<T>::kRows>());
+  constexpr int NV = tile_vecs<T>();
+  static_assert(NV <= kMaxTileVecs, "TileArgs holds at most kMaxTileVecs input vectors");
+  static constexpr auto table = tile_table<T, NV>(std::make_integer_sequence<int, Blocking<T>::kRows>());
   const bool stats = j.part_sum != nullptr;
   const int64_t plane = j.out_plane;
 

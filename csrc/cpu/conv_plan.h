@@ -146,15 +146,22 @@ inline int64_t lane_elements(const ConvJob<T>& job) {
 // AVX2 version; callers check the CPU first.
 bool run_items_avx2(const ConvJob<float>& job, int64_t begin, int64_t end, float* scratch, double* lanes);
 bool run_items_avx2(const ConvJob<double>& job, int64_t begin, int64_t end, double* scratch, double* lanes);
+// AVX-512 (F, DQ, VL) float kernel, conv_avx512.cpp: the same values as the AVX2 one, bit for bit.
+bool run_items_avx512(const ConvJob<float>& job, int64_t begin, int64_t end, float* scratch, double* lanes);
+bool cpu_has_avx512();
 void run_items_generic(const ConvJob<float>& job, int64_t begin, int64_t end, float* scratch, double* lanes);
 void run_items_generic(const ConvJob<double>& job, int64_t begin, int64_t end, double* scratch, double* lanes);
 bool cpu_has_avx2_fma();
 
-// FASTSUPERNET_CPU_KERNEL=generic forces the portable version of every CPU kernel (read at
-// every call, so tests can switch it).
+// FASTSUPERNET_CPU_KERNEL=generic forces the portable version of every CPU kernel, =avx2 the
+// AVX2 version where an AVX-512 one exists (read at every call, so tests can switch it).
 inline bool generic_kernel_forced() {
   const char* env = std::getenv("FASTSUPERNET_CPU_KERNEL");
   return env != nullptr && std::strcmp(env, "generic") == 0;
+}
+inline bool avx512_kernel_allowed() {
+  const char* env = std::getenv("FASTSUPERNET_CPU_KERNEL");
+  return env == nullptr || (std::strcmp(env, "generic") != 0 && std::strcmp(env, "avx2") != 0);
 }
 
 }  // namespace conv

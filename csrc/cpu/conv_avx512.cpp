@@ -1,0 +1,92 @@
+// AVX-512 version of the float32 multi_conv2d CPU kernel (x86-64, GCC or Clang).
+//
+// Same plan, blocking and order of operations as the AVX2 version (conv_kernel.h), with the
+// register tile computed as row pairs: a 512-bit accumulator holds the 8 pixels of one plan
+// vector for two output rows (rows 2p and 2p + 1 of the block). Per reduction step, one
+// 128-bit load and two permutes make the pair weights (a[2p] x 8 | a[2p + 1] x 8), each input
+// vector is loaded once duplicated into both halves (a pure load), and every multiply-add works
+// on 16 lanes; the 8-lane plan and its 8-wide output rows (8x8 planes) stay as they are. Each
+// output is the same chain of fused multiply-adds as in the AVX2 kernel, so the two agree bit
+// for bit. Tiles are MR <= 4 rows x up to kTileVecs = 8 vectors (16 accumulators); the epilogue
+// runs on 256-bit halves with the AVX2 code.
+//
+// The functions carry a target attribute; conv.cpp calls them only when the CPU reports
+// AVX-512 F, DQ and VL. float64 keeps the AVX2 kernel. No torch header is included here.
+
+#include "cpu/conv_plan.h"
+
+#ifdef FASTSUPERNET_HAVE_AVX2
+
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() and warn about it when inlined
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#define FSN_TARGET __attribute__((target("avx2,fma,avx512f,avx512dq,avx512vl")))
+#define FSN_INLINE inline __attribute__((always_inline))
+
+#include "cpu/conv_vec_avx2.h"
+
+namespace fastsupernet {
+namespace conv {
+namespace {
+
+template <typename T>
+struct Vec : Avx2Vec<T> {};
+
+template <>
+struct Vec<float> : Avx2Vec<float> {
+  using P = __m512;                    // (row 2p: 8 lanes | row 2p + 1: 8 lanes)
+  static constexpr int kTileVecs = 8;  // plan vectors per tile
+  static FSN_TARGET FSN_INLINE P pair_zero() { return _mm512_setzero_ps(); }
+  // w[p] = (a[2p] x 8 | a[2p + 1] x 8) for p < MP; reads a[0..3] (the panel is padded).
+  template <int MP>
+  static FSN_TARGET FSN_INLINE void pair_weights(const float* a, P (&w)[MP]) {
+    const __m512 q = _mm512_broadcast_f32x4(_mm_loadu_ps(a));  // a[0..3] in every 128-bit lane
+#pragma GCC unroll 2
+    for (int p = 0; p < MP; ++p) {
+      const int e = 2 * p, o = 2 * p + 1;
+      w[p] = _mm512_permutexvar_ps(_mm512_set_epi32(o, o, o, o, o, o, o, o, e, e, e, e, e, e, e, e), q);
+    }
+  }
+  // The 8 values at p in both halves.
+  static FSN_TARGET FSN_INLINE P dup_load(const float* p) { return _mm512_broadcast_f32x8(_mm256_loadu_ps(p)); }
+  static FSN_TARGET FSN_INLINE P pair_fma(P a, P b, P c) { return _mm512_fmadd_ps(a, b, c); }
+  static FSN_TARGET FSN_INLINE R lo(P v) { return _mm512_castps512_ps256(v); }
+  static FSN_TARGET FSN_INLINE R hi(P v) { return _mm512_extractf32x8_ps(v, 1); }
+};
+
+}  // namespace
+}  // namespace conv
+}  // namespace fastsupernet
+
+#include "cpu/conv_kernel.h"
+
+namespace fastsupernet {
+namespace conv {
+
+bool run_items_avx512(const ConvJob<float>& job, int64_t begin, int64_t end, float* scratch, double* lanes) {
+  run_items_impl<float>(job, begin, end, scratch, lanes);
+  return true;
+}
+
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl");
+}
+
+}  // namespace conv
+}  // namespace fastsupernet
+
+#else  // no x86-64 GCC/Clang build
+
+namespace fastsupernet {
+namespace conv {
+
+bool run_items_avx512(const ConvJob<float>&, int64_t, int64_t, float*, double*) { return false; }
+bool cpu_has_avx512() { return false; }
+
+}  // namespace conv
+}  // namespace fastsupernet
+
+#endif
