@@ -301,6 +301,63 @@ def test_generic_kernel_matches_oracle(monkeypatch):
             case.check(*case.run())
 
 
+def test_avx512_kernel_equals_avx2():
+    """The AVX-512 kernel (float32: row-pair tiles of 16 lanes) runs the same chain of fused
+    multiply-adds per output as the AVX2 one: outputs equal bit for bit, and the float64
+    statistics to their rounding (the per-tile partial sums group 8 vectors instead of 3), over
+    random shapes (odd sizes, 1x1 and 3x3, stride 1 and 2, 1..9 rows per candidate so every
+    block height and pair, up to 3 tiles of 8 vectors per row), epilogues and input layouts."""
+    from fastsupernet.ops._extension import cpu_conv_isa
+
+    if cpu_conv_isa() != "avx512":
+        pytest.skip(f"this CPU runs the {cpu_conv_isa()} kernel")
+    rng = random.Random(512)
+    env = {k: os.environ.get(k) for k in ("FASTSUPERNET_CPU_KERNEL", "FASTSUPERNET_CPU_WINOGRAD")}
+    os.environ["FASTSUPERNET_CPU_WINOGRAD"] = "0"  # the direct kernels (Winograd is AVX2 on both)
+    try:
+        for trial in range(40):
+            h, w = rng.choice([1, 3, 7, 8, 9, 16, 17, 33]), rng.choice([1, 5, 8, 15, 16, 24, 33])
+            kernel, stride = rng.choice([1, 3]), rng.choice([1, 2])
+            padding = kernel // 2 if rng.random() < 0.8 else 0
+            if (h + 2 * padding - kernel) < 0 or (w + 2 * padding - kernel) < 0:
+                padding = kernel // 2
+            K = rng.choice([1, 2, 3, 5, 8, 13])
+            in_w = [rng.randint(1, 20) for _ in range(K)]
+            out_w = [rng.randint(1, 9) for _ in range(K)]
+            shared = rng.random() < 0.5
+            in_off = [0] * K if shared else [sum(in_w[:i]) for i in range(K)]
+            cin = max(in_w) if shared else sum(in_w)
+            rows = sum(out_w) + 5
+            gen = torch.Generator().manual_seed(trial)
+            x = _layout(_rand(rng.randint(1, 3), cin, h, w, gen=gen), rng.choice(["nchw", "channels_last"]), gen)
+            weight = _rand(rows, max(in_w) + 2, kernel, kernel, gen=gen)
+            M = sum(out_w)
+            ho, wo = (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
+            act = rng.choice(ACTS)
+            affine = act != "none" or rng.random() < 0.5
+            scale = _rand(M, gen=gen) if affine else None
+            shift = _rand(M, gen=gen) if affine else None
+            residual = _rand(x.shape[0], M, ho, wo, gen=gen) if affine and rng.random() < 0.4 else None
+            slope = _rand(K, gen=gen) if act == "prelu" else None
+            stats = not affine or rng.random() < 0.3
+            args = (x, weight, in_off, in_w, out_w, [rng.randint(0, rows - o) for o in out_w], stride, padding,
+                    scale, shift, residual, act, slope, stats)
+            os.environ.pop("FASTSUPERNET_CPU_KERNEL", None)
+            wide = OPS.multi_conv2d(*args)
+            os.environ["FASTSUPERNET_CPU_KERNEL"] = "avx2"
+            narrow = OPS.multi_conv2d(*args)
+            where = (trial, h, w, kernel, stride, K, in_w, out_w, act)
+            assert torch.equal(wide[0], narrow[0]), where
+            for a, b in zip(wide[1:], narrow[1:]):
+                torch.testing.assert_close(a, b, rtol=1e-13, atol=0, msg=lambda m: f"{where}: {m}")
+    finally:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def test_threads_do_not_change_results():
     """The work split depends on the shape only for the statistics; outputs are per element."""
     case = Case(N=5, C=16, H=16, W=16, kh=3, kw=3, stride=1, padding=1, in_offsets=[0, 0], in_widths=[16, 9],

@@ -193,9 +193,11 @@ def conv_case(seed: int, dtype=torch.float64):
 
 
 @needs_cpp
-@pytest.mark.parametrize("dtype, cpu_kernel", [(torch.float64, ""), (torch.float32, ""), (torch.float32, "generic")])
+@pytest.mark.parametrize("dtype, cpu_kernel", [(torch.float64, ""), (torch.float32, ""), (torch.float32, "avx2"),
+                                               (torch.float32, "generic")])
 def test_batched_conv_backward_matches_aten_loop(monkeypatch, dtype, cpu_kernel):
-    """Both the AVX2 and the portable (FASTSUPERNET_CPU_KERNEL=generic) kernels."""
+    """The CPU's own kernels (AVX-512 where it has it), AVX2 and the portable ones
+    (FASTSUPERNET_CPU_KERNEL=avx2 / generic)."""
     if cpu_kernel:
         monkeypatch.setenv("FASTSUPERNET_CPU_KERNEL", cpu_kernel)
     tol = 1e-10 if dtype == torch.float64 else 1e-5

@@ -60,7 +60,7 @@
 //  * ISA: conv_avx512.cpp (float32, AVX-512 F/DQ/VL: the tile as row pairs of 16 lanes),
 //    conv_avx2.cpp (AVX2 and FMA) and conv_generic.cpp (portable) compile the same kernel
 //    (conv_kernel.h), chosen at run time by what the CPU has. The AVX-512 and AVX2 versions
-//    give the same values bit for bit. FASTSUPERNET_CPU_KERNEL=avx2 or =generic forces one.
+//    give the same outputs bit for bit (statistics to float64 rounding). FASTSUPERNET_CPU_KERNEL=avx2 or =generic forces one.
 //
 // Error bounds (u = 2^-24 for float32, 2^-53 for float64; d = in_width * kh * kw of the
 // element's candidate; A = sum over the d taps of |w| |x|):
@@ -745,6 +745,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sliced_conv2d_cpu(
 }
 
 }  // namespace
+
+// The instruction set the float32 CPU convolution kernels run with now (the CPU's, or the one
+// FASTSUPERNET_CPU_KERNEL forces): "avx512", "avx2" or "generic".
+std::string cpu_conv_isa() { return use_avx512() ? "avx512" : use_avx2() ? "avx2" : "generic"; }
+
+TORCH_LIBRARY_FRAGMENT(fastsupernet, m) { m.def("_cpu_conv_isa() -> str", &cpu_conv_isa); }
 
 TORCH_LIBRARY_IMPL(fastsupernet, CPU, m) {
   m.impl("multi_conv2d", &multi_conv2d_cpu);

@@ -6,9 +6,10 @@
 // 128-bit load and two permutes make the pair weights (a[2p] x 8 | a[2p + 1] x 8), each input
 // vector is loaded once duplicated into both halves (a pure load), and every multiply-add works
 // on 16 lanes; the 8-lane plan and its 8-wide output rows (8x8 planes) stay as they are. Each
-// output is the same chain of fused multiply-adds as in the AVX2 kernel, so the two agree bit
-// for bit. Tiles are MR <= 4 rows x up to kTileVecs = 8 vectors (16 accumulators); the epilogue
-// runs on 256-bit halves with the AVX2 code.
+// output is the same chain of fused multiply-adds as in the AVX2 kernel, so the outputs agree
+// bit for bit (the float64 statistics to their rounding: partial sums per tile of 8 vectors,
+// not 3). Tiles are MR <= 4 rows x up to kTileVecs = 8 vectors (16 accumulators); the
+// epilogue runs on 256-bit halves with the AVX2 code.
 //
 // The functions carry a target attribute; conv.cpp calls them only when the CPU reports
 // AVX-512 F, DQ and VL. float64 keeps the AVX2 kernel. No torch header is included here.

@@ -146,7 +146,7 @@ inline int64_t lane_elements(const ConvJob<T>& job) {
 // AVX2 version; callers check the CPU first.
 bool run_items_avx2(const ConvJob<float>& job, int64_t begin, int64_t end, float* scratch, double* lanes);
 bool run_items_avx2(const ConvJob<double>& job, int64_t begin, int64_t end, double* scratch, double* lanes);
-// AVX-512 (F, DQ, VL) float kernel, conv_avx512.cpp: the same values as the AVX2 one, bit for bit.
+// AVX-512 (F, DQ, VL) float kernel, conv_avx512.cpp: the same outputs as the AVX2 one, bit for bit.
 bool run_items_avx512(const ConvJob<float>& job, int64_t begin, int64_t end, float* scratch, double* lanes);
 bool cpu_has_avx512();
 void run_items_generic(const ConvJob<float>& job, int64_t begin, int64_t end, float* scratch, double* lanes);

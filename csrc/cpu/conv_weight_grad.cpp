@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <vector>
 
 #include "cpu/conv_plan.h"
@@ -64,6 +65,19 @@ struct Lanes {
   static constexpr int L = kVecBytes / static_cast<int>(sizeof(T));
 };
 
+// 64-byte aligned storage: the packed gradient rows then start on cache lines (whole-line
+// vector loads).
+template <typename T>
+struct AlignedAllocator {
+  using value_type = T;
+  AlignedAllocator() = default;
+  template <typename U>
+  AlignedAllocator(const AlignedAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  bool operator==(const AlignedAllocator&) const { return true; }
+};
+
 // Geometry of one candidate's packed buffers inside a work item.
 struct Packed {
   int64_t images;     // images in the item
@@ -82,14 +96,31 @@ struct Packed {
 
 #ifdef FASTSUPERNET_HAVE_AVX2
 #define FSN_WG_HAVE_AVX2 1
+// Keeps a loaded vector in a register: without it GCC folds the load into every multiply-add
+// that uses it (one load per FMA: the loop becomes load-bound).
+#define FSN_WG_IN_REGISTER(v) __asm__("" : "+v"(v))
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
 #include "cpu/conv_weight_grad_kernel.h"
 }  // namespace avx2
 #pragma GCC pop_options
+// float32 with 512-bit vectors (16 lanes): the packed runs are whole 16-lane vectors
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512dq,avx512vl")
+namespace avx512 {
+constexpr int kVecBytes = 64;
+template <typename T>
+struct Lanes {
+  static constexpr int L = kVecBytes / static_cast<int>(sizeof(T));
+};
+#include "cpu/conv_weight_grad_kernel.h"
+}  // namespace avx512
+#pragma GCC pop_options
+#undef FSN_WG_IN_REGISTER
 #endif
 
+#define FSN_WG_IN_REGISTER(v) ((void)0)
 namespace portable {
 #include "cpu/conv_weight_grad_kernel.h"
 }  // namespace portable
@@ -104,17 +135,37 @@ bool use_avx2() {
 #endif
 }
 
-void candidate_tiles_any(bool avx, const float* g, const float* x, const Packed& p, int64_t ow, int64_t iw,
+// AVX-512 (float32) when the CPU has F, DQ and VL, unless FASTSUPERNET_CPU_KERNEL=avx2 or =generic.
+bool use_avx512() {
+#ifdef FSN_WG_HAVE_AVX2
+  static const bool cpu_ok = conv::cpu_has_avx512();
+  return cpu_ok && conv::avx512_kernel_allowed();
+#else
+  return false;
+#endif
+}
+
+// Which tile loops run: 0 portable, 1 AVX2, 2 AVX-512 (float32 only).
+enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// Vector lanes of the packed runs for this ISA and dtype.
+template <typename T>
+int64_t lanes_for(int isa) {
+  return isa == kAvx512 && sizeof(T) == 4 ? 64 / static_cast<int64_t>(sizeof(T)) : Lanes<T>::L;
+}
+
+void candidate_tiles_any(int isa, const float* g, const float* x, const Packed& p, int64_t ow, int64_t iw,
                          int64_t kh, int64_t kw, float* res) {
 #ifdef FSN_WG_HAVE_AVX2
-  if (avx) return avx2::candidate_tiles_f32(g, x, p, ow, iw, kh, kw, res);
+  if (isa == kAvx512) return avx512::candidate_tiles_f32(g, x, p, ow, iw, kh, kw, res);
+  if (isa == kAvx2) return avx2::candidate_tiles_f32(g, x, p, ow, iw, kh, kw, res);
 #endif
   portable::candidate_tiles_f32(g, x, p, ow, iw, kh, kw, res);
 }
-void candidate_tiles_any(bool avx, const double* g, const double* x, const Packed& p, int64_t ow, int64_t iw,
+void candidate_tiles_any(int isa, const double* g, const double* x, const Packed& p, int64_t ow, int64_t iw,
                          int64_t kh, int64_t kw, double* res) {
 #ifdef FSN_WG_HAVE_AVX2
-  if (avx) return avx2::candidate_tiles_f64(g, x, p, ow, iw, kh, kw, res);
+  if (isa != kPortable) return avx2::candidate_tiles_f64(g, x, p, ow, iw, kh, kw, res);
 #endif
   portable::candidate_tiles_f64(g, x, p, ow, iw, kh, kw, res);
 }
@@ -163,7 +214,7 @@ at::Tensor multi_conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::Te
   at::Tensor grad = at::zeros(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0) return grad;
 
-  const bool avx = use_avx2();
+  const bool avx = use_avx2(), avx512 = avx && use_avx512();
   const int64_t per_image = std::max<int64_t>(1, Ho * (stride == 1 ? Wo + kw - 1 : Wo));
   const int64_t per_item = std::clamp<int64_t>(div_up(kItemElems, per_image), 1, div_up(N, kMinItems));
   const int64_t items = div_up(N, per_item);
@@ -176,8 +227,13 @@ at::Tensor multi_conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::Te
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_conv2d_weight_grad", [&] {
     using T = scalar_t;
-    constexpr int64_t L = Lanes<T>::L;
-    const int64_t wv = div_up(Wo, L) * L;
+    // 16-lane vectors where the runs are whole ones anyway (stride 1: one run per image of Ho
+    // padded rows; strided: output rows of a multiple of 16); else 8 lanes
+    const int isa = !avx ? kPortable
+                         : avx512 && sizeof(T) == 4 && (stride == 1 || Wo % 16 == 0) ? kAvx512 : kAvx2;
+    const int64_t L = lanes_for<T>(isa);
+    // stride 1: one run per image, rows need no whole vectors (their zero tails pad them)
+    const int64_t wv = stride == 1 ? Wo : div_up(Wo, L) * L;
     const int64_t wph = wv + (kw - 1) / stride;
     const int64_t rows_in = (Ho - 1) * stride + kh;
     std::vector<T> partial(static_cast<size_t>(items * res_len), T(0));
@@ -187,7 +243,7 @@ at::Tensor multi_conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::Te
     const int64_t gs0 = grad_out.stride(0), gs1 = grad_out.stride(1), gs2 = grad_out.stride(2),
                   gs3 = grad_out.stride(3);
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> gbuf, xbuf;
+      std::vector<T, AlignedAllocator<T>> gbuf, xbuf;
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n0 = item * per_item, n1 = std::min(N, n0 + per_item);
         Packed p;
@@ -252,7 +308,7 @@ at::Tensor multi_conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::Te
                   }
                 }
               }
-          candidate_tiles_any(avx, gbuf.data(), xbuf.data(), p, ow, iw, kh, kw, res_item + res_off[k]);
+          candidate_tiles_any(isa, gbuf.data(), xbuf.data(), p, ow, iw, kh, kw, res_item + res_off[k]);
         }
       }
     });

@@ -3,7 +3,7 @@
 // namespace compiled for AVX2 + FMA (between `#pragma GCC push_options / target` and
 // `pop_options`, so no other header is compiled with those flags) and into a portable one.
 // Expects in scope: int64_t, std::min, std::memcpy, struct Packed, Lanes<T>, kRows, kCols,
-// kVecBytes and the FSN_WG_INLINE macro.
+// kVecBytes and the FSN_WG_INLINE and FSN_WG_IN_REGISTER macros.
 
 // acc[r][c] += sum over the item of g row r * x column c; res[r * res_stride + c] += lane sums.
 // (Loads through an unaligned vector type and fully unrolled r/c loops keep the R*C
@@ -35,7 +35,8 @@ FSN_WG_INLINE void tile(const T* g, const T* const* xcol, const Packed& p, T* re
         if (C > 2) xv[C > 2 ? 2 : 0] = *reinterpret_cast<const uvec*>(x2 + v);
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
-          const vec gv = *reinterpret_cast<const uvec*>(gr + r * g_row + v);
+          vec gv = *reinterpret_cast<const uvec*>(gr + r * g_row + v);
+          FSN_WG_IN_REGISTER(gv);  // one load per row, not one per multiply-add
 #pragma GCC unroll 4
           for (int c = 0; c < C; ++c) acc[r][c] += gv * xv[c];
         }
@@ -66,16 +67,16 @@ FSN_WG_INLINE void candidate_tiles(const T* gbuf, const T* xbuf, const Packed& p
                                    int64_t kw, T* res) {
   const int64_t ncols = iw * kh * kw;
   const T* xcol[kCols];
-  for (int64_t q0 = 0; q0 < ncols; q0 += kCols) {
-    const int cols = static_cast<int>(std::min<int64_t>(kCols, ncols - q0));
-    for (int c = 0; c < cols; ++c) {
-      const int64_t q = q0 + c;
-      const int64_t ch = q / (kh * kw), i = (q / kw) % kh, j = q % kw;
-      xcol[c] = xbuf + ch * p.x_chan + i * p.x_row + (j % p.stride) * p.wph + j / p.stride;
-    }
-    for (int64_t o0 = 0; o0 < ow; o0 += kRows) {
-      const int rows = static_cast<int>(std::min<int64_t>(kRows, ow - o0));
-      const T* g = gbuf + o0 * p.g_row;
+  for (int64_t o0 = 0; o0 < ow; o0 += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, ow - o0));
+    const T* g = gbuf + o0 * p.g_row;
+    for (int64_t q0 = 0; q0 < ncols; q0 += kCols) {
+      const int cols = static_cast<int>(std::min<int64_t>(kCols, ncols - q0));
+      for (int c = 0; c < cols; ++c) {
+        const int64_t q = q0 + c;
+        const int64_t ch = q / (kh * kw), i = (q / kw) % kh, j = q % kw;
+        xcol[c] = xbuf + ch * p.x_chan + i * p.x_row + (j % p.stride) * p.wph + j / p.stride;
+      }
       T* out = res + o0 * ncols + q0;
       switch (rows) {
         case 4: tile_cols<T, 4>(cols, g, xcol, p, out, ncols); break;

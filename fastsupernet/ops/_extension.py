@@ -68,3 +68,14 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
         return bool(torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key))
     except (AttributeError, RuntimeError):  # private API moved, or op unknown
         return False
+
+
+def cpu_conv_isa() -> str:
+    """The instruction set the float32 CPU convolution kernels run with: ``"avx512"``,
+    ``"avx2"``, ``"generic"`` (portable), or ``"none"`` without the compiled extension.
+
+    Read at every call: ``FASTSUPERNET_CPU_KERNEL=avx2`` or ``=generic`` forces a lower one.
+    """
+    if load() is None or not hasattr(torch.ops.fastsupernet, "_cpu_conv_isa"):
+        return "none"
+    return str(torch.ops.fastsupernet._cpu_conv_isa())
