@@ -75,7 +75,13 @@ def machine_rates() -> tuple[float, float]:
 
 def winograd_takes(in_width: int, out_hw: int, k: int, stride: int) -> bool:
     """Whether the CPU kernel computes this candidate with Winograd F(2x2, 3x3) (csrc/cpu/conv.cpp)."""
-    return k == 3 and stride == 1 and out_hw % 8 == 0 and in_width >= (8 if out_hw <= 8 else 20)
+    from fastsupernet.ops._extension import cpu_conv_isa
+
+    if cpu_conv_isa() == "avx512":
+        least = 36 if out_hw <= 16 else 24
+    else:
+        least = 8 if out_hw <= 8 else 20
+    return k == 3 and stride == 1 and out_hw % 8 == 0 and in_width >= least
 
 
 def _floor(benchmark, flops: float, nbytes: float, alg_flops: float | None = None) -> None:
@@ -109,8 +115,11 @@ class BN:
 def test_gemm_rate(benchmark):
     """fp32 torch.mm 1024^3: the compute rate the floors use."""
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    from fastsupernet.ops._extension import cpu_conv_isa
+
     benchmark.group = "reference rates"
     benchmark.extra_info["flops"] = 2 * 1024**3
+    benchmark.extra_info["cpu_isa"] = cpu_conv_isa()
     benchmark.pedantic(torch.mm, args=(a, b), rounds=20, iterations=1, warmup_rounds=2)
 
 
@@ -326,7 +335,10 @@ def _table(path: str) -> None:
     for b in data["benchmarks"]:
         impl = b["params"].get("impl") if b.get("params") else None
         groups.setdefault(b["group"], {})[impl or b["name"]] = b
+    cpu = data.get("machine_info", {}).get("cpu", {}).get("brand_raw", "?")
     rates = groups.get("reference rates", {})
+    isa = next((b["extra_info"]["cpu_isa"] for b in rates.values() if "cpu_isa" in b["extra_info"]), "?")
+    print(f"CPU: {cpu}; fastsupernet CPU kernels: {isa}")
     for name, b in rates.items():
         med = b["stats"]["median"]
         if "flops" in b["extra_info"]:

@@ -1,6 +1,8 @@
-"""The Winograd F(2x2, 3x3) path of the CPU ``multi_conv2d`` (float32, AVX2; 3x3, stride 1,
-padding 1, output width a multiple of 8, even height; per candidate, input width >= 20, or
->= 8 when the output is 8 wide).
+"""The Winograd F(2x2, 3x3) path of the CPU ``multi_conv2d`` (float32, AVX2 or AVX-512; 3x3,
+stride 1, padding 1, output width a multiple of 8, even height; per candidate, input width at
+least the instruction set's threshold: AVX2 20, or 8 when the output is 8 wide; AVX-512 24, or
+36 on outputs up to 16 wide). The cases run with ``FASTSUPERNET_CPU_WINOGRAD=all`` (every
+candidate, whatever its width); the thresholds have their own test.
 
 Oracle: the same float64 oracle as tests/test_conv_cpu.py (a loop of ``F.conv2d`` per
 candidate, then the epilogue). The error bound is the one csrc/cpu/conv_winograd.cpp states:
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import fastsupernet._C  # noqa: F401  (registers the ops)
-from fastsupernet.ops._extension import has_kernel
+from fastsupernet.ops._extension import cpu_conv_isa, has_kernel
 
 from conv_oracle import assert_stats_match_output, assert_stats_within, epilogue
 
@@ -102,7 +104,7 @@ class WCase:
 
     def run(self, winograd: bool = True):
         old = os.environ.get("FASTSUPERNET_CPU_WINOGRAD")
-        os.environ["FASTSUPERNET_CPU_WINOGRAD"] = "1" if winograd else "0"
+        os.environ["FASTSUPERNET_CPU_WINOGRAD"] = "all" if winograd else "0"
         try:
             return OPS.multi_conv2d(self.x, self.weight, *self.meta, 1, 1, self.scale, self.shift, self.residual,
                                     self.activation, self.slope, self.stats)
@@ -211,23 +213,58 @@ def test_sliced_conv2d_uses_it():
     assert ((out.double() - ref).abs() <= (24 + 12) * U32 * aw).all()
 
 
+def min_width(out_w: int) -> int:
+    """The input width from which a candidate takes Winograd (csrc/cpu/conv.cpp)."""
+    if cpu_conv_isa() == "avx512":
+        return 36 if out_w <= 16 else 24
+    return 8 if out_w <= 8 else 20
+
+
+def _both_ways(x, w, C, stride, flag):
+    outs = []
+    for f in (flag, "0"):
+        os.environ["FASTSUPERNET_CPU_WINOGRAD"] = f
+        try:
+            outs.append(OPS.multi_conv2d(x, w, [0], [C], [9], [0], stride, 1, None, None, None, "none", None, True))
+        finally:
+            del os.environ["FASTSUPERNET_CPU_WINOGRAD"]
+    return outs
+
+
 def test_narrow_widths_and_other_shapes_keep_the_direct_kernel():
-    """Narrow inputs (< 8 at width 8, < 20 wider), stride 2, odd sizes: bitwise the same with the
-    switch on or off."""
+    """Inputs narrower than the threshold, stride 2, odd sizes: bitwise the same with the switch
+    on (default thresholds) or off; at the threshold, Winograd runs."""
     g = torch.Generator().manual_seed(2)
-    for (C, H, W, stride) in [(7, 8, 8, 1), (19, 16, 16, 1), (24, 8, 8, 2), (24, 7, 8, 1), (24, 8, 12, 1)]:
+    for (C, H, W, stride) in [(min_width(8) - 1, 8, 8, 1), (min_width(16) - 1, 16, 16, 1),
+                              (min_width(32) - 1, 8, 32, 1), (24, 8, 8, 2), (24, 7, 8, 1), (24, 8, 12, 1)]:
         x = torch.randn(2, C, H, W, generator=g)
         w = torch.randn(9, C, 3, 3, generator=g)
-        outs = []
-        for flag in ("1", "0"):
-            os.environ["FASTSUPERNET_CPU_WINOGRAD"] = flag
-            try:
-                outs.append(OPS.multi_conv2d(x, w, [0], [C], [9], [0], stride, 1, None, None, None, "none", None,
-                                             True))
-            finally:
-                del os.environ["FASTSUPERNET_CPU_WINOGRAD"]
-        for a, b in zip(*outs):
+        for a, b in zip(*_both_ways(x, w, C, stride, "1")):
             assert torch.equal(a, b), (C, H, W, stride)
+    for W in (8, 16, 32):
+        C = min_width(W)
+        x = torch.randn(2, C, 8, W, generator=g)
+        w = torch.randn(9, C, 3, 3, generator=g)
+        on, off = _both_ways(x, w, C, 1, "1")
+        assert not torch.equal(on[0], off[0]), (C, W)
+
+
+@pytest.mark.skipif(cpu_conv_isa() != "avx512", reason="needs a CPU with AVX-512 F/DQ/VL")
+def test_avx512_gemm_step_equals_avx2(monkeypatch):
+    """The GEMM step on 512-bit row pairs runs the AVX2 step's fused multiply-add chains: the
+    same outputs and statistics, bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 40, 8, 16, generator=g)
+    w = torch.randn(50, 40, 3, 3, generator=g) / 10
+    meta = ([0, 0, 8], [40, 13, 32], [9, 6, 11], [0, 20, 30])  # rows 9 = 4 + 4 + 1 (a half-empty pair)
+    scale = torch.randn(26, generator=g)
+    monkeypatch.setenv("FASTSUPERNET_CPU_WINOGRAD", "all")
+    outs = []
+    for kernel in ("avx512", "avx2"):
+        monkeypatch.setenv("FASTSUPERNET_CPU_KERNEL", kernel)
+        outs.append(OPS.multi_conv2d(x, w, *meta, 1, 1, scale, None, None, "none", None, True))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
 
 
 _THREADS_SCRIPT = r"""

@@ -17,9 +17,11 @@
 // Bad arguments raise ValueError, bad dtypes TypeError.
 //
 // Algorithms. Candidates of float32 3x3 stride-1 padding-1 layers whose output width is a
-// multiple of 8 and height even go to Winograd F(2x2, 3x3) (conv_winograd.cpp) when their
-// input width is >= 20 (>= 8 on 8-wide outputs) and the CPU has AVX2 + FMA; every other
-// candidate, below. FASTSUPERNET_CPU_WINOGRAD=0 turns Winograd off.
+// multiple of 8 and height even go to Winograd F(2x2, 3x3) (conv_winograd.cpp) when the CPU
+// has AVX2 + FMA and their input width is at least winograd_min_width (AVX2: 20, or 8 on
+// 8-wide outputs; AVX-512: 24, or 36 on outputs up to 16 wide); every other candidate, below.
+// FASTSUPERNET_CPU_WINOGRAD=0 turns Winograd off, =all takes it for every candidate of a
+// suitable layer whatever its width.
 //
 // Direct algorithm: an implicit GEMM per image, C[row, pixel] = sum_k A[row, k] * B[k, pixel],
 // k = (ci, i, j) running over the candidate's in_width * kh * kw taps.
@@ -220,14 +222,22 @@ void run_job(const ConvJob<T>& job, int64_t items, int64_t max_width, int64_t ma
 
 // Winograd F(2x2, 3x3) (conv_winograd.cpp): 3x3, stride 1, padding 1, float32, AVX2, output
 // width a multiple of 8 and even height; FASTSUPERNET_CPU_WINOGRAD=0 (read at every call)
-// or FASTSUPERNET_CPU_KERNEL=generic turn it off.
+// or FASTSUPERNET_CPU_KERNEL=generic turn it off, =all lifts the width threshold.
 constexpr int64_t kWinogradChunkBytes = 256 * 1024;  // transformed input of one chunk: half a 512 KiB L2
 
 // Candidates narrower than this keep the direct kernel: there the transforms cost about what
-// they save (measured on packed inputs, direct / Winograd time: 32x32 and 16x16 planes 0.8x at
-// width 8, 0.9-1.0x at 16, 1.2x at 20, 1.4x at 32; 8x8 planes 1.3x at 8, 1.5-1.75x at 16..64).
-// The choice is per candidate, so a candidate's values never depend on the others in the call.
-int64_t winograd_min_width(int64_t Wo) { return Wo <= 8 ? 8 : 20; }
+// they save. AVX2 (measured on packed inputs, direct / Winograd time: 32x32 and 16x16 planes
+// 0.8x at width 8, 0.9-1.0x at 16, 1.2x at 20, 1.4x at 32; 8x8 planes 1.3x at 8, 1.5-1.75x at
+// 16..64). AVX-512, whose direct kernel is 1.5-2.2x the AVX2 one (one candidate, in = out
+// width: 32x32 planes 0.95x at 20, 1.03x at 24, 1.1-1.2x at 28..64; 16x16 and 8x8 planes
+// 0.87-1.0x up to 32, 1.1-1.2x at 36..64). The choice is per candidate, so a candidate's
+// values never depend on the others in the call.
+int64_t winograd_min_width(int64_t Wo, bool wide) {
+  const char* env = std::getenv("FASTSUPERNET_CPU_WINOGRAD");
+  if (env != nullptr && std::strcmp(env, "all") == 0) return 1;
+  if (wide) return Wo <= 16 ? 36 : 24;
+  return Wo <= 8 ? 8 : 20;
+}
 
 bool winograd_shape(int64_t kh, int64_t kw, int64_t stride, int64_t padding, int64_t Ho, int64_t Wo) {
   if (kh != 3 || kw != 3 || stride != 1 || padding != 1 || Wo % 8 != 0 || Ho % 2 != 0 || Ho == 0) return false;
@@ -365,6 +375,7 @@ void multi_conv2d_winograd(const at::Tensor& x, const at::Tensor& weight, at::In
   job.quad_off = quad_off.data();
   job.part_sum = part_sum;
   job.part_sq = part_sq;
+  job.wide = use_avx512();
 
   const int64_t scratch_n = conv::winograd_scratch_floats(job);
   const int64_t lanes_n = part_sum != nullptr ? conv::winograd_lane_doubles(job) : 0;
@@ -619,8 +630,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_impl(
     if (winograd_shape(kh, kw, stride, padding, Ho, Wo)) {
       std::vector<char> wino(static_cast<size_t>(K), 0);
       bool any = false;
+      const bool wide = use_avx512();
       for (int64_t k = 0; k < K; ++k) {
-        wino[k] = in_widths[k] >= winograd_min_width(Wo);
+        wino[k] = in_widths[k] >= winograd_min_width(Wo, wide);
         direct_cand[k] = !wino[k];
         any = any || wino[k];
       }

@@ -32,6 +32,10 @@
 
 #include <algorithm>
 
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() and warn about it when inlined
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #define FSN_TARGET __attribute__((target("avx2,fma")))
 #define FSN_INLINE inline __attribute__((always_inline))
 
@@ -276,6 +280,36 @@ FSN_TARGET FSN_INLINE void gemm_tile(const float* __restrict ub, const float* __
   }
 }
 
+// gemm_tile on 512-bit registers: accumulator [p][v] holds vector v of rows 2p and 2p + 1.
+// Per channel, the 4 row weights (one 128-bit load) become two pair vectors (a[2p] x 8 |
+// a[2p + 1] x 8) and each vector of V is loaded duplicated into both halves; every output is
+// the same chain of fused multiply-adds as in gemm_tile.
+template <int NV>
+__attribute__((target("avx2,fma,avx512f,avx512dq,avx512vl"))) void gemm_tile_wide(
+    const float* __restrict ub, const float* __restrict vb, int64_t pp, int64_t depth, float* __restrict mb) {
+  const __m512i lo_rows = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512i hi_rows = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
+  __m512 acc[2][NV];
+  for (int p = 0; p < 2; ++p) {
+    for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_setzero_ps();
+  }
+  for (int64_t c = 0; c < depth; ++c) {
+    const __m512 q = _mm512_broadcast_f32x4(_mm_loadu_ps(ub + 4 * c));
+    const __m512 a0 = _mm512_permutexvar_ps(lo_rows, q), a1 = _mm512_permutexvar_ps(hi_rows, q);
+    for (int v = 0; v < NV; ++v) {
+      const __m512 b = _mm512_broadcast_f32x8(_mm256_loadu_ps(vb + c * pp + 8 * v));
+      acc[0][v] = _mm512_fmadd_ps(a0, b, acc[0][v]);
+      acc[1][v] = _mm512_fmadd_ps(a1, b, acc[1][v]);
+    }
+  }
+  for (int p = 0; p < 2; ++p) {
+    for (int v = 0; v < NV; ++v) {
+      _mm256_storeu_ps(mb + (2 * p) * kGroup + 8 * v, _mm512_castps512_ps256(acc[p][v]));
+      _mm256_storeu_ps(mb + (2 * p + 1) * kGroup + 8 * v, _mm512_extractf32x8_ps(acc[p][v], 1));
+    }
+  }
+}
+
 struct RowEpilogue {
   __m256 sc, sh, sl;
   bool has_scale, has_shift;
@@ -379,8 +413,13 @@ FSN_TARGET void run_group(const WinogradJob& j, int64_t k, const float* v, int64
   for (int xi = 0; xi < kXi; ++xi) {
     const float* vb = v + xi * width * pp + p0;
     for (int64_t rb = 0; rb < blocks; ++rb) {
-      gemm_tile<NV>(uk + (xi * blocks + rb) * depth * kRowsW, vb, pp, depth,
-                    s.mb + xi * s.mb_stride + rb * kRowsW * kGroup);
+      const float* ub = uk + (xi * blocks + rb) * depth * kRowsW;
+      float* mb = s.mb + xi * s.mb_stride + rb * kRowsW * kGroup;
+      if (j.wide) {
+        gemm_tile_wide<NV>(ub, vb, pp, depth, mb);
+      } else {
+        gemm_tile<NV>(ub, vb, pp, depth, mb);
+      }
     }
   }
   output_group<NV>(j, s.mb, s.mb_stride, j.out_w[k], j.row0[k], p0, tiles_used, chunk_out, lanes);

@@ -63,6 +63,10 @@ struct WinogradJob {
   // so it depends neither on the chunking nor on the other candidates of the call.
   double* part_sum = nullptr;
   double* part_sq = nullptr;
+
+  // The GEMM step on 512-bit registers (CPUs with AVX-512 F/DQ/VL): row pairs of 16 lanes,
+  // the same chains of fused multiply-adds as the 256-bit step, so the same values.
+  bool wide = false;
 };
 
 // float32 values and float64 statistics lanes of one thread's scratch.
