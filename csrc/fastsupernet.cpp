@@ -80,9 +80,11 @@ TORCH_LIBRARY(fastsupernet, m) {
   // Backward of train-mode BatchNorm (batch statistics mean/invstd of y, scale = gamma * invstd,
   // shift = beta - mean * scale) followed by bn_act without residual affine: gradients of y
   // (through the statistics too), of the residual (empty without one), of gamma, beta and the
-  // shared PReLU slope (empty unless prelu). CPU kernel: csrc/cpu/bn_act.cpp.
+  // shared PReLU slope (empty unless prelu). Without mean and invstd: the backward of bn_act
+  // itself, scale and shift plain inputs (eval-mode BN folded into them): grad_gamma and
+  // grad_beta are then the gradients of scale and shift. CPU kernel: csrc/cpu/bn_act.cpp.
   m.def(
       "bn_act_backward(Tensor grad_out, Tensor y, Tensor scale, Tensor shift, Tensor? residual, str activation, "
-      "Tensor? slope, Tensor mean, Tensor invstd) -> (Tensor grad_y, Tensor grad_residual, Tensor grad_gamma, "
+      "Tensor? slope, Tensor? mean, Tensor? invstd) -> (Tensor grad_y, Tensor grad_residual, Tensor grad_gamma, "
       "Tensor grad_beta, Tensor grad_slope)");
 }

@@ -201,3 +201,38 @@ def test_opcheck():
             test_utils=("test_schema", "test_faketensor"))
     opcheck(OPS.bn_act_backward.default, (_rand(2, 3, 4, 5), y, a, b, r, "prelu", slope, _rand(3), _rand(3).abs()),
             test_utils=("test_schema", "test_faketensor"))
+    opcheck(OPS.bn_act_backward.default, (_rand(2, 3, 4, 5), y, a, b, None, "relu", None, None, None),
+            test_utils=("test_schema", "test_faketensor"))
+
+
+# --- without statistics: scale and shift as plain inputs (a folded eval-mode BN) ------------------
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (4, 7, 14, 14), (2, 3, 1, 1)])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_backward_without_statistics_matches_float64_autograd(shape, act, with_residual, kernel):
+    """grad_y = scale * dL/dz, and the gradients of scale and shift (float64 sums) in the
+    grad_gamma / grad_beta slots; oracle: autograd through ``act(y * scale + shift + r)`` in
+    float64. Without a residual the op writes grad_y in its first pass, with one in a second."""
+    n, c, h, w = shape
+    y, a, b, grad = _rand(*shape, seed=41), _rand(c, seed=42), _rand(c, seed=43), _rand(*shape, seed=44)
+    r = _rand(*shape, seed=45) if with_residual else None
+    slope = torch.tensor([0.2]) if act == "prelu" else None
+    gy, gr, ga, gb, gs = OPS.bn_act_backward(grad, y, a, b, r, act, slope, None, None)
+    leaves = [t.double().requires_grad_() for t in (y, a, b) + ((r,) if with_residual else ())
+              + ((slope,) if act == "prelu" else ())]
+    y64, a64, b64 = leaves[:3]
+    z = y64 * a64.view(1, -1, 1, 1) + b64.view(1, -1, 1, 1)
+    if with_residual:
+        z = z + leaves[3]
+    want = torch.autograd.grad(_act(z, act, leaves[-1] if act == "prelu" else None), leaves, grad.double())
+    got = [gy, ga, gb] + ([gr] if with_residual else []) + ([gs] if act == "prelu" else [])
+    assert gr.numel() == (y.numel() if with_residual else 0)
+    for i, (g, wnt) in enumerate(zip(got, want)):
+        assert g.dtype == torch.float32 and g.shape == wnt.shape and torch.isfinite(g).all(), i
+        assert (g.double() - wnt).abs().max().item() <= 1e-5 * max(wnt.abs().max().item(), 1e-3), i
+
+
+def test_backward_needs_both_statistics_or_neither():
+    y, a, b = _rand(2, 3, 4, 4), _rand(3), _rand(3)
+    with pytest.raises(ValueError, match="mean and invstd must be given together"):
+        OPS.bn_act_backward(y, y, a, b, None, "relu", None, _rand(3), None)

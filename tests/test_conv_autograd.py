@@ -160,3 +160,35 @@ def test_face_errors():
     out = ops.multi_conv2d(x, w, torch.tensor([0, 0], dtype=torch.int32), torch.tensor([4, 2]), [2, 3], [0, 2],
                            padding=1, backend="reference")
     assert out.shape == (1, 5, 3, 3)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("k, shift_on, res_on, act", [(1, True, False, "relu"), (1, False, True, "none"),
+                                                      (3, True, True, "relu"), (1, True, True, "relu")])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_trainable_scale(backend, k, shift_on, res_on, act, dtype):
+    """scale (a folded BN's gamma * invstd) needing its gradient: the face runs the kernel without
+    epilogue and the epilogue as a differentiable pass (compiled CPU: fastsupernet::bn_act and
+    its backward without statistics); every gradient against float64 autograd of the reference.
+    One candidate reading all of x takes the weight gradient from aten on AVX-512 CPUs."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernel takes float32, float16 or bfloat16")
+    x64, w64, meta, e = make_case(100 + k, k=k, n=3, hw=6, shared_input=k == 1)
+    if k == 1:
+        meta = ([0], [x64.shape[1]], meta[2], meta[3])
+    leaves64 = {"x": x64, "w": w64, "scale": e["scale"], "shift": e["shift"] if shift_on else None,
+                "residual": e["residual"] if res_on else None}
+    leaves64 = {n: t.clone().requires_grad_() for n, t in leaves64.items() if t is not None}
+    kw = dict(stride=1, padding=1, activation=act)
+    want = reference.multi_conv2d(leaves64["x"], leaves64["w"], *meta, scale=leaves64["scale"],
+                                  shift=leaves64.get("shift"), residual=leaves64.get("residual"), **kw)
+    g = torch.randn_like(want)
+    grads_want = torch.autograd.grad(want, list(leaves64.values()), g)
+    leaves = {n: t.detach().to(dtype).requires_grad_() for n, t in leaves64.items()}
+    out = ops.multi_conv2d(leaves["x"], leaves["w"], *meta, scale=leaves["scale"], shift=leaves.get("shift"),
+                           residual=leaves.get("residual"), backend=backend, **kw)
+    grads = torch.autograd.grad(out, list(leaves.values()), g.to(dtype))
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.double(), want.detach(), **tol)
+    for name, got, wnt in zip(leaves, grads, grads_want):
+        torch.testing.assert_close(got.double(), wnt, **tol, msg=lambda m: f"{name}: {m}")

@@ -15,7 +15,11 @@
 //   grad_y  = scale * (gz - sum(gz) / n - (y - mean) * invstd^2 * sum(gz * (y - mean)) / n)
 //   grad_gamma = invstd * sum(gz * (y - mean)),  grad_beta = sum(gz),
 //   grad_slope = sum over z <= 0 of grad_out * z        (prelu only)
-// with n = N * H * W. Per-channel sums are accumulated in float64. Channel c is reduced by
+// with n = N * H * W. Without mean and invstd, the backward of the same pass with scale and
+// shift as plain per-channel inputs (eval-mode BN folded into them):
+//   grad_y = scale * gz,  grad_gamma -> the gradient of scale, sum(gz * y),
+//   grad_beta -> the gradient of shift, sum(gz).
+// Per-channel sums are accumulated in float64. Channel c is reduced by
 // one thread in a fixed order and the slope partials are added in channel order, so the
 // results do not depend on the number of threads (resume-exactness of training needs that).
 
@@ -99,7 +103,7 @@ inline T activate(T z, T slope) {
 // One element of backward pass 1: z rebuilt from y (and the residual r when R), gz = g * act'(z)
 // into gz_out, and the float64 sums of gz, gz * y and (PReLU) g * z where the slope acts.
 template <Act A, bool R, typename T>
-inline void pass1_element(T y, T r, T g, T a, T b, T slope, T& gz_out, double& s1, double& s2, double& sp) {
+inline void pass1_element(T y, T r, T g, T a, T b, T slope, T m, T& gz_out, double& s1, double& s2, double& sp) {
   T z = y * a;
   z = z + b;
   if constexpr (R) z = z + r;
@@ -110,7 +114,7 @@ inline void pass1_element(T y, T r, T g, T a, T b, T slope, T& gz_out, double& s
     gz = z > T(0) ? g : slope * g;
     sp += z > T(0) ? 0.0 : static_cast<double>(g) * static_cast<double>(z);
   }
-  gz_out = gz;
+  gz_out = gz * m;
   s1 += static_cast<double>(gz);
   s2 += static_cast<double>(gz) * static_cast<double>(y);
 }
@@ -293,7 +297,7 @@ at::Tensor bn_act_cpu(const at::Tensor& y_in, const at::Tensor& scale_in, const 
 
 // Pass 1 of channel c: gz = grad_out * act'(z) into gz_out, and the channel's float64 sums.
 template <Act A, bool R, typename T>
-void channel_pass1(const T* g, const T* y, const T* res, T a, T b, T slope, T* gz_out, int64_t N, int64_t C,
+void channel_pass1(const T* g, const T* y, const T* res, T a, T b, T slope, T m, T* gz_out, int64_t N, int64_t C,
                    int64_t HW, int64_t c, double& sum_gz, double& sum_gz_y, double& sum_slope) {
   double s1 = 0.0, s2 = 0.0, sp = 0.0;
   for (int64_t n = 0; n < N; ++n) {
@@ -304,7 +308,7 @@ void channel_pass1(const T* g, const T* y, const T* res, T a, T b, T slope, T* g
     T* zp = gz_out + off;
 #pragma omp simd reduction(+ : s1, s2, sp)
     for (int64_t i = 0; i < HW; ++i) {
-      pass1_element<A, R>(yp[i], R ? rp[i] : T(0), gp[i], a, b, slope, zp[i], s1, s2, sp);
+      pass1_element<A, R>(yp[i], R ? rp[i] : T(0), gp[i], a, b, slope, m, zp[i], s1, s2, sp);
     }
   }
   sum_gz = s1;
@@ -330,15 +334,28 @@ void channel_pass2(const T* gz, const T* y, T k1, T k0, T k2, T* gy, int64_t N, 
   }
 }
 
+// Eval-mode pass 2 of channel c: grad_y = gz * a (in place over gz allowed).
+template <typename T>
+void channel_scale(const T* gz, T a, T* gy, int64_t N, int64_t C, int64_t HW, int64_t c) {
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t off = (n * C + c) * HW;
+    const T* zp = gz + off;
+    T* op = gy + off;
+#pragma omp simd
+    for (int64_t i = 0; i < HW; ++i) op[i] = zp[i] * a;
+  }
+}
+
 #ifdef FSN_BN_HAVE_AVX2
 // Pass 1 for float32 with AVX2 (the compiler does not vectorise the generic version's selects):
 // the same per-element arithmetic; the float64 sums run over 4-lane accumulators.
 template <Act A, bool R>
 __attribute__((target("avx2"))) void channel_pass1_avx2(const float* g, const float* y, const float* res, float a,
-                                                        float b, float slope, float* gz_out, int64_t N, int64_t C,
+                                                        float b, float slope, float m, float* gz_out, int64_t N,
+                                                        int64_t C,
                                                         int64_t HW, int64_t c, double& sum_gz, double& sum_gz_y,
                                                         double& sum_slope) {
-  const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), vs = _mm256_set1_ps(slope);
+  const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), vs = _mm256_set1_ps(slope), vm = _mm256_set1_ps(m);
   const __m256 zero = _mm256_setzero_ps();
   __m256d s1 = _mm256_setzero_pd(), s2 = _mm256_setzero_pd(), sp = _mm256_setzero_pd();
   double t1 = 0.0, t2 = 0.0, tp = 0.0;
@@ -367,7 +384,7 @@ __attribute__((target("avx2"))) void channel_pass1_avx2(const float* g, const fl
         sp = _mm256_add_pd(sp, _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(gneg, 1)),
                                              _mm256_cvtps_pd(_mm256_extractf128_ps(zneg, 1))));
       }
-      _mm256_storeu_ps(zp + i, gz);
+      _mm256_storeu_ps(zp + i, _mm256_mul_ps(gz, vm));
       const __m256d glo = _mm256_cvtps_pd(_mm256_castps256_ps128(gz));
       const __m256d ghi = _mm256_cvtps_pd(_mm256_extractf128_ps(gz, 1));
       s1 = _mm256_add_pd(s1, _mm256_add_pd(glo, ghi));
@@ -375,7 +392,7 @@ __attribute__((target("avx2"))) void channel_pass1_avx2(const float* g, const fl
       s2 = _mm256_add_pd(s2, _mm256_mul_pd(ghi, _mm256_cvtps_pd(_mm256_extractf128_ps(yv, 1))));
     }
     for (; i < HW; ++i) {
-      pass1_element<A, R>(yp[i], R ? rp[i] : 0.0f, gp[i], a, b, slope, zp[i], t1, t2, tp);
+      pass1_element<A, R>(yp[i], R ? rp[i] : 0.0f, gp[i], a, b, slope, m, zp[i], t1, t2, tp);
     }
   }
   alignas(32) double l1[4], l2[4], lp[4];
@@ -391,15 +408,21 @@ __attribute__((target("avx2"))) void channel_pass1_avx2(const float* g, const fl
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& y_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
     const std::optional<at::Tensor>& residual, c10::string_view activation, const std::optional<at::Tensor>& slope,
-    const at::Tensor& mean_in, const at::Tensor& invstd_in) {
+    const std::optional<at::Tensor>& mean_opt, const std::optional<at::Tensor>& invstd_opt) {
+  const bool train = mean_opt.has_value() && mean_opt->defined();
+  TORCH_CHECK_VALUE(train == (invstd_opt.has_value() && invstd_opt->defined()),
+                    "fastsupernet::bn_act_backward: mean and invstd must be given together (train mode) or both "
+                    "omitted (scale and shift as plain inputs)");
   check_y(y_in);
   const Act act = parse_activation(activation);
   const int64_t N = y_in.size(0), C = y_in.size(1), HW = y_in.size(2) * y_in.size(3);
   check_like_y(grad_out_in, y_in, "grad_out");
   check_channel_vector(scale_in, C, y_in, "scale");
   check_channel_vector(shift_in, C, y_in, "shift");
-  check_channel_vector(mean_in, C, y_in, "mean");
-  check_channel_vector(invstd_in, C, y_in, "invstd");
+  if (train) {
+    check_channel_vector(*mean_opt, C, y_in, "mean");
+    check_channel_vector(*invstd_opt, C, y_in, "invstd");
+  }
   const bool has_res = residual.has_value() && residual->defined();
   at::Tensor res;
   if (has_res) {
@@ -412,7 +435,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_ba
   }
   const at::Tensor g = grad_out_in.contiguous(), y = y_in.contiguous();
   const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
-  const at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
+  const at::Tensor mean = train ? mean_opt->contiguous() : at::Tensor();
+  const at::Tensor invstd = train ? invstd_opt->contiguous() : at::Tensor();
   // gz is the residual's gradient when there is a residual; otherwise grad_y overwrites it.
   at::Tensor gz = at::empty_like(y, at::MemoryFormat::Contiguous);
   at::Tensor gy = has_res ? at::empty_like(y, at::MemoryFormat::Contiguous) : gz;
@@ -429,8 +453,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_ba
     const scalar_t* rp = has_res ? res.data_ptr<scalar_t>() : nullptr;
     const scalar_t* ap = scale.data_ptr<scalar_t>();
     const scalar_t* bp = shift.data_ptr<scalar_t>();
-    const scalar_t* mp = mean.data_ptr<scalar_t>();
-    const scalar_t* ip = invstd.data_ptr<scalar_t>();
+    const scalar_t* mp = train ? mean.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ip = train ? invstd.data_ptr<scalar_t>() : nullptr;
     scalar_t* zp = gz.data_ptr<scalar_t>();
     scalar_t* op = gy.data_ptr<scalar_t>();
     scalar_t* ggp = grad_gamma.data_ptr<scalar_t>();
@@ -438,28 +462,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_ba
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         double s1 = 0.0, s2 = 0.0, sp = 0.0;
+        // eval mode without residual: pass 1 writes grad_y = gz * scale itself (no pass 2);
+        // otherwise gz (times 1, exact)
+        const scalar_t mul = !train && rp == nullptr ? ap[c] : scalar_t(1);
         with_act(act, [&](auto a_) {
           constexpr Act A = decltype(a_)::value;
 #ifdef FSN_BN_HAVE_AVX2
           if constexpr (std::is_same_v<scalar_t, float>) {
             if (avx) {
               if (rp != nullptr) {
-                channel_pass1_avx2<A, true>(gp, yp, rp, ap[c], bp[c], s, zp, N, C, HW, c, s1, s2, sp);
+                channel_pass1_avx2<A, true>(gp, yp, rp, ap[c], bp[c], s, mul, zp, N, C, HW, c, s1, s2, sp);
               } else {
-                channel_pass1_avx2<A, false>(gp, yp, rp, ap[c], bp[c], s, zp, N, C, HW, c, s1, s2, sp);
+                channel_pass1_avx2<A, false>(gp, yp, rp, ap[c], bp[c], s, mul, zp, N, C, HW, c, s1, s2, sp);
               }
               return;
             }
           }
 #endif
           if (rp != nullptr) {
-            channel_pass1<A, true, scalar_t>(gp, yp, rp, ap[c], bp[c], s, zp, N, C, HW, c, s1, s2, sp);
+            channel_pass1<A, true, scalar_t>(gp, yp, rp, ap[c], bp[c], s, mul, zp, N, C, HW, c, s1, s2, sp);
           } else {
-            channel_pass1<A, false, scalar_t>(gp, yp, rp, ap[c], bp[c], s, zp, N, C, HW, c, s1, s2, sp);
+            channel_pass1<A, false, scalar_t>(gp, yp, rp, ap[c], bp[c], s, mul, zp, N, C, HW, c, s1, s2, sp);
           }
         });
-        const double m = static_cast<double>(mp[c]), is = static_cast<double>(ip[c]);
         const double a = static_cast<double>(ap[c]);
+        if (!train) {  // grad_y = gz * a (gz + 0 - y * 0 would turn an infinite y into NaN)
+          if (rp != nullptr) channel_scale<scalar_t>(zp, ap[c], op, N, C, HW, c);
+          ggp[c] = static_cast<scalar_t>(s2);
+          gbp[c] = static_cast<scalar_t>(s1);
+          slope_part[static_cast<size_t>(c)] = sp;
+          continue;
+        }
+        const double m = static_cast<double>(mp[c]), is = static_cast<double>(ip[c]);
         const double dot = s2 - m * s1;  // sum(gz * (y - mean))
         const double k2 = n_total > 0 ? a * is * is * dot / n_total : 0.0;
         const double k0 = n_total > 0 ? -a * s1 / n_total + k2 * m : 0.0;
