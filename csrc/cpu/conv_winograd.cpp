@@ -7,9 +7,9 @@
 // segment (candidates reading one input slice):
 //  1. the segment's channels are transformed once (V = B^T d B), stored as
 //     V[xi][channel][tile], tiles contiguous (the chunk is sized so that V stays in L2);
-//  2. per candidate and group of up to 24 tiles, for each xi, the GEMM of the transformed
+//  2. per candidate and group of up to 48 tiles, for each xi, the GEMM of the transformed
 //     weights (U = G g G^T, per call, conv.cpp; a 4-row panel at a time) with V's panel of
-//     24 tiles, which stays in L1 for all the candidate's rows, into a buffer M[xi][row][tile];
+//     48 tiles, which stays in L1 for all the candidate's rows, into a buffer M[xi][row][tile];
 //  3. the output transform of that buffer, then the epilogue (statistics, scale/shift,
 //     residual, activation) and the store, on vectors of 8 contiguous output pixels.
 // Statistics are accumulated per (image, row) in a fixed order, so neither the chunking (it
@@ -45,7 +45,7 @@ namespace {
 
 constexpr int kXi = 16;        // transformed values per tile
 constexpr int kRowsW = kWinogradRows;  // output rows per register tile
-constexpr int kVecsW = 3;      // vectors of 8 tiles per register tile
+constexpr int kVecsW = 6;      // vectors of 8 tiles per group (AVX2: two register tiles of 3)
 constexpr int kGroup = 8 * kVecsW;
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
@@ -280,33 +280,37 @@ FSN_TARGET FSN_INLINE void gemm_tile(const float* __restrict ub, const float* __
   }
 }
 
-// gemm_tile on 512-bit registers: accumulator [p][v] holds vector v of rows 2p and 2p + 1.
-// Per channel, the 4 row weights (one 128-bit load) become two pair vectors (a[2p] x 8 |
-// a[2p + 1] x 8) and each vector of V is loaded duplicated into both halves; every output is
-// the same chain of fused multiply-adds as in gemm_tile.
+// gemm_tile on 512-bit registers, for NV <= kVecsW vectors of 8 tiles: NV / 2 vectors of 16
+// contiguous tiles and, for odd NV, one of 8; the 4 row weights of a channel are broadcast
+// once each and serve every vector. Every output is the same chain of fused multiply-adds as
+// in gemm_tile (the same values), with 16 lanes per instruction and no shuffles.
 template <int NV>
 __attribute__((target("avx2,fma,avx512f,avx512dq,avx512vl"))) void gemm_tile_wide(
     const float* __restrict ub, const float* __restrict vb, int64_t pp, int64_t depth, float* __restrict mb) {
-  const __m512i lo_rows = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  const __m512i hi_rows = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
-  __m512 acc[2][NV];
-  for (int p = 0; p < 2; ++p) {
-    for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_setzero_ps();
+  constexpr int NZ = NV / 2;
+  constexpr bool kHalf = NV % 2 != 0;
+  __m512 acc[kRowsW][NZ > 0 ? NZ : 1];
+  __m256 acch[kRowsW];
+  for (int r = 0; r < kRowsW; ++r) {
+    for (int z = 0; z < NZ; ++z) acc[r][z] = _mm512_setzero_ps();
+    acch[r] = _mm256_setzero_ps();
   }
   for (int64_t c = 0; c < depth; ++c) {
-    const __m512 q = _mm512_broadcast_f32x4(_mm_loadu_ps(ub + 4 * c));
-    const __m512 a0 = _mm512_permutexvar_ps(lo_rows, q), a1 = _mm512_permutexvar_ps(hi_rows, q);
-    for (int v = 0; v < NV; ++v) {
-      const __m512 b = _mm512_broadcast_f32x8(_mm256_loadu_ps(vb + c * pp + 8 * v));
-      acc[0][v] = _mm512_fmadd_ps(a0, b, acc[0][v]);
-      acc[1][v] = _mm512_fmadd_ps(a1, b, acc[1][v]);
+    __m512 a[kRowsW];
+    for (int r = 0; r < kRowsW; ++r) a[r] = _mm512_set1_ps(ub[4 * c + r]);
+    const float* v = vb + c * pp;
+    for (int z = 0; z < NZ; ++z) {
+      const __m512 b = _mm512_loadu_ps(v + 16 * z);
+      for (int r = 0; r < kRowsW; ++r) acc[r][z] = _mm512_fmadd_ps(a[r], b, acc[r][z]);
+    }
+    if constexpr (kHalf) {
+      const __m256 b = _mm256_loadu_ps(v + 16 * NZ);
+      for (int r = 0; r < kRowsW; ++r) acch[r] = _mm256_fmadd_ps(_mm512_castps512_ps256(a[r]), b, acch[r]);
     }
   }
-  for (int p = 0; p < 2; ++p) {
-    for (int v = 0; v < NV; ++v) {
-      _mm256_storeu_ps(mb + (2 * p) * kGroup + 8 * v, _mm512_castps512_ps256(acc[p][v]));
-      _mm256_storeu_ps(mb + (2 * p + 1) * kGroup + 8 * v, _mm512_extractf32x8_ps(acc[p][v], 1));
-    }
+  for (int r = 0; r < kRowsW; ++r) {
+    for (int z = 0; z < NZ; ++z) _mm512_storeu_ps(mb + r * kGroup + 16 * z, acc[r][z]);
+    if constexpr (kHalf) _mm256_storeu_ps(mb + r * kGroup + 16 * NZ, acch[r]);
   }
 }
 
@@ -417,8 +421,9 @@ FSN_TARGET void run_group(const WinogradJob& j, int64_t k, const float* v, int64
       float* mb = s.mb + xi * s.mb_stride + rb * kRowsW * kGroup;
       if (j.wide) {
         gemm_tile_wide<NV>(ub, vb, pp, depth, mb);
-      } else {
-        gemm_tile<NV>(ub, vb, pp, depth, mb);
+      } else {  // register tiles of at most 3 vectors (16 AVX2 registers)
+        gemm_tile<(NV < 3 ? NV : 3)>(ub, vb, pp, depth, mb);
+        if constexpr (NV > 3) gemm_tile<NV - 3>(ub, vb + 24, pp, depth, mb + 24);
       }
     }
   }
@@ -454,12 +459,13 @@ bool winograd_run_avx2(const WinogradJob& j, int64_t begin, int64_t end, float* 
         if (stats) std::fill(lanes, lanes + nb * j.out_w[k] * 8, 0.0);
         for (int64_t p0 = 0; p0 < used; p0 += kGroup) {
           const int64_t nv = std::min<int64_t>(kVecsW, (used - p0 + 7) / 8);
-          if (nv == 3) {
-            run_group<3>(j, k, s.v, pp, width, s, p0, used, chunk_out, kl);
-          } else if (nv == 2) {
-            run_group<2>(j, k, s.v, pp, width, s, p0, used, chunk_out, kl);
-          } else {
-            run_group<1>(j, k, s.v, pp, width, s, p0, used, chunk_out, kl);
+          switch (nv) {
+            case 6: run_group<6>(j, k, s.v, pp, width, s, p0, used, chunk_out, kl); break;
+            case 5: run_group<5>(j, k, s.v, pp, width, s, p0, used, chunk_out, kl); break;
+            case 4: run_group<4>(j, k, s.v, pp, width, s, p0, used, chunk_out, kl); break;
+            case 3: run_group<3>(j, k, s.v, pp, width, s, p0, used, chunk_out, kl); break;
+            case 2: run_group<2>(j, k, s.v, pp, width, s, p0, used, chunk_out, kl); break;
+            default: run_group<1>(j, k, s.v, pp, width, s, p0, used, chunk_out, kl); break;
           }
         }
         if (!stats) continue;

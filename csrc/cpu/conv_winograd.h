@@ -64,8 +64,8 @@ struct WinogradJob {
   double* part_sum = nullptr;
   double* part_sq = nullptr;
 
-  // The GEMM step on 512-bit registers (CPUs with AVX-512 F/DQ/VL): row pairs of 16 lanes,
-  // the same chains of fused multiply-adds as the 256-bit step, so the same values.
+  // The GEMM step on 512-bit registers (CPUs with AVX-512 F/DQ/VL): 16 tiles per vector, the
+  // same chains of fused multiply-adds as the 256-bit step, so the same values.
   bool wide = false;
 };
 
