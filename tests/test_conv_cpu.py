@@ -306,7 +306,8 @@ def test_avx512_kernel_equals_avx2():
     multiply-adds per output as the AVX2 one: outputs equal bit for bit, and the float64
     statistics to their rounding (the per-tile partial sums group 8 vectors instead of 3), over
     random shapes (odd sizes, 1x1 and 3x3, stride 1 and 2, 1..9 rows per candidate so every
-    block height and pair, up to 3 tiles of 8 vectors per row), epilogues and input layouts."""
+    block height and pair, up to 3 tiles of 8 vectors per row: tiles of contiguous 16-pixel runs
+    and tiles of row pairs), epilogues and input layouts."""
     from fastsupernet.ops._extension import cpu_conv_isa
 
     if cpu_conv_isa() != "avx512":

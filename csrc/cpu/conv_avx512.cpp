@@ -51,6 +51,9 @@ struct Vec<float> : Avx2Vec<float> {
   }
   // The 8 values at p in both halves.
   static FSN_TARGET FSN_INLINE P dup_load(const float* p) { return _mm512_broadcast_f32x8(_mm256_loadu_ps(p)); }
+  // The 16 values at p; *p in every lane.
+  static FSN_TARGET FSN_INLINE P wide_load(const float* p) { return _mm512_loadu_ps(p); }
+  static FSN_TARGET FSN_INLINE P wide_bcast(const float* p) { return _mm512_set1_ps(*p); }
   static FSN_TARGET FSN_INLINE P pair_fma(P a, P b, P c) { return _mm512_fmadd_ps(a, b, c); }
   static FSN_TARGET FSN_INLINE R lo(P v) { return _mm512_castps512_ps256(v); }
   static FSN_TARGET FSN_INLINE R hi(P v) { return _mm512_extractf32x8_ps(v, 1); }

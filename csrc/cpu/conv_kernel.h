@@ -201,13 +201,75 @@ FSN_TARGET FSN_INLINE void prefetch_ahead(const TileArgs<T>& t, const T* b0) {
   }
 }
 
+// Whether the tile's vectors pair up into runs of 2 L contiguous pixels, in the source and in
+// the output (full vectors of one output row: planes at least 2 L wide).
+template <typename T, int NV>
+FSN_TARGET FSN_INLINE bool contiguous_pairs(const TileArgs<T>& t) {
+  if constexpr (NV % 2 != 0) {
+    return false;
+  } else {
+    constexpr int L = Vec<T>::L;
+    bool ok = true;
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; v += 2) {
+      ok = ok && t.b[v + 1] == t.b[v] + L && t.dst[v + 1] == t.dst[v] + L && t.len[v] == L && t.len[v + 1] == L;
+    }
+    return ok;
+  }
+}
+
 // The row-pair tile (instruction sets with RowPairs): accumulator [p][v] holds vector v of
-// rows 2p and 2p + 1; each output is the same chain of fused multiply-adds as in tile below.
+// rows 2p and 2p + 1. Where the vectors pair up into contiguous runs of 2 L pixels, each
+// accumulator holds one run of one row instead, and the weights are broadcast whole (no
+// shuffles: about 10% faster on 16- and 32-wide planes). Either way each output is the same
+// chain of fused multiply-adds as in tile below.
 template <typename T, int MR, int NV>
 FSN_TARGET FSN_INLINE void tile_pairs(const TileArgs<T>& t) {
   using V = Vec<T>;
   using P = typename V::P;
   using R = typename V::R;
+  if constexpr (NV % 2 == 0) {
+    if (contiguous_pairs<T, NV>(t)) {
+      constexpr int NZ = NV / 2;
+      P acc[MR][NZ];
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 16
+        for (int z = 0; z < NZ; ++z) acc[r][z] = V::pair_zero();
+      }
+      const T* __restrict a = t.a;
+      const int64_t* __restrict tap = t.tap;
+      const T* b[NZ];
+#pragma GCC unroll 16
+      for (int z = 0; z < NZ; ++z) b[z] = t.b[2 * z];
+      prefetch_ahead<T, MR, NV>(t, b[0]);
+      const int64_t depth = t.depth;
+      for (int64_t k = 0; k < depth; ++k) {
+        const int64_t o = tap[k];
+        P w[MR];
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) w[r] = V::wide_bcast(a + r);
+#pragma GCC unroll 16
+        for (int z = 0; z < NZ; ++z) {
+          const P bv = V::wide_load(b[z] + o);
+#pragma GCC unroll 16
+          for (int r = 0; r < MR; ++r) acc[r][z] = V::pair_fma(w[r], bv, acc[r][z]);
+        }
+        a += MR;
+      }
+      R out[MR][NV];
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 16
+        for (int z = 0; z < NZ; ++z) {
+          out[r][2 * z] = V::lo(acc[r][z]);
+          out[r][2 * z + 1] = V::hi(acc[r][z]);
+        }
+      }
+      store_epilogue<T, MR, NV>(t, out);
+      return;
+    }
+  }
   constexpr int MP = (MR + 1) / 2;
   P acc[MP][NV];
 #pragma GCC unroll 16
