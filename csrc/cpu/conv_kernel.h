@@ -218,85 +218,81 @@ FSN_TARGET FSN_INLINE bool contiguous_pairs(const TileArgs<T>& t) {
   }
 }
 
-// The row-pair tile (instruction sets with RowPairs): accumulator [p][v] holds vector v of
-// rows 2p and 2p + 1. Where the vectors pair up into contiguous runs of 2 L pixels, each
-// accumulator holds one run of one row instead, and the weights are broadcast whole (no
-// shuffles: about 10% faster on 16- and 32-wide planes). Either way each output is the same
-// chain of fused multiply-adds as in tile below.
+// acc[i][j] = z for every i, j.
+template <typename R, int A, int B>
+FSN_TARGET FSN_INLINE void fill(R (&acc)[A][B], R z) {
+#pragma GCC unroll 16
+  for (int i = 0; i < A; ++i) {
+#pragma GCC unroll 16
+    for (int j = 0; j < B; ++j) acc[i][j] = z;
+  }
+}
+
+// The tile as contiguous runs (instruction sets with RowPairs, tiles whose vectors pair into
+// runs of 2 L pixels: contiguous_pairs): accumulator [r][z] holds run z (vectors 2z, 2z + 1)
+// of row r; the weights are broadcast whole, no shuffles (1.10-1.17x the row-pair tile on 16-
+// and 32-wide planes). Each output is the same chain of fused multiply-adds as in tile.
 template <typename T, int MR, int NV>
-FSN_TARGET FSN_INLINE void tile_pairs(const TileArgs<T>& t) {
+FSN_TARGET FSN_INLINE void tile_runs(const TileArgs<T>& t) {
   using V = Vec<T>;
   using P = typename V::P;
-  using R = typename V::R;
-  if constexpr (NV % 2 == 0) {
-    if (contiguous_pairs<T, NV>(t)) {
-      constexpr int NZ = NV / 2;
-      P acc[MR][NZ];
-#pragma GCC unroll 16
-      for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 16
-        for (int z = 0; z < NZ; ++z) acc[r][z] = V::pair_zero();
-      }
-      const T* __restrict a = t.a;
-      const int64_t* __restrict tap = t.tap;
-      const T* b[NZ];
-#pragma GCC unroll 16
-      for (int z = 0; z < NZ; ++z) b[z] = t.b[2 * z];
-      prefetch_ahead<T, MR, NV>(t, b[0]);
-      const int64_t depth = t.depth;
-      for (int64_t k = 0; k < depth; ++k) {
-        const int64_t o = tap[k];
-        P w[MR];
-#pragma GCC unroll 16
-        for (int r = 0; r < MR; ++r) w[r] = V::wide_bcast(a + r);
-#pragma GCC unroll 16
-        for (int z = 0; z < NZ; ++z) {
-          const P bv = V::wide_load(b[z] + o);
-#pragma GCC unroll 16
-          for (int r = 0; r < MR; ++r) acc[r][z] = V::pair_fma(w[r], bv, acc[r][z]);
-        }
-        a += MR;
-      }
-      R out[MR][NV];
-#pragma GCC unroll 16
-      for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 16
-        for (int z = 0; z < NZ; ++z) {
-          out[r][2 * z] = V::lo(acc[r][z]);
-          out[r][2 * z + 1] = V::hi(acc[r][z]);
-        }
-      }
-      store_epilogue<T, MR, NV>(t, out);
-      return;
-    }
-  }
-  constexpr int MP = (MR + 1) / 2;
-  P acc[MP][NV];
-#pragma GCC unroll 16
-  for (int p = 0; p < MP; ++p) {
-#pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) acc[p][v] = V::pair_zero();
-  }
+  constexpr int NZ = NV / 2;
+  P acc[MR][NZ];
+  fill(acc, V::pair_zero());
   const T* __restrict a = t.a;
   const int64_t* __restrict tap = t.tap;
-  const T* b[NV];
+  prefetch_ahead<T, MR, NV>(t, t.b[0]);
+  for (int64_t k = 0; k < t.depth; ++k) {
+    const int64_t o = tap[k];
+    P w[MR];
 #pragma GCC unroll 16
-  for (int v = 0; v < NV; ++v) b[v] = t.b[v];
-  prefetch_ahead<T, MR, NV>(t, b[0]);
-  const int64_t depth = t.depth;
-  for (int64_t k = 0; k < depth; ++k) {
+    for (int r = 0; r < MR; ++r) w[r] = V::wide_bcast(a + r);
+#pragma GCC unroll 16
+    for (int z = 0; z < NZ; ++z) {
+      const P bv = V::wide_load(t.b[2 * z] + o);
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) acc[r][z] = V::pair_fma(w[r], bv, acc[r][z]);
+    }
+    a += MR;
+  }
+  typename V::R out[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 16
+    for (int z = 0; z < NZ; ++z) {
+      out[r][2 * z] = V::lo(acc[r][z]);
+      out[r][2 * z + 1] = V::hi(acc[r][z]);
+    }
+  }
+  store_epilogue<T, MR, NV>(t, out);
+}
+
+// The row-pair tile (instruction sets with RowPairs, any tile): accumulator [p][v] holds
+// vector v of rows 2p and 2p + 1, the pair weights made by two permutes per step. Each output
+// is the same chain of fused multiply-adds as in tile.
+template <typename T, int MR, int NV>
+FSN_TARGET FSN_INLINE void tile_row_pairs(const TileArgs<T>& t) {
+  using V = Vec<T>;
+  using P = typename V::P;
+  constexpr int MP = (MR + 1) / 2;
+  P acc[MP][NV];
+  fill(acc, V::pair_zero());
+  const T* __restrict a = t.a;
+  const int64_t* __restrict tap = t.tap;
+  prefetch_ahead<T, MR, NV>(t, t.b[0]);
+  for (int64_t k = 0; k < t.depth; ++k) {
     const int64_t o = tap[k];
     P w[MP];
     V::template pair_weights<MP>(a, w);
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) {
-      const P bv = V::dup_load(b[v] + o);
+      const P bv = V::dup_load(t.b[v] + o);
 #pragma GCC unroll 16
       for (int p = 0; p < MP; ++p) acc[p][v] = V::pair_fma(w[p], bv, acc[p][v]);
     }
     a += MR;
   }
-  R out[MR][NV];
+  typename V::R out[MR][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 16
@@ -312,15 +308,14 @@ template <typename T, int MR, int NV>
 FSN_TARGET void tile(const TileArgs<T>& t) {
   using V = Vec<T>;
   if constexpr (RowPairs<V>::value) {
-    tile_pairs<T, MR, NV>(t);
+    if constexpr (NV % 2 == 0) {
+      if (contiguous_pairs<T, NV>(t)) return tile_runs<T, MR, NV>(t);
+    }
+    tile_row_pairs<T, MR, NV>(t);
   } else {
     using R = typename V::R;
     R acc[MR][NV];
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 16
-      for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
-    }
+    fill(acc, V::zero());
     const T* __restrict a = t.a;
     const int64_t* __restrict tap = t.tap;
     const T* b[NV];
