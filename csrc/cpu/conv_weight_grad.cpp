@@ -24,9 +24,11 @@
 // the item split depends only on N, so results do not depend on the number of threads.
 // The tail lanes of grad_out rows are zero, so the input values they meet contribute nothing.
 //
-// The tile loops (conv_weight_grad_kernel.h) are compiled twice, for AVX2 + FMA and portable;
-// the AVX2 version runs when the CPU has both (FASTSUPERNET_CPU_KERNEL=generic forces the other). Accumulation is in the input's
-// dtype (as aten's convolution backward does): per lane about N H' W' / (items * lanes) terms.
+// The tile loops (conv_weight_grad_kernel.h) are compiled three times: AVX-512 (float32, 16
+// lanes; where the runs are whole 16-lane vectors: stride 1, or output rows a multiple of 16
+// wide), AVX2 + FMA, and portable; the widest the CPU has runs (FASTSUPERNET_CPU_KERNEL=avx2 or
+// =generic forces a lower one). Accumulation is in the input's dtype (as aten's convolution
+// backward does): per lane about N H' W' / (items * lanes) terms.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
