@@ -7,9 +7,10 @@
 // segment (candidates reading one input slice):
 //  1. the segment's channels are transformed once (V = B^T d B), stored as
 //     V[xi][channel][tile], tiles contiguous (the chunk is sized so that V stays in L2);
-//  2. per candidate and group of up to 48 tiles, for each xi, the GEMM of the transformed
-//     weights (U = G g G^T, per call, conv.cpp; a 4-row panel at a time) with V's panel of
-//     48 tiles, which stays in L1 for all the candidate's rows, into a buffer M[xi][row][tile];
+//  2. per candidate and group of up to 48 tiles (24 without AVX-512), for each xi, the GEMM of
+//     the transformed weights (U = G g G^T, per call, conv.cpp; a 4-row panel at a time) with
+//     V's panel of those tiles, which stays in L1 for all the candidate's rows, into a buffer
+//     M[xi][row][tile];
 //  3. the output transform of that buffer, then the epilogue (statistics, scale/shift,
 //     residual, activation) and the store, on vectors of 8 contiguous output pixels.
 // Statistics are accumulated per (image, row) in a fixed order, so neither the chunking (it
@@ -45,8 +46,8 @@ namespace {
 
 constexpr int kXi = 16;        // transformed values per tile
 constexpr int kRowsW = kWinogradRows;  // output rows per register tile
-constexpr int kVecsW = 6;      // vectors of 8 tiles per group (AVX2: two register tiles of 3)
-constexpr int kGroup = 8 * kVecsW;
+constexpr int kVecsW = 6;      // vectors of 8 tiles per group on 512-bit registers
+constexpr int kGroup = 8 * kVecsW;  // (256-bit: groups of 3 vectors, the register tile, as tuned on AVX2)
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -421,9 +422,8 @@ FSN_TARGET void run_group(const WinogradJob& j, int64_t k, const float* v, int64
       float* mb = s.mb + xi * s.mb_stride + rb * kRowsW * kGroup;
       if (j.wide) {
         gemm_tile_wide<NV>(ub, vb, pp, depth, mb);
-      } else {  // register tiles of at most 3 vectors (16 AVX2 registers)
-        gemm_tile<(NV < 3 ? NV : 3)>(ub, vb, pp, depth, mb);
-        if constexpr (NV > 3) gemm_tile<NV - 3>(ub, vb + 24, pp, depth, mb + 24);
+      } else if constexpr (NV <= 3) {  // 256-bit groups are one register tile (16 AVX2 registers)
+        gemm_tile<NV>(ub, vb, pp, depth, mb);
       }
     }
   }
@@ -457,8 +457,9 @@ bool winograd_run_avx2(const WinogradJob& j, int64_t begin, int64_t end, float* 
       for (int64_t k = j.seg_first[sg]; k < j.seg_first[sg + 1]; ++k) {
         double* kl = stats ? lanes : nullptr;
         if (stats) std::fill(lanes, lanes + nb * j.out_w[k] * 8, 0.0);
-        for (int64_t p0 = 0; p0 < used; p0 += kGroup) {
-          const int64_t nv = std::min<int64_t>(kVecsW, (used - p0 + 7) / 8);
+        const int64_t group_vecs = j.wide ? kVecsW : 3;
+        for (int64_t p0 = 0; p0 < used; p0 += 8 * group_vecs) {
+          const int64_t nv = std::min<int64_t>(group_vecs, (used - p0 + 7) / 8);
           switch (nv) {
             case 6: run_group<6>(j, k, s.v, pp, width, s, p0, used, chunk_out, kl); break;
             case 5: run_group<5>(j, k, s.v, pp, width, s, p0, used, chunk_out, kl); break;
