@@ -57,6 +57,39 @@ struct Vec<float> : Avx2Vec<float> {
   static FSN_TARGET FSN_INLINE P pair_fma(P a, P b, P c) { return _mm512_fmadd_ps(a, b, c); }
   static FSN_TARGET FSN_INLINE R lo(P v) { return _mm512_castps512_ps256(v); }
   static FSN_TARGET FSN_INLINE R hi(P v) { return _mm512_extractf32x8_ps(v, 1); }
+
+  // The epilogue's operations on runs of 16 lanes (store_tile for tile_runs): the same
+  // per-element operations as the 8-lane ones; statistics added half by half, in the order
+  // of the two 8-lane vectors, into the same 8-lane-pair accumulators.
+  struct Wide {
+    using R = __m512;
+    using S = Avx2Vec<float>::S;
+    static constexpr int L = 16;
+    static FSN_TARGET FSN_INLINE R set1(float v) { return _mm512_set1_ps(v); }
+    static FSN_TARGET FSN_INLINE R load(const float* p) { return _mm512_loadu_ps(p); }
+    static FSN_TARGET FSN_INLINE void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+    static FSN_TARGET FSN_INLINE __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+    static FSN_TARGET FSN_INLINE R load_n(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+    static FSN_TARGET FSN_INLINE void store_n(float* p, R v, int n) { _mm512_mask_storeu_ps(p, mask(n), v); }
+    static FSN_TARGET FSN_INLINE R keep_n(R v, int n) { return _mm512_maskz_mov_ps(mask(n), v); }
+    static FSN_TARGET FSN_INLINE R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+    static FSN_TARGET FSN_INLINE R add(R a, R b) { return _mm512_add_ps(a, b); }
+    static FSN_TARGET FSN_INLINE R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+    // max(0, y) returns y when y is NaN (the second operand), as torch.relu does
+    static FSN_TARGET FSN_INLINE R relu(R y) { return _mm512_max_ps(_mm512_setzero_ps(), y); }
+    static FSN_TARGET FSN_INLINE R prelu(R y, R slope) {
+      const __mmask16 ge = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_GE_OQ);
+      return _mm512_mask_blend_ps(ge, _mm512_mul_ps(y, slope), y);
+    }
+    static FSN_TARGET FSN_INLINE S stats_zero() { return Avx2Vec<float>::stats_zero(); }
+    static FSN_TARGET FSN_INLINE void stats_add(S& s, S& q, R y) {
+      Avx2Vec<float>::stats_add(s, q, _mm512_castps512_ps256(y));
+      Avx2Vec<float>::stats_add(s, q, _mm512_extractf32x8_ps(y, 1));
+    }
+    static FSN_TARGET FSN_INLINE void stats_flush(double* s, double* q, S vs, S vq) {
+      Avx2Vec<float>::stats_flush(s, q, vs, vq);
+    }
+  };
 };
 
 }  // namespace

@@ -98,10 +98,10 @@ constexpr int kRuntime = -1;
 // Stores a tile's accumulators through the epilogue: statistics of the raw values, then
 // * scale + shift (either may be absent), + residual, activation. Each template argument fixes
 // its part at compile time (0/1, or the activation) or leaves it to a run-time test
-// (kRuntime); kAffine fixes scale and shift together.
-template <typename T, int MR, int NV, int kStats, int kAffine, int kRes, int kAct>
-FSN_TARGET FSN_INLINE void store_tile(const TileArgs<T>& t, const typename Vec<T>::R (&acc)[MR][NV]) {
-  using V = Vec<T>;
+// (kRuntime); kAffine fixes scale and shift together. V: the vector operations (Vec<T>, or
+// Vec<T>::Wide for the 2 L-lane runs of tile_runs: the same operations on twice the lanes).
+template <typename T, int MR, int NV, int kStats, int kAffine, int kRes, int kAct, typename V = Vec<T>>
+FSN_TARGET FSN_INLINE void store_tile(const TileArgs<T>& t, const typename V::R (&acc)[MR][NV]) {
   using R = typename V::R;
   constexpr int L = V::L;
   const bool stats = kStats == kRuntime ? t.lanes != nullptr : kStats != 0;
@@ -149,18 +149,18 @@ FSN_TARGET FSN_INLINE void store_tile(const TileArgs<T>& t, const typename Vec<T
   }
 }
 
-// Stores a tile's accumulators through the epilogue kind t.epi.
-template <typename T, int MR, int NV>
-FSN_TARGET FSN_INLINE void store_epilogue(const TileArgs<T>& t, const typename Vec<T>::R (&acc)[MR][NV]) {
+// Stores a tile's accumulators through the epilogue kind t.epi (V as in store_tile).
+template <typename T, int MR, int NV, typename V = Vec<T>>
+FSN_TARGET FSN_INLINE void store_epilogue(const TileArgs<T>& t, const typename V::R (&acc)[MR][NV]) {
   switch (t.epi) {
-    case kEpiPlain: return store_tile<T, MR, NV, 0, 0, 0, kActNone>(t, acc);
-    case kEpiStats: return store_tile<T, MR, NV, 1, 0, 0, kActNone>(t, acc);
-    case kEpiAffine: return store_tile<T, MR, NV, 0, 1, 0, kActNone>(t, acc);
-    case kEpiAffineRelu: return store_tile<T, MR, NV, 0, 1, 0, kActRelu>(t, acc);
-    case kEpiAffinePrelu: return store_tile<T, MR, NV, 0, 1, 0, kActPrelu>(t, acc);
-    case kEpiAffineResRelu: return store_tile<T, MR, NV, 0, 1, 1, kActRelu>(t, acc);
-    case kEpiAffineResPrelu: return store_tile<T, MR, NV, 0, 1, 1, kActPrelu>(t, acc);
-    default: return store_tile<T, MR, NV, kRuntime, kRuntime, kRuntime, kRuntime>(t, acc);
+    case kEpiPlain: return store_tile<T, MR, NV, 0, 0, 0, kActNone, V>(t, acc);
+    case kEpiStats: return store_tile<T, MR, NV, 1, 0, 0, kActNone, V>(t, acc);
+    case kEpiAffine: return store_tile<T, MR, NV, 0, 1, 0, kActNone, V>(t, acc);
+    case kEpiAffineRelu: return store_tile<T, MR, NV, 0, 1, 0, kActRelu, V>(t, acc);
+    case kEpiAffinePrelu: return store_tile<T, MR, NV, 0, 1, 0, kActPrelu, V>(t, acc);
+    case kEpiAffineResRelu: return store_tile<T, MR, NV, 0, 1, 1, kActRelu, V>(t, acc);
+    case kEpiAffineResPrelu: return store_tile<T, MR, NV, 0, 1, 1, kActPrelu, V>(t, acc);
+    default: return store_tile<T, MR, NV, kRuntime, kRuntime, kRuntime, kRuntime, V>(t, acc);
   }
 }
 
@@ -231,7 +231,8 @@ FSN_TARGET FSN_INLINE void fill(R (&acc)[A][B], R z) {
 // The tile as contiguous runs (instruction sets with RowPairs, tiles whose vectors pair into
 // runs of 2 L pixels: contiguous_pairs): accumulator [r][z] holds run z (vectors 2z, 2z + 1)
 // of row r; the weights are broadcast whole, no shuffles (1.10-1.17x the row-pair tile on 16-
-// and 32-wide planes). Each output is the same chain of fused multiply-adds as in tile.
+// and 32-wide planes), and the epilogue works on whole runs. Each output is the same chain of
+// fused multiply-adds as in tile, and the epilogue does the same operations per element.
 template <typename T, int MR, int NV>
 FSN_TARGET FSN_INLINE void tile_runs(const TileArgs<T>& t) {
   using V = Vec<T>;
@@ -255,16 +256,18 @@ FSN_TARGET FSN_INLINE void tile_runs(const TileArgs<T>& t) {
     }
     a += MR;
   }
-  typename V::R out[MR][NV];
+  // the epilogue on whole runs: run z starts where vector 2z does and has 2 L lanes
+  int64_t dst[NZ];
+  int32_t len[NZ];
 #pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 16
-    for (int z = 0; z < NZ; ++z) {
-      out[r][2 * z] = V::lo(acc[r][z]);
-      out[r][2 * z + 1] = V::hi(acc[r][z]);
-    }
+  for (int z = 0; z < NZ; ++z) {
+    dst[z] = t.dst[2 * z];
+    len[z] = 2 * V::L;
   }
-  store_epilogue<T, MR, NV>(t, out);
+  TileArgs<T> runs = t;
+  runs.dst = dst;
+  runs.len = len;
+  store_epilogue<T, MR, NZ, typename V::Wide>(runs, acc);
 }
 
 // The row-pair tile (instruction sets with RowPairs, any tile): accumulator [p][v] holds
