@@ -19,8 +19,7 @@
 // Algorithms. Candidates of float32 3x3 stride-1 padding-1 layers whose output width is a
 // multiple of 8 and height even go to Winograd F(2x2, 3x3) (conv_winograd.cpp) when the CPU
 // has AVX2 + FMA and their input width is at least winograd_min_width (AVX2: 20, or 8 on
-// 8-wide outputs; AVX-512: 28, 40 on 16-wide outputs, 36 on 8-wide ones); every other
-// candidate, below.
+// 8-wide outputs; AVX-512: 32, or 20 on 8-wide outputs); every other candidate, below.
 // FASTSUPERNET_CPU_WINOGRAD=0 turns Winograd off, =all takes it for every candidate of a
 // suitable layer whatever its width.
 //
@@ -229,14 +228,16 @@ constexpr int64_t kWinogradChunkBytes = 256 * 1024;  // transformed input of one
 // Candidates narrower than this keep the direct kernel: there the transforms cost about what
 // they save. AVX2 (measured on packed inputs, direct / Winograd time: 32x32 and 16x16 planes
 // 0.8x at width 8, 0.9-1.0x at 16, 1.2x at 20, 1.4x at 32; 8x8 planes 1.3x at 8, 1.5-1.75x at
-// 16..64). AVX-512, whose direct kernel is 1.5-2.2x the AVX2 one (one candidate, in = out
-// width: 32x32 planes 0.95x at 24, 1.03x at 28, 1.07-1.3x at 32..48; 16x16 planes 1.0x at 32,
-// 1.06x at 36, 1.1-1.3x at 40..64; 8x8 planes 0.87-1.0x up to 32, 1.15-1.3x at 36..64). The
-// choice is per candidate, so a candidate's values never depend on the others in the call.
+// 16..64). AVX-512, whose direct kernel is 1.5-1.8x the AVX2 one (one candidate, in = out
+// width, FASTSUPERNET_CPU_WINOGRAD=0 vs =all: 32x32 planes 0.87x at 20, 0.96x at 24, 0.97-1.0x
+// at 28, 1.03-1.08x at 32, 1.15x at 36; 16x16 planes 0.96-0.98x at 24..28, 1.02-1.07x at 32,
+// 1.05-1.22x at 36; 8x8 planes 0.85x at 8, 0.94x at 12, 1.02x at 16, 1.06x at 20, 1.13-1.19x
+// at 24..32). The choice is per candidate, so a candidate's values never depend on the others
+// in the call.
 int64_t winograd_min_width(int64_t Wo, bool wide) {
   const char* env = std::getenv("FASTSUPERNET_CPU_WINOGRAD");
   if (env != nullptr && std::strcmp(env, "all") == 0) return 1;
-  if (wide) return Wo <= 8 ? 36 : Wo <= 16 ? 40 : 28;
+  if (wide) return Wo <= 8 ? 20 : 32;
   return Wo <= 8 ? 8 : 20;
 }
 
