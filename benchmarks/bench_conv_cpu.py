@@ -78,7 +78,7 @@ def winograd_takes(in_width: int, out_hw: int, k: int, stride: int) -> bool:
     from fastsupernet.ops._extension import cpu_conv_isa
 
     if cpu_conv_isa() == "avx512":
-        least = 20 if out_hw <= 8 else 32
+        least = 20 if out_hw <= 8 else 36
     else:
         least = 8 if out_hw <= 8 else 20
     return k == 3 and stride == 1 and out_hw % 8 == 0 and in_width >= least

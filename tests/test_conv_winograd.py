@@ -1,6 +1,6 @@
 """The Winograd F(2x2, 3x3) path of the CPU ``multi_conv2d`` (float32, AVX2 or AVX-512; 3x3,
 stride 1, padding 1, output width a multiple of 8, even height; per candidate, input width at
-least the instruction set's threshold: AVX2 20, or 8 when the output is 8 wide; AVX-512 32, or
+least the instruction set's threshold: AVX2 20, or 8 when the output is 8 wide; AVX-512 36, or
 20 when the output is 8 wide). The cases run with ``FASTSUPERNET_CPU_WINOGRAD=all`` (every
 candidate, whatever its width); the thresholds have their own test.
 
@@ -216,7 +216,7 @@ def test_sliced_conv2d_uses_it():
 def min_width(out_w: int) -> int:
     """The input width from which a candidate takes Winograd (csrc/cpu/conv.cpp)."""
     if cpu_conv_isa() == "avx512":
-        return 20 if out_w <= 8 else 32
+        return 20 if out_w <= 8 else 36
     return 8 if out_w <= 8 else 20
 
 

@@ -19,7 +19,7 @@
 // Algorithms. Candidates of float32 3x3 stride-1 padding-1 layers whose output width is a
 // multiple of 8 and height even go to Winograd F(2x2, 3x3) (conv_winograd.cpp) when the CPU
 // has AVX2 + FMA and their input width is at least winograd_min_width (AVX2: 20, or 8 on
-// 8-wide outputs; AVX-512: 32, or 20 on 8-wide outputs); every other candidate, below.
+// 8-wide outputs; AVX-512: 36, or 20 on 8-wide outputs); every other candidate, below.
 // FASTSUPERNET_CPU_WINOGRAD=0 turns Winograd off, =all takes it for every candidate of a
 // suitable layer whatever its width.
 //
@@ -232,12 +232,13 @@ constexpr int64_t kWinogradChunkBytes = 256 * 1024;  // transformed input of one
 // width, FASTSUPERNET_CPU_WINOGRAD=0 vs =all: 32x32 planes 0.87x at 20, 0.96x at 24, 0.97-1.0x
 // at 28, 1.03-1.08x at 32, 1.15x at 36; 16x16 planes 0.96-0.98x at 24..28, 1.02-1.07x at 32,
 // 1.05-1.22x at 36; 8x8 planes 0.85x at 8, 0.94x at 12, 1.02x at 16, 1.06x at 20, 1.13-1.19x
-// at 24..32). The choice is per candidate, so a candidate's values never depend on the others
-// in the call.
+// at 24..32; with K = 32 candidates of random widths <= 32 on 16x16 planes, Winograd from 32
+// on was 1.07x slower with packed inputs, 1.02x faster with a shared one). The choice is per
+// candidate, so a candidate's values never depend on the others in the call.
 int64_t winograd_min_width(int64_t Wo, bool wide) {
   const char* env = std::getenv("FASTSUPERNET_CPU_WINOGRAD");
   if (env != nullptr && std::strcmp(env, "all") == 0) return 1;
-  if (wide) return Wo <= 8 ? 20 : 32;
+  if (wide) return Wo <= 8 ? 20 : 36;
   return Wo <= 8 ? 8 : 20;
 }
 
