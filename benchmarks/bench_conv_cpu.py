@@ -75,13 +75,10 @@ def machine_rates() -> tuple[float, float]:
 
 def winograd_takes(in_width: int, out_hw: int, k: int, stride: int) -> bool:
     """Whether the CPU kernel computes this candidate with Winograd F(2x2, 3x3) (csrc/cpu/conv.cpp)."""
-    from fastsupernet.ops._extension import cpu_conv_isa
-
-    if cpu_conv_isa() == "avx512":
-        least = 20 if out_hw <= 8 else 36
-    else:
-        least = 8 if out_hw <= 8 else 20
-    return k == 3 and stride == 1 and out_hw % 8 == 0 and in_width >= least
+    if not HAVE_EXT or k != 3 or stride != 1:
+        return False
+    least = torch.ops.fastsupernet._cpu_winograd_min_width(out_hw)
+    return least >= 0 and in_width >= least
 
 
 def _floor(benchmark, flops: float, nbytes: float, alg_flops: float | None = None) -> None:

@@ -241,7 +241,13 @@ def test_narrow_widths_and_other_shapes_keep_the_direct_kernel():
         w = torch.randn(9, C, 3, 3, generator=g)
         for a, b in zip(*_both_ways(x, w, C, stride, "1")):
             assert torch.equal(a, b), (C, H, W, stride)
+    os.environ["FASTSUPERNET_CPU_WINOGRAD"] = "0"
+    try:
+        assert OPS._cpu_winograd_min_width(8) == -1
+    finally:
+        del os.environ["FASTSUPERNET_CPU_WINOGRAD"]
     for W in (8, 16, 32):
+        assert OPS._cpu_winograd_min_width(W) == min_width(W)  # what the benchmarks' floors read
         C = min_width(W)
         x = torch.randn(2, C, 8, W, generator=g)
         w = torch.randn(9, C, 3, 3, generator=g)

@@ -352,9 +352,8 @@ void channel_scale(const T* gz, T a, T* gy, int64_t N, int64_t C, int64_t HW, in
 template <Act A, bool R>
 __attribute__((target("avx2"))) void channel_pass1_avx2(const float* g, const float* y, const float* res, float a,
                                                         float b, float slope, float m, float* gz_out, int64_t N,
-                                                        int64_t C,
-                                                        int64_t HW, int64_t c, double& sum_gz, double& sum_gz_y,
-                                                        double& sum_slope) {
+                                                        int64_t C, int64_t HW, int64_t c, double& sum_gz,
+                                                        double& sum_gz_y, double& sum_slope) {
   const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), vs = _mm256_set1_ps(slope), vm = _mm256_set1_ps(m);
   const __m256 zero = _mm256_setzero_ps();
   __m256d s1 = _mm256_setzero_pd(), s2 = _mm256_setzero_pd(), sp = _mm256_setzero_pd();

@@ -59,10 +59,11 @@
 //    number of threads. (The AVX2 and the portable version differ: FMA vs multiply-add.)
 //  * Outputs of >= 8 MiB are madvise(MADV_HUGEPAGE)d before the first write: a fresh output
 //    of hundreds of MiB otherwise spends more time in page faults than in the convolution.
-//  * ISA: conv_avx512.cpp (float32, AVX-512 F/DQ/VL: the tile as row pairs of 16 lanes),
-//    conv_avx2.cpp (AVX2 and FMA) and conv_generic.cpp (portable) compile the same kernel
-//    (conv_kernel.h), chosen at run time by what the CPU has. The AVX-512 and AVX2 versions
-//    give the same outputs bit for bit (statistics to float64 rounding). FASTSUPERNET_CPU_KERNEL=avx2 or =generic forces one.
+//  * ISA: conv_avx512.cpp (float32, AVX-512 F/DQ/VL: 16-lane registers over contiguous runs
+//    or row pairs), conv_avx2.cpp (AVX2 and FMA) and conv_generic.cpp (portable) compile the
+//    same kernel (conv_kernel.h), chosen at run time by what the CPU has (conv::use_avx512,
+//    conv::use_avx2). The AVX-512 and AVX2 versions give the same outputs bit for bit
+//    (statistics to float64 rounding). FASTSUPERNET_CPU_KERNEL=avx2 or =generic forces one.
 //
 // Error bounds (u = 2^-24 for float32, 2^-53 for float64; d = in_width * kh * kw of the
 // element's candidate; A = sum over the d taps of |w| |x|):
@@ -154,15 +155,8 @@ int parse_activation(const char* op, c10::string_view activation) {
   return conv::kActNone;
 }
 
-// FASTSUPERNET_CPU_KERNEL=generic forces the portable kernel, =avx2 the AVX2 one (read at every call).
-bool use_avx2() {
-  static const bool cpu_ok = conv::cpu_has_avx2_fma();
-  return cpu_ok && !conv::generic_kernel_forced();
-}
-bool use_avx512() {
-  static const bool cpu_ok = conv::cpu_has_avx512();
-  return cpu_ok && conv::avx512_kernel_allowed();
-}
+using conv::use_avx2;
+using conv::use_avx512;
 
 bool run_items(const ConvJob<float>& job, int64_t begin, int64_t end, float* scratch, double* lanes, bool avx2,
                bool avx512) {
@@ -633,9 +627,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_impl(
     if (winograd_shape(kh, kw, stride, padding, Ho, Wo)) {
       std::vector<char> wino(static_cast<size_t>(K), 0);
       bool any = false;
-      const bool wide = use_avx512();
+      const int64_t least = winograd_min_width(Wo, use_avx512());
       for (int64_t k = 0; k < K; ++k) {
-        wino[k] = in_widths[k] >= winograd_min_width(Wo, wide);
+        wino[k] = in_widths[k] >= least;
         direct_cand[k] = !wino[k];
         any = any || wino[k];
       }
@@ -765,7 +759,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sliced_conv2d_cpu(
 // FASTSUPERNET_CPU_KERNEL forces): "avx512", "avx2" or "generic".
 std::string cpu_conv_isa() { return use_avx512() ? "avx512" : use_avx2() ? "avx2" : "generic"; }
 
-TORCH_LIBRARY_FRAGMENT(fastsupernet, m) { m.def("_cpu_conv_isa() -> str", &cpu_conv_isa); }
+// The least input width from which a candidate of a Winograd-shaped float32 layer (3x3, stride
+// 1, padding 1, even height) with this output width runs Winograd, or -1 where it never does.
+int64_t cpu_winograd_min_width(int64_t out_width) {
+  return winograd_shape(3, 3, 1, 1, 2, out_width) ? winograd_min_width(out_width, use_avx512()) : -1;
+}
+
+TORCH_LIBRARY_FRAGMENT(fastsupernet, m) {
+  m.def("_cpu_conv_isa() -> str", &cpu_conv_isa);
+  m.def("_cpu_winograd_min_width(int out_width) -> int", &cpu_winograd_min_width);
+}
 
 TORCH_LIBRARY_IMPL(fastsupernet, CPU, m) {
   m.impl("multi_conv2d", &multi_conv2d_cpu);

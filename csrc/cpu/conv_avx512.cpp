@@ -1,15 +1,16 @@
 // AVX-512 version of the float32 multi_conv2d CPU kernel (x86-64, GCC or Clang).
 //
-// Same plan, blocking and order of operations as the AVX2 version (conv_kernel.h), with the
-// register tile computed as row pairs: a 512-bit accumulator holds the 8 pixels of one plan
-// vector for two output rows (rows 2p and 2p + 1 of the block). Per reduction step, one
-// 128-bit load and two permutes make the pair weights (a[2p] x 8 | a[2p + 1] x 8), each input
-// vector is loaded once duplicated into both halves (a pure load), and every multiply-add works
-// on 16 lanes; the 8-lane plan and its 8-wide output rows (8x8 planes) stay as they are. Each
-// output is the same chain of fused multiply-adds as in the AVX2 kernel, so the outputs agree
-// bit for bit (the float64 statistics to their rounding: partial sums per tile of 8 vectors,
-// not 3). Tiles are MR <= 4 rows x up to kTileVecs = 8 vectors (16 accumulators); the
-// epilogue runs on 256-bit halves with the AVX2 code.
+// Same plan, blocking and order of operations as the AVX2 version (conv_kernel.h), on 512-bit
+// registers of two 8-lane plan vectors each. Where a tile's vectors pair into runs of 16
+// contiguous pixels of one row (planes >= 16 wide), a register holds one run of one output row,
+// the weights are broadcast and the epilogue works on whole runs (Vec<float>::Wide: tile_runs).
+// Elsewhere (8-wide rows) a register holds one vector for two output rows (rows 2p and 2p + 1
+// of the block): per reduction step one 128-bit load and two permutes make the pair weights
+// (a[2p] x 8 | a[2p + 1] x 8), each input vector is loaded once duplicated into both halves,
+// and the epilogue runs on 256-bit halves with the AVX2 code (tile_row_pairs). Each output is
+// the same chain of fused multiply-adds as in the AVX2 kernel, so the outputs agree bit for bit
+// (the float64 statistics to their rounding: partial sums per tile of 8 vectors, not 3). Tiles
+// are MR <= 4 rows x up to kTileVecs = 8 vectors (16 accumulators).
 //
 // The functions carry a target attribute; conv.cpp calls them only when the CPU reports
 // AVX-512 F, DQ and VL. float64 keeps the AVX2 kernel. No torch header is included here.

@@ -164,5 +164,16 @@ inline bool avx512_kernel_allowed() {
   return env == nullptr || (std::strcmp(env, "generic") != 0 && std::strcmp(env, "avx2") != 0);
 }
 
+// Whether the AVX2 (+ FMA) / AVX-512 kernels run: the CPU has the instructions and
+// FASTSUPERNET_CPU_KERNEL does not force a lower version (the conv and weight-gradient kernels).
+inline bool use_avx2() {
+  static const bool cpu_ok = cpu_has_avx2_fma();
+  return cpu_ok && !generic_kernel_forced();
+}
+inline bool use_avx512() {
+  static const bool cpu_ok = cpu_has_avx512();
+  return cpu_ok && avx512_kernel_allowed();
+}
+
 }  // namespace conv
 }  // namespace fastsupernet

@@ -127,25 +127,9 @@ namespace portable {
 #include "cpu/conv_weight_grad_kernel.h"
 }  // namespace portable
 
-// AVX2 + FMA when the CPU has both, unless FASTSUPERNET_CPU_KERNEL=generic (read at every call).
-bool use_avx2() {
-#ifdef FSN_WG_HAVE_AVX2
-  static const bool cpu_ok = conv::cpu_has_avx2_fma();
-  return cpu_ok && !conv::generic_kernel_forced();
-#else
-  return false;
-#endif
-}
-
-// AVX-512 (float32) when the CPU has F, DQ and VL, unless FASTSUPERNET_CPU_KERNEL=avx2 or =generic.
-bool use_avx512() {
-#ifdef FSN_WG_HAVE_AVX2
-  static const bool cpu_ok = conv::cpu_has_avx512();
-  return cpu_ok && conv::avx512_kernel_allowed();
-#else
-  return false;
-#endif
-}
+// (builds without the AVX2 versions report no AVX2 / AVX-512 CPU: the portable loops run)
+using conv::use_avx2;
+using conv::use_avx512;
 
 // Which tile loops run: 0 portable, 1 AVX2, 2 AVX-512 (float32 only).
 enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };

@@ -133,11 +133,17 @@ def backward_mode(device: torch.device) -> str:
     ``batched`` on CPU, where it was measured faster, and ``loop`` elsewhere; on AVX-512 CPUs
     the weight gradient of a single candidate then comes from aten (oneDNN), measured faster.
     """
+    mode = _backward_setting()
+    if mode == "auto":
+        return "batched" if device.type == "cpu" else "loop"
+    return mode
+
+
+def _backward_setting() -> str:
+    """``FASTSUPERNET_CONV_BACKWARD`` as set: ``auto`` (unset or empty), ``batched`` or ``loop``."""
     mode = os.environ.get(BACKWARD_ENV_VAR, "").strip().lower() or "auto"
     if mode not in _BACKWARD_MODES:
         raise ValueError(f"{BACKWARD_ENV_VAR}={mode!r}; expected one of {', '.join(_BACKWARD_MODES)}")
-    if mode == "auto":
-        return "batched" if device.type == "cpu" else "loop"
     return mode
 
 
@@ -146,7 +152,7 @@ def _weight_grad_by_aten(x: torch.Tensor, k: int) -> bool:
     whose kernels run AVX-512, where oneDNN's weight-gradient kernel beat the batched one
     (sliced Track-1 layers, batch 256: 1.4x-3.1x); with several candidates the batched kernel
     saves one aten call per candidate and stays (2.2x-2.7x on 32x32 and 1.3x on 16x16 at K = 8)."""
-    if k != 1 or x.device.type != "cpu" or os.environ.get(BACKWARD_ENV_VAR, "").strip().lower() not in ("", "auto"):
+    if k != 1 or x.device.type != "cpu" or _backward_setting() != "auto":
         return False
     from ._extension import cpu_conv_isa
 
@@ -163,17 +169,9 @@ def _has_compiled(op: str, device: torch.device) -> bool:
 def _conv_grads_loop(g, x, weight, meta, stride, padding, need_x, need_w):
     """Input/weight gradients by aten's convolution backward, one candidate at a time."""
     in_offsets, in_widths, out_widths, row_offsets = meta
-    if len(out_widths) == 1 and in_offsets[0] == 0 and in_widths[0] == x.shape[1]:  # one candidate reading all of x
-        gx, gw, _ = torch.ops.aten.convolution_backward(
-            g, x, weight[row_offsets[0] : row_offsets[0] + out_widths[0], : in_widths[0]], None, [stride, stride],
-            [padding, padding], [1, 1], False, [0, 0], 1, [need_x, need_w, False],
-        )
-        grad_w = None
-        if need_w:
-            grad_w = torch.zeros_like(weight)
-            grad_w[row_offsets[0] : row_offsets[0] + out_widths[0], : in_widths[0]] = gw
-        return (gx if need_x else None), grad_w
-    grad_x = torch.zeros_like(x, memory_format=torch.contiguous_format) if need_x else None
+    # one candidate reading all of x: its input gradient is the whole one (no zero-fill and add)
+    whole_x = len(out_widths) == 1 and in_offsets[0] == 0 and in_widths[0] == x.shape[1]
+    grad_x = torch.zeros_like(x, memory_format=torch.contiguous_format) if need_x and not whole_x else None
     grad_w = torch.zeros_like(weight) if need_w else None
     o = 0
     for io, iw, ow, ro in zip(in_offsets, in_widths, out_widths, row_offsets):
@@ -181,7 +179,9 @@ def _conv_grads_loop(g, x, weight, meta, stride, padding, need_x, need_w):
             g[:, o : o + ow], x[:, io : io + iw], weight[ro : ro + ow, :iw], None, [stride, stride],
             [padding, padding], [1, 1], False, [0, 0], 1, [need_x, need_w, False],
         )
-        if need_x:
+        if need_x and whole_x:
+            grad_x = gx
+        elif need_x:
             grad_x[:, io : io + iw] += gx
         if need_w:
             grad_w[ro : ro + ow, :iw] += gw
@@ -435,11 +435,11 @@ def multi_conv2d(
     model moved to channels_last, say) is copied to a contiguous tensor once per call, and its
     gradient flows back through the copy.
 
-    When autograd will need ``scale``'s gradient (activation none or relu), the epilogue runs as
-    tensor ops after the kernel instead of inside it, so that the conv output it needs is kept
-    rather than recomputed in the backward (forward + backward 1.0x-1.16x faster on CPU); the
-    output then differs from the fused epilogue's by at most one rounding (``y * scale + shift``
-    as two roundings or one).
+    When autograd will need ``scale``'s gradient (activation none or relu), the epilogue runs
+    after the kernel instead of inside it (``fastsupernet::bn_act`` and its backward on CPU,
+    tensor ops elsewhere), so that the conv output it needs is kept rather than recomputed in
+    the backward; the output then differs from the fused epilogue's by at most one rounding
+    (``y * scale + shift`` as two roundings or one).
     """
     if isinstance(weight, torch.Tensor) and not weight.is_contiguous():
         weight = weight.contiguous()
@@ -453,7 +453,7 @@ def multi_conv2d(
     if (torch.is_grad_enabled() and isinstance(scale, torch.Tensor) and scale.requires_grad
             and activation in ("none", "relu")):
         # scale's gradient needs the conv output before the epilogue: keep it (the epilogue as
-        # differentiable tensor ops) instead of recomputing the convolution in the backward
+        # its own differentiable pass) instead of recomputing the convolution in the backward
         out, s, q = dispatch.run(op, x, weight, *meta, int(stride), int(padding), None, None, None, "none", None,
                                  bool(stats), backend=backend)
         out = _affine_act(out, scale, shift, residual, activation)
