@@ -25,8 +25,9 @@ Floors, in ``extra_info``: ``flops = 2 N H' W' sum_k out_k in_k kh kw`` over the
 once) over the copy bandwidth of a 256 MiB buffer (measured in this run); ``floor_ms`` is the
 larger of the two. The GEMM rate is MKL's on this machine, not the FMA peak of the cores, so a
 kernel may come closer to it than 1.0x. ``floor_alg_ms`` is the same floor for the
-multiplications the kernel's algorithm does: candidates the Winograd F(2x2, 3x3) path takes
-(3x3 stride 1, input width >= 20, or >= 8 on 8-wide outputs) need 16/36 of the direct FLOPs.
+multiplications the kernel's algorithm does: candidates a Winograd path takes (3x3 stride 1,
+input width at least the kernel's threshold) need 16/36 (F(2x2, 3x3)) or 36/144 (F(4x4, 3x3))
+of the direct FLOPs.
 """
 from __future__ import annotations
 
@@ -73,12 +74,17 @@ def machine_rates() -> tuple[float, float]:
     return gemm, bandwidth
 
 
-def winograd_takes(in_width: int, out_hw: int, k: int, stride: int) -> bool:
-    """Whether the CPU kernel computes this candidate with Winograd F(2x2, 3x3) (csrc/cpu/conv.cpp)."""
+def winograd_mult_ratio(in_width: int, out_hw: int, k: int, stride: int) -> float:
+    """Multiplies of the CPU kernel's algorithm for this candidate over the direct algorithm's:
+    16/36 for Winograd F(2x2, 3x3), 36/144 for F(4x4, 3x3), 1 for the direct kernel
+    (csrc/cpu/conv.cpp chooses)."""
     if not HAVE_EXT or k != 3 or stride != 1:
-        return False
-    least = torch.ops.fastsupernet._cpu_winograd_min_width(out_hw)
-    return least >= 0 and in_width >= least
+        return 1.0
+    ops = torch.ops.fastsupernet
+    least, tile = ops._cpu_winograd_min_width(out_hw, out_hw), ops._cpu_winograd_tile(out_hw, out_hw)
+    if least < 0 or in_width < least:
+        return 1.0
+    return (tile + 2) ** 2 / (9 * tile * tile)
 
 
 def _floor(benchmark, flops: float, nbytes: float, alg_flops: float | None = None) -> None:
@@ -153,7 +159,7 @@ def _sliced_setup(name: str):
     ho = (h + 2 * (k // 2) - k) // stride + 1
     flops = 2 * BATCH * ho * ho * cout * cin * k * k
     nbytes = 4 * (x.numel() + BATCH * cout * ho * ho)
-    alg = flops * 16 / 36 if winograd_takes(cin, ho, k, stride) else flops
+    alg = flops * winograd_mult_ratio(cin, ho, k, stride)
     return x, weight, bn, cout, k, stride, flops, nbytes, alg
 
 
@@ -267,7 +273,7 @@ def _multi_setup(space: str, K: int, inputs: str):
     idx = torch.cat([torch.arange(ro, ro + o) for ro, o in zip(row_off, out_w)])
     M = sum(out_w)
     flops = 2 * BATCH * h * h * 9 * sum(o * a for o, a in zip(out_w, in_w))
-    alg = 2 * BATCH * h * h * 9 * sum(o * a * (16 / 36 if winograd_takes(a, h, 3, 1) else 1) for o, a in zip(out_w, in_w))
+    alg = 2 * BATCH * h * h * 9 * sum(o * a * winograd_mult_ratio(a, h, 3, 1) for o, a in zip(out_w, in_w))
     nbytes = 4 * (x.numel() + BATCH * M * h * h)
     return x, weight, bn, in_off, in_w, out_w, row_off, idx, flops, nbytes, alg
 

@@ -1,16 +1,19 @@
-"""The Winograd F(2x2, 3x3) path of the CPU ``multi_conv2d`` (float32, AVX2 or AVX-512; 3x3,
-stride 1, padding 1, output width a multiple of 8, even height; per candidate, input width at
-least the instruction set's threshold: AVX2 20, or 8 when the output is 8 wide; AVX-512 36, or
-20 when the output is 8 wide). The cases run with ``FASTSUPERNET_CPU_WINOGRAD=all`` (every
-candidate, whatever its width); the thresholds have their own test.
+"""The Winograd paths of the CPU ``multi_conv2d`` (float32, AVX2 or AVX-512; 3x3, stride 1,
+padding 1, output width a multiple of 8, even height): F(4x4, 3x3) where the output is 8, 16 or
+32 wide, its height a multiple of 4 and x's columns contiguous, F(2x2, 3x3) elsewhere or with
+``FASTSUPERNET_CPU_WINOGRAD_TILE=2``; per candidate, input width at least the thresholds of
+csrc/cpu/conv.cpp (``min_width`` below). The cases run with ``FASTSUPERNET_CPU_WINOGRAD=all``
+(every candidate, whatever its width), with either tile where the shape allows; the thresholds
+have their own test.
 
 Oracle: the same float64 oracle as tests/test_conv_cpu.py (a loop of ``F.conv2d`` per
-candidate, then the epilogue). The error bound is the one csrc/cpu/conv_winograd.cpp states:
-the conv value is within ``(in_width + 8) u A_w`` of the exact one, ``A_w`` being the Winograd
-algorithm run in float64 on absolute values (``|A^T| [sum_c (|G| |g| |G^T|) . (|B^T| |d| |B|)]
-|A|``, computed here with ``unfold``), plus 4 roundings for the epilogue:
-``(in_width + 12) u mag_w`` with ``mag_w = (A_w |scale| + |shift| + |residual|) max(1, |slope|)``.
-The statistics bound is the conv bound summed over a channel plus the float64 summation error.
+candidate, then the epilogue). The error bounds are the ones csrc/cpu/conv_winograd.cpp states:
+the conv value is within ``(in_width + c) u A_w`` of the exact one (c = 8 for F(2x2), 11 for
+F(4x4)), ``A_w`` being the Winograd algorithm run in float64 on absolute values (``|A^T| [sum_c
+(|G| |g| |G^T|) . (|B^T| |d| |B|)] |A|``, computed here with ``unfold``), plus 4 roundings for
+the epilogue: ``(in_width + c + 4) u mag_w`` with ``mag_w = (A_w |scale| + |shift| +
+|residual|) max(1, |slope|)``. The statistics bound is the conv bound summed over a channel plus
+the float64 summation error.
 
 Each case also runs with ``FASTSUPERNET_CPU_WINOGRAD=0`` (the direct kernel) and must differ
 from it somewhere: the Winograd path really ran.
@@ -48,36 +51,65 @@ def _avx2() -> bool:
 pytestmark = pytest.mark.skipif(not (has_kernel("multi_conv2d", "CPU") and _avx2()),
                                 reason="needs the compiled CPU kernels on an AVX2 + FMA CPU")
 
-BT = torch.tensor([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=torch.float64)
-G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
-AT = torch.tensor([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=torch.float64)
+def _f64(rows):
+    return torch.tensor(rows, dtype=torch.float64)
 
 
-def winograd_abs(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """A_w: F(2x2, 3x3) on absolute values (x: (N, C, H, W), w: (O, C, 3, 3); H, W even)."""
+MATRICES = {  # tile: (B^T, G, A^T), as in csrc/cpu/conv_winograd.cpp
+    2: (_f64([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]),
+        _f64([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]]),
+        _f64([[1, 1, 1, 0], [0, 1, -1, -1]])),
+    4: (_f64([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
+              [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]),
+        _f64([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+              [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]),
+        _f64([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]])),
+}
+ROUNDINGS = {2: 8, 4: 11}  # conv value: (in_width + this) roundings of A_w
+
+
+def winograd(x: torch.Tensor, w: torch.Tensor, tile: int, absolute: bool = True) -> torch.Tensor:
+    """F(t x t, 3x3) in float64 (x: (N, C, H, W), w: (O, C, 3, 3); H, W multiples of t); with
+    ``absolute``, on absolute values and matrices: A_w."""
+    bt, g, at = (m.abs() if absolute else m for m in MATRICES[tile])
+    x, w = (x.abs(), w.abs()) if absolute else (x, w)
     n, c, h, wd = x.shape
-    xp = F.pad(x.abs(), (1, 1, 1, 1))
-    d = xp.unfold(2, 4, 2).unfold(3, 4, 2)  # (N, C, H/2, W/2, 4, 4)
-    v = BT.abs() @ d @ BT.abs().T
-    u = G.abs() @ w.abs() @ G.abs().T  # (O, C, 4, 4)
+    xp = F.pad(x, (1, 1, 1, 1))
+    d = xp.unfold(2, tile + 2, tile).unfold(3, tile + 2, tile)  # (N, C, H/t, W/t, t+2, t+2)
+    v = bt @ d @ bt.T
+    u = g @ w @ g.T  # (O, C, t+2, t+2)
     m = torch.einsum("ocab,ncyxab->noyxab", u, v)
-    y = AT.abs() @ m @ AT.abs().T  # (N, O, H/2, W/2, 2, 2)
+    y = at @ m @ at.T  # (N, O, H/t, W/t, t, t)
     return y.permute(0, 1, 2, 4, 3, 5).reshape(n, w.shape[0], h, wd)
 
 
-def test_absolute_oracle_bounds_the_conv():
-    """The oracle's own sanity: A_w >= |conv| and >= the direct |w| |x| sum's magnitude order."""
+def winograd_abs(x: torch.Tensor, w: torch.Tensor, tile: int = 2) -> torch.Tensor:
+    return winograd(x, w, tile)
+
+
+def tile_of(x: torch.Tensor, forced: str | None = None) -> int:
+    """The tile the kernel takes for this input (csrc/cpu/conv.cpp's winograd_tile)."""
+    h, w = x.shape[2:]
+    return 4 if forced != "2" and h % 4 == 0 and w in (8, 16, 32) and x.stride(3) == 1 else 2
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+def test_absolute_oracle_bounds_the_conv(tile):
+    """The oracle's own sanity: the float64 algorithm is the convolution; A_w >= |conv| and >=
+    the direct |w| |x| sum."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 6, 8, dtype=torch.float64, generator=g)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=g)
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=g)
-    aw = winograd_abs(x, w)
+    torch.testing.assert_close(winograd(x, w, tile, absolute=False), F.conv2d(x, w, padding=1), rtol=0, atol=1e-12)
+    aw = winograd_abs(x, w, tile)
     assert (aw >= F.conv2d(x, w, padding=1).abs() - 1e-12).all()
     assert (aw >= F.conv2d(x.abs(), w.abs(), padding=1) - 1e-12).all()
 
 
 class WCase:
     def __init__(self, *, N, H, W, in_offsets, in_widths, out_widths, row_offsets, C=None, scale=True, shift=True,
-                 residual=True, activation="relu", stats=True, layout="nchw", weight_view=False, seed=0):
+                 residual=True, activation="relu", stats=True, layout="nchw", weight_view=False, seed=0,
+                 force_tile=None):
         g = torch.Generator().manual_seed(seed)
         self.K = len(in_offsets)
         self.M = sum(out_widths)
@@ -101,18 +133,25 @@ class WCase:
         self.activation = activation
         self.slope = (torch.rand(self.K, generator=g) - 0.3) if activation == "prelu" else None
         self.stats = stats
+        self.force_tile = force_tile  # "2": FASTSUPERNET_CPU_WINOGRAD_TILE=2
+        self.tile = tile_of(x, force_tile)
 
     def run(self, winograd: bool = True):
-        old = os.environ.get("FASTSUPERNET_CPU_WINOGRAD")
-        os.environ["FASTSUPERNET_CPU_WINOGRAD"] = "all" if winograd else "0"
+        env = {"FASTSUPERNET_CPU_WINOGRAD": "all" if winograd else "0",
+               "FASTSUPERNET_CPU_WINOGRAD_TILE": self.force_tile}
+        old = {k: os.environ.get(k) for k in env}
+        for k, v in env.items():
+            if v is not None:
+                os.environ[k] = v
         try:
             return OPS.multi_conv2d(self.x, self.weight, *self.meta, 1, 1, self.scale, self.shift, self.residual,
                                     self.activation, self.slope, self.stats)
         finally:
-            if old is None:
-                del os.environ["FASTSUPERNET_CPU_WINOGRAD"]
-            else:
-                os.environ["FASTSUPERNET_CPU_WINOGRAD"] = old
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def check(self, out, s, q):
         io, iw, ow, ro = self.meta
@@ -121,7 +160,7 @@ class WCase:
         for k, (off, a, o, r) in enumerate(zip(io, iw, ow, ro)):
             xs, wk = x64[:, off : off + a], w64[r : r + o, :a]
             ys.append(F.conv2d(xs, wk, padding=1))
-            aws.append(winograd_abs(xs, wk))
+            aws.append(winograd_abs(xs, wk, self.tile))
             depth += [a] * o
             cand += [k] * o
         y, aw = torch.cat(ys, 1), torch.cat(aws, 1)
@@ -130,12 +169,13 @@ class WCase:
         assert out.shape == z.shape and out.dtype == torch.float32 and out.is_contiguous()
         assert torch.isfinite(out).all()
         err = (out.double() - z).abs()
-        worst = (err / ((depth + 12) * U32 * mag + 1e-300)).max().item()
-        assert worst <= 1.0, f"output error {worst:.3g} x the bound"
+        c = ROUNDINGS[self.tile]
+        worst = (err / ((depth + c + 4) * U32 * mag + 1e-300)).max().item()
+        assert worst <= 1.0, f"output error {worst:.3g} x the bound (tile {self.tile})"
         if not self.stats:
             assert s.numel() == 0 and q.numel() == 0
             return
-        assert_stats_within(s, q, y, (depth + 8) * U32 * aw)
+        assert_stats_within(s, q, y, (depth + c) * U32 * aw)
 
 
 def _check_against_direct(case: WCase):
@@ -146,14 +186,20 @@ def _check_against_direct(case: WCase):
     return out, s, q
 
 
-SHAPES = [  # N, H, W: pairs of tile rows (W = 8), an odd tile-row count, 16/32-wide rows, W % 16 == 8
-    (3, 8, 8), (2, 6, 8), (2, 16, 16), (1, 32, 32), (2, 4, 24), (2, 2, 40),
+SHAPES = [  # N, H, W. F(2x2): pairs of tile rows (W = 8), an odd tile-row count, 16/32-wide rows,
+    # W % 16 == 8; F(4x4): 8/16/32-wide rows, 1 and 3 tile rows (groups of 8 tiles across images)
+    (3, 8, 8), (2, 6, 8), (2, 16, 16), (1, 32, 32), (2, 4, 24), (2, 2, 40), (5, 12, 8), (3, 4, 16), (2, 4, 8),
+    (1, 8, 32),
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "n{}_{}x{}".format(*s))
+# every shape as the kernel chooses ("auto"), and F(2x2) forced where F(4x4) would run
+SHAPE_TILES = [(s, "auto") for s in SHAPES] + [(s, "2") for s in SHAPES if s[1] % 4 == 0 and s[2] in (8, 16, 32)]
+
+
+@pytest.mark.parametrize("shape,tile", SHAPE_TILES, ids=lambda v: "n{}_{}x{}".format(*v) if isinstance(v, tuple) else v)
 @pytest.mark.parametrize("inputs", ["shared", "packed", "mixed"])
-def test_shapes_and_inputs(shape, inputs):
+def test_shapes_and_inputs(shape, inputs, tile):
     N, H, W = shape
     rng = random.Random(zlib.crc32(repr((shape, inputs)).encode()))
     K = rng.choice([1, 3, 6])
@@ -168,7 +214,8 @@ def test_shapes_and_inputs(shape, inputs):
     row_offsets = [rng.randint(0, 9) for _ in range(K)]
     case = WCase(N=N, H=H, W=W, in_offsets=in_offsets, in_widths=in_widths, out_widths=out_widths,
                  row_offsets=row_offsets, activation=rng.choice(["none", "relu", "prelu"]),
-                 residual=rng.random() < 0.5, seed=rng.randint(0, 999))
+                 residual=rng.random() < 0.5, seed=rng.randint(0, 999), force_tile=None if tile == "auto" else tile)
+    assert case.tile == (2 if tile == "2" or not (H % 4 == 0 and W in (8, 16, 32)) else 4)
     _check_against_direct(case)
 
 
@@ -178,11 +225,12 @@ EPILOGUES = [  # scale, shift, residual, activation, stats
 ]
 
 
+@pytest.mark.parametrize("tile", ["auto", "2"])
 @pytest.mark.parametrize("scale,shift,residual,activation,stats", EPILOGUES)
-def test_epilogues(scale, shift, residual, activation, stats):
+def test_epilogues(scale, shift, residual, activation, stats, tile):
     case = WCase(N=2, H=8, W=16, in_offsets=[0, 0, 4], in_widths=[20, 23, 21], out_widths=[5, 8, 3],
                  row_offsets=[1, 7, 0], scale=scale, shift=shift, residual=residual, activation=activation,
-                 stats=stats, seed=3)
+                 stats=stats, seed=3, force_tile=None if tile == "auto" else tile)
     out, s, q = _check_against_direct(case)
     if not (scale or shift or residual) and activation == "none":  # out holds what the statistics add
         assert_stats_match_output(s, q, out)
@@ -190,32 +238,53 @@ def test_epilogues(scale, shift, residual, activation, stats):
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_layouts_and_weight_views(layout):
+    """channels_last inputs (columns not contiguous) take F(2x2) on every shape."""
     case = WCase(N=2, H=8, W=8, C=40, in_offsets=[3, 3], in_widths=[30, 17], out_widths=[6, 4], row_offsets=[2, 0],
                  layout=layout, weight_view=True, activation="prelu", seed=5)
+    assert case.tile == (4 if layout == "nchw" else 2)
     _check_against_direct(case)
 
 
-def test_several_chunks_and_a_partial_last_one():
-    """8x8 images with 16 channels: at most 15 images per chunk (256 KiB of transformed input,
-    whole groups of 24 tiles), so 70 images make at least 5 chunks, the last one partial."""
+@pytest.mark.parametrize("tile", ["auto", "2"])
+def test_several_chunks_and_a_partial_last_one(tile):
+    """8x8 images with 16 channels: at most 15 (F(2x2)) or 24 (F(4x4)) images per chunk (256 KiB
+    of transformed input, whole groups of 24 tiles), so 70 images make at least 3 chunks, the
+    last one partial."""
     case = WCase(N=70, H=8, W=8, in_offsets=[0, 0], in_widths=[16, 16], out_widths=[3, 2], row_offsets=[0, 5],
-                 seed=7)
+                 seed=7, force_tile=None if tile == "auto" else tile)
     _check_against_direct(case)
 
 
-def test_sliced_conv2d_uses_it():
+@pytest.mark.parametrize("hw", [(8, 16), (6, 16)])
+def test_sliced_conv2d_uses_it(hw):
+    """Default thresholds: 24 input channels take F(4x4) on 8x16 outputs, F(2x2) on 6x16 ones
+    (height not a multiple of 4) under AVX2's thresholds; the direct kernel is exact enough
+    for neither bound to tell, so the direct run must differ too."""
+    h, wd = hw
     g = torch.Generator().manual_seed(11)
-    x = torch.randn(2, 24, 8, 16, generator=g)
+    x = torch.randn(2, 24, h, wd, generator=g)
     w = torch.randn(40, 30, 3, 3, generator=g) / 10
+    tile = tile_of(x)
+    if 24 < min_width(h, wd):
+        pytest.skip(f"24 channels keep the direct kernel on {h}x{wd} outputs with {cpu_conv_isa()} kernels")
     out, _, _ = OPS.sliced_conv2d(x, w, 33, 4, 1, 1, None, None, None, "none", None, False)
     ref = F.conv2d(x.double(), w[4:37, :24].double(), padding=1)
-    aw = winograd_abs(x.double(), w[4:37, :24].double())
-    assert ((out.double() - ref).abs() <= (24 + 12) * U32 * aw).all()
+    aw = winograd_abs(x.double(), w[4:37, :24].double(), tile)
+    assert ((out.double() - ref).abs() <= (24 + ROUNDINGS[tile] + 4) * U32 * aw).all()
+    os.environ["FASTSUPERNET_CPU_WINOGRAD"] = "0"
+    try:
+        direct = OPS.sliced_conv2d(x, w, 33, 4, 1, 1, None, None, None, "none", None, False)[0]
+    finally:
+        del os.environ["FASTSUPERNET_CPU_WINOGRAD"]
+    assert not torch.equal(out, direct)
 
 
-def min_width(out_w: int) -> int:
+def min_width(out_h: int, out_w: int) -> int:
     """The input width from which a candidate takes Winograd (csrc/cpu/conv.cpp)."""
-    if cpu_conv_isa() == "avx512":
+    wide = cpu_conv_isa() == "avx512"
+    if out_h % 4 == 0 and out_w in (8, 16, 32):  # F(4x4)
+        return (20 if out_w >= 32 else 16 if out_w >= 16 else 8) if wide else 8
+    if wide:
         return 20 if out_w <= 8 else 36
     return 8 if out_w <= 8 else 20
 
@@ -235,28 +304,33 @@ def test_narrow_widths_and_other_shapes_keep_the_direct_kernel():
     """Inputs narrower than the threshold, stride 2, odd sizes: bitwise the same with the switch
     on (default thresholds) or off; at the threshold, Winograd runs."""
     g = torch.Generator().manual_seed(2)
-    for (C, H, W, stride) in [(min_width(8) - 1, 8, 8, 1), (min_width(16) - 1, 16, 16, 1),
-                              (min_width(32) - 1, 8, 32, 1), (24, 8, 8, 2), (24, 7, 8, 1), (24, 8, 12, 1)]:
+    for (C, H, W, stride) in [(min_width(8, 8) - 1, 8, 8, 1), (min_width(16, 16) - 1, 16, 16, 1),
+                              (min_width(8, 32) - 1, 8, 32, 1), (min_width(6, 16) - 1, 6, 16, 1),
+                              (min_width(6, 8) - 1, 6, 8, 1), (24, 8, 8, 2), (24, 7, 8, 1), (24, 8, 12, 1)]:
         x = torch.randn(2, C, H, W, generator=g)
         w = torch.randn(9, C, 3, 3, generator=g)
         for a, b in zip(*_both_ways(x, w, C, stride, "1")):
             assert torch.equal(a, b), (C, H, W, stride)
     os.environ["FASTSUPERNET_CPU_WINOGRAD"] = "0"
     try:
-        assert OPS._cpu_winograd_min_width(8) == -1
+        assert OPS._cpu_winograd_min_width(8, 8) == -1 and OPS._cpu_winograd_tile(8, 8) == 0
     finally:
         del os.environ["FASTSUPERNET_CPU_WINOGRAD"]
-    for W in (8, 16, 32):
-        assert OPS._cpu_winograd_min_width(W) == min_width(W)  # what the benchmarks' floors read
-        C = min_width(W)
-        x = torch.randn(2, C, 8, W, generator=g)
+    assert OPS._cpu_winograd_tile(7, 8) == 0 and OPS._cpu_winograd_tile(8, 12) == 0
+    for H, W in [(8, 8), (16, 16), (8, 32), (6, 16), (6, 8), (4, 24)]:
+        # what the benchmarks' floors read
+        assert OPS._cpu_winograd_min_width(H, W) == min_width(H, W)
+        assert OPS._cpu_winograd_tile(H, W) == (4 if H % 4 == 0 and W in (8, 16, 32) else 2)
+        C = min_width(H, W)
+        x = torch.randn(2, C, H, W, generator=g)
         w = torch.randn(9, C, 3, 3, generator=g)
         on, off = _both_ways(x, w, C, 1, "1")
-        assert not torch.equal(on[0], off[0]), (C, W)
+        assert not torch.equal(on[0], off[0]), (C, H, W)
 
 
 @pytest.mark.skipif(cpu_conv_isa() != "avx512", reason="needs a CPU with AVX-512 F/DQ/VL")
-def test_avx512_gemm_step_equals_avx2(monkeypatch):
+@pytest.mark.parametrize("tile", ["auto", "2"])
+def test_avx512_gemm_step_equals_avx2(monkeypatch, tile):
     """The GEMM step on 512-bit row pairs runs the AVX2 step's fused multiply-add chains: the
     same outputs and statistics, bit for bit."""
     g = torch.Generator().manual_seed(5)
@@ -265,6 +339,8 @@ def test_avx512_gemm_step_equals_avx2(monkeypatch):
     meta = ([0, 0, 8], [40, 13, 32], [9, 6, 11], [0, 20, 30])  # rows 9 = 4 + 4 + 1 (a half-empty pair)
     scale = torch.randn(26, generator=g)
     monkeypatch.setenv("FASTSUPERNET_CPU_WINOGRAD", "all")
+    if tile == "2":
+        monkeypatch.setenv("FASTSUPERNET_CPU_WINOGRAD_TILE", "2")
     outs = []
     for kernel in ("avx512", "avx2"):
         monkeypatch.setenv("FASTSUPERNET_CPU_KERNEL", kernel)

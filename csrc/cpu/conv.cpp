@@ -17,11 +17,14 @@
 // Bad arguments raise ValueError, bad dtypes TypeError.
 //
 // Algorithms. Candidates of float32 3x3 stride-1 padding-1 layers whose output width is a
-// multiple of 8 and height even go to Winograd F(2x2, 3x3) (conv_winograd.cpp) when the CPU
-// has AVX2 + FMA and their input width is at least winograd_min_width (AVX2: 20, or 8 on
-// 8-wide outputs; AVX-512: 36, or 20 on 8-wide outputs); every other candidate, below.
-// FASTSUPERNET_CPU_WINOGRAD=0 turns Winograd off, =all takes it for every candidate of a
-// suitable layer whatever its width.
+// multiple of 8 and height even go to Winograd (conv_winograd.cpp) when the CPU has AVX2 +
+// FMA and their input width is at least winograd_min_width: F(4x4, 3x3) where the output is
+// 8, 16 or 32 wide and its height a multiple of 4 (x with unit column stride; AVX2: from 8
+// channels; AVX-512: 20 on 32-wide outputs, 16 on 16-wide, 8 on 8-wide), F(2x2, 3x3)
+// elsewhere (AVX2: 20, or 8 on 8-wide outputs; AVX-512: 36, or 20 on 8-wide outputs); every
+// other candidate, below. FASTSUPERNET_CPU_WINOGRAD=0 turns Winograd off, =all takes it for
+// every candidate of a suitable layer whatever its width; FASTSUPERNET_CPU_WINOGRAD_TILE=2
+// keeps F(2x2).
 //
 // Direct algorithm: an implicit GEMM per image, C[row, pixel] = sum_k A[row, k] * B[k, pixel],
 // k = (ci, i, j) running over the candidate's in_width * kh * kw taps.
@@ -220,18 +223,22 @@ void run_job(const ConvJob<T>& job, int64_t items, int64_t max_width, int64_t ma
 constexpr int64_t kWinogradChunkBytes = 256 * 1024;  // transformed input of one chunk: half a 512 KiB L2
 
 // Candidates narrower than this keep the direct kernel: there the transforms cost about what
-// they save. AVX2 (measured on packed inputs, direct / Winograd time: 32x32 and 16x16 planes
-// 0.8x at width 8, 0.9-1.0x at 16, 1.2x at 20, 1.4x at 32; 8x8 planes 1.3x at 8, 1.5-1.75x at
-// 16..64). AVX-512, whose direct kernel is 1.5-1.8x the AVX2 one (one candidate, in = out
-// width, FASTSUPERNET_CPU_WINOGRAD=0 vs =all: 32x32 planes 0.87x at 20, 0.96x at 24, 0.97-1.0x
-// at 28, 1.03-1.08x at 32, 1.15x at 36; 16x16 planes 0.96-0.98x at 24..28, 1.02-1.07x at 32,
-// 1.05-1.22x at 36; 8x8 planes 0.85x at 8, 0.94x at 12, 1.02x at 16, 1.06x at 20, 1.13-1.19x
-// at 24..32; with K = 32 candidates of random widths <= 32 on 16x16 planes, Winograd from 32
-// on was 1.07x slower with packed inputs, 1.02x faster with a shared one). The choice is per
-// candidate, so a candidate's values never depend on the others in the call.
-int64_t winograd_min_width(int64_t Wo, bool wide) {
+// they save. Measured one candidate at a time, in = out width, batch 256, direct / Winograd
+// time (FASTSUPERNET_CPU_WINOGRAD=0 vs =all alternating in one process, best of 2 x 5).
+// F(4x4), AVX-512 (direct kernel 1.5-1.8x the AVX2 one): 32x32 planes 0.93-0.97x at 16, 1.14x
+// at 20, 1.19x at 24, 1.26x at 32; 16x16 0.96x at 12, 1.03-1.10x at 16, 1.17x at 20, 1.36x at
+// 32; 8x8 1.13x at 8, 1.25x at 12, 1.43x at 32, 1.51x at 64. F(4x4), AVX2 kernels on the same
+// CPU: 32x32 1.05x at 8, 1.33x at 12; 16x16 1.13x at 8, 1.53x at 12; 8x8 0.6x at 4, 1.25x at 8.
+// F(2x2), AVX2 (packed inputs: 32x32 and 16x16 planes 0.8x at width 8, 0.9-1.0x at 16, 1.2x
+// at 20, 1.4x at 32; 8x8 planes 1.3x at 8, 1.5-1.75x at 16..64); AVX-512: 32x32 planes 0.87x
+// at 20, 0.96x at 24, 0.97-1.0x at 28, 1.03-1.08x at 32, 1.15x at 36; 16x16 planes 0.96-0.98x
+// at 24..28, 1.02-1.07x at 32, 1.05-1.22x at 36; 8x8 planes 0.85x at 8, 0.94x at 12, 1.02x at
+// 16, 1.06x at 20, 1.13-1.19x at 24..32. The choice is per candidate, so a candidate's values
+// never depend on the others in the call.
+int64_t winograd_min_width(int64_t Wo, int tile, bool wide) {
   const char* env = std::getenv("FASTSUPERNET_CPU_WINOGRAD");
   if (env != nullptr && std::strcmp(env, "all") == 0) return 1;
+  if (tile == 4) return wide ? (Wo >= 32 ? 20 : Wo >= 16 ? 16 : 8) : 8;
   if (wide) return Wo <= 8 ? 20 : 36;
   return Wo <= 8 ? 8 : 20;
 }
@@ -241,6 +248,34 @@ bool winograd_shape(int64_t kh, int64_t kw, int64_t stride, int64_t padding, int
   const char* env = std::getenv("FASTSUPERNET_CPU_WINOGRAD");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   return use_avx2();
+}
+
+// The tile size of a Winograd-shaped layer: 4 (F(4x4, 3x3)) where its kernel takes the shape
+// (output width 8, 16 or 32, height a multiple of 4, unit column stride), else 2;
+// FASTSUPERNET_CPU_WINOGRAD_TILE=2 keeps F(2x2) everywhere.
+int winograd_tile(int64_t Ho, int64_t Wo, int64_t x_sW) {
+  const char* env = std::getenv("FASTSUPERNET_CPU_WINOGRAD_TILE");
+  if (env != nullptr && std::strcmp(env, "2") == 0) return 2;
+  return Ho % 4 == 0 && (Wo == 8 || Wo == 16 || Wo == 32) && x_sW == 1 ? 4 : 2;
+}
+
+// U = G g G^T of one 3x3 filter (any strides) for F(4x4), in float64, xi = 6 * (y index) + (x index).
+void winograd_filter4(const float* g, int64_t s2, int64_t s3, double u[36]) {
+  static constexpr double kG[6][3] = {{0.25, 0, 0},
+                                      {-1.0 / 6, -1.0 / 6, -1.0 / 6},
+                                      {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+                                      {1.0 / 24, 1.0 / 12, 1.0 / 6},
+                                      {1.0 / 24, -1.0 / 12, 1.0 / 6},
+                                      {0, 0, 1}};
+  double t[6][3];  // G g
+  for (int i = 0; i < 6; ++i) {
+    for (int c = 0; c < 3; ++c) {
+      t[i][c] = kG[i][0] * g[0 * s2 + c * s3] + kG[i][1] * g[1 * s2 + c * s3] + kG[i][2] * g[2 * s2 + c * s3];
+    }
+  }
+  for (int i = 0; i < 6; ++i) {
+    for (int k = 0; k < 6; ++k) u[6 * i + k] = t[i][0] * kG[k][0] + t[i][1] * kG[k][1] + t[i][2] * kG[k][2];
+  }
 }
 
 // U = G g G^T of one 3x3 filter (any strides), in float64, xi = 4 * (y index) + (x index).
@@ -283,6 +318,8 @@ void multi_conv2d_winograd(const at::Tensor& x, const at::Tensor& weight, at::In
   job.N = N;
   job.H = H;
   job.W = W;
+  job.tile = winograd_tile(H, W, x.stride(3));
+  const int nxi = (job.tile + 2) * (job.tile + 2);
 
   // Segments: runs of consecutive candidates with one input offset.
   std::vector<int64_t> seg_first, seg_c0, seg_width;
@@ -308,20 +345,25 @@ void multi_conv2d_winograd(const at::Tensor& x, const at::Tensor& weight, at::In
     in_w[i] = in_widths[cands[i]];
     out_w[i] = out_widths[cands[i]];
     row0[i] = row_start[cands[i]];
-    u_off[i + 1] = u_off[i] + 16 * div_up(out_w[i], conv::kWinogradRows) * conv::kWinogradRows * in_w[i];
+    u_off[i + 1] = u_off[i] + nxi * div_up(out_w[i], conv::kWinogradRows) * conv::kWinogradRows * in_w[i];
     job.max_out_w = std::max(job.max_out_w, out_w[i]);
   }
   std::vector<float> u(static_cast<size_t>(u_off[K]), 0.0f);
   {
     const float* w = weight.const_data_ptr<float>();
     const int64_t s0 = weight.stride(0), s1 = weight.stride(1), s2 = weight.stride(2), s3 = weight.stride(3);
-    double t[16];
+    double t[36];
     for (int64_t k = 0; k < K; ++k) {
       const int64_t blocks = div_up(out_w[k], conv::kWinogradRows);
       for (int64_t r = 0; r < out_w[k]; ++r) {
         for (int64_t c = 0; c < in_w[k]; ++c) {
-          winograd_filter(w + (row_offsets[cands[k]] + r) * s0 + c * s1, s2, s3, t);
-          for (int xi = 0; xi < 16; ++xi) {
+          const float* g = w + (row_offsets[cands[k]] + r) * s0 + c * s1;
+          if (job.tile == 4) {
+            winograd_filter4(g, s2, s3, t);
+          } else {
+            winograd_filter(g, s2, s3, t);
+          }
+          for (int xi = 0; xi < nxi; ++xi) {
             const int64_t rb = r / conv::kWinogradRows, ri = r % conv::kWinogradRows;
             u[u_off[k] + ((xi * blocks + rb) * in_w[k] + c) * conv::kWinogradRows + ri] = static_cast<float>(t[xi]);
           }
@@ -347,8 +389,8 @@ void multi_conv2d_winograd(const at::Tensor& x, const at::Tensor& weight, at::In
   // Chunks: at most as many images as keep the transformed input within kWinogradChunkBytes
   // (rounded down to whole groups of 24 tiles, the register tile, where that leaves one), and
   // a multiple of the thread count of them, evened out. The chunking changes no value.
-  const int64_t tiles = (H / 2) * (W / 2);
-  const int64_t per_image = 16 * job.max_seg_width * tiles * static_cast<int64_t>(sizeof(float));
+  const int64_t tiles = (H / job.tile) * (W / job.tile);
+  const int64_t per_image = nxi * job.max_seg_width * tiles * static_cast<int64_t>(sizeof(float));
   int64_t ipc = std::max<int64_t>(1, std::min<int64_t>(N, kWinogradChunkBytes / per_image));
   for (int64_t i = ipc; i >= 1; --i) {
     if (i * tiles % 24 == 0) {
@@ -360,16 +402,17 @@ void multi_conv2d_winograd(const at::Tensor& x, const at::Tensor& weight, at::In
   const int64_t chunks = div_up(div_up(N, ipc), threads) * threads;
   job.images_per_chunk = div_up(N, std::min(chunks, N));
   job.num_chunks = div_up(N, job.images_per_chunk);
-  std::vector<int64_t> quad_off(static_cast<size_t>(job.images_per_chunk * tiles / 4));
+  const int64_t t = job.tile, per_block = 8 / t;  // tiles per block of 8 x t output pixels
+  std::vector<int64_t> block_off(static_cast<size_t>(job.images_per_chunk * tiles / per_block));
   {
-    int64_t qi = 0;
+    int64_t bi = 0;
     for (int64_t nl = 0; nl < job.images_per_chunk; ++nl) {
-      for (int64_t ty = 0; ty < H / 2; ++ty) {
-        for (int64_t tx = 0; tx < W / 2; tx += 4) quad_off[qi++] = nl * M * H * W + 2 * ty * W + 2 * tx;
+      for (int64_t ty = 0; ty < H / t; ++ty) {
+        for (int64_t tx = 0; tx < W / t; tx += per_block) block_off[bi++] = nl * M * H * W + t * ty * W + t * tx;
       }
     }
   }
-  job.quad_off = quad_off.data();
+  job.block_off = block_off.data();
   job.part_sum = part_sum;
   job.part_sq = part_sq;
   job.wide = use_avx512();
@@ -382,7 +425,7 @@ void multi_conv2d_winograd(const at::Tensor& x, const at::Tensor& weight, at::In
     conv::winograd_run_avx2(job, begin, end, scratch.data(), lanes.data());
   };
   int64_t macs = 0;
-  for (int64_t k = 0; k < K; ++k) macs += out_w[k] * in_w[k] * 16 * tiles * N;
+  for (int64_t k = 0; k < K; ++k) macs += out_w[k] * in_w[k] * nxi * tiles * N;
   if (macs < kParallelMinMacs || job.num_chunks == 1) {
     body(0, job.num_chunks);
   } else {
@@ -627,7 +670,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_impl(
     if (winograd_shape(kh, kw, stride, padding, Ho, Wo)) {
       std::vector<char> wino(static_cast<size_t>(K), 0);
       bool any = false;
-      const int64_t least = winograd_min_width(Wo, use_avx512());
+      const int64_t least = winograd_min_width(Wo, winograd_tile(Ho, Wo, x.stride(3)), use_avx512());
       for (int64_t k = 0; k < K; ++k) {
         wino[k] = in_widths[k] >= least;
         direct_cand[k] = !wino[k];
@@ -759,15 +802,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sliced_conv2d_cpu(
 // FASTSUPERNET_CPU_KERNEL forces): "avx512", "avx2" or "generic".
 std::string cpu_conv_isa() { return use_avx512() ? "avx512" : use_avx2() ? "avx2" : "generic"; }
 
-// The least input width from which a candidate of a Winograd-shaped float32 layer (3x3, stride
-// 1, padding 1, even height) with this output width runs Winograd, or -1 where it never does.
-int64_t cpu_winograd_min_width(int64_t out_width) {
-  return winograd_shape(3, 3, 1, 1, 2, out_width) ? winograd_min_width(out_width, use_avx512()) : -1;
+// The Winograd tile (2 or 4) of a float32 3x3 stride-1 padding-1 layer with this output size
+// and an NCHW-contiguous input, or 0 where it never runs Winograd.
+int64_t cpu_winograd_tile(int64_t out_height, int64_t out_width) {
+  return winograd_shape(3, 3, 1, 1, out_height, out_width) ? winograd_tile(out_height, out_width, 1) : 0;
+}
+
+// The least input width from which a candidate of that layer runs Winograd, or -1 where it never does.
+int64_t cpu_winograd_min_width(int64_t out_height, int64_t out_width) {
+  const int tile = static_cast<int>(cpu_winograd_tile(out_height, out_width));
+  return tile != 0 ? winograd_min_width(out_width, tile, use_avx512()) : -1;
 }
 
 TORCH_LIBRARY_FRAGMENT(fastsupernet, m) {
   m.def("_cpu_conv_isa() -> str", &cpu_conv_isa);
-  m.def("_cpu_winograd_min_width(int out_width) -> int", &cpu_winograd_min_width);
+  m.def("_cpu_winograd_tile(int out_height, int out_width) -> int", &cpu_winograd_tile);
+  m.def("_cpu_winograd_min_width(int out_height, int out_width) -> int", &cpu_winograd_min_width);
 }
 
 TORCH_LIBRARY_IMPL(fastsupernet, CPU, m) {

@@ -1,10 +1,12 @@
-// Winograd F(2x2, 3x3) kernel of fastsupernet::multi_conv2d (float32, AVX2 + FMA).
+// Winograd kernels of fastsupernet::multi_conv2d (float32, AVX2 + FMA): F(2x2, 3x3) and
+// F(4x4, 3x3).
 //
-// For a 3x3 stride-1 convolution with padding 1, each 2x2 output tile is
+// For a 3x3 stride-1 convolution with padding 1, each t x t output tile is
 //   Y = A^T [ sum_c (G g_c G^T) . (B^T d_c B) ] A
-// with d_c the 4x4 input patch of channel c, g_c the 3x3 filter, . the elementwise product:
-// 16 multiply-adds per channel per tile instead of 36 (2.25x fewer). Per chunk of images and
-// segment (candidates reading one input slice):
+// with d_c the (t+2) x (t+2) input patch of channel c, g_c the 3x3 filter, . the elementwise
+// product: (t+2)^2 multiply-adds per channel per tile instead of 9 t^2 (F(2x2): 16 for 36,
+// 2.25x fewer; F(4x4): 36 for 144, 4x fewer). Per chunk of images and segment (candidates
+// reading one input slice):
 //  1. the segment's channels are transformed once (V = B^T d B), stored as
 //     V[xi][channel][tile], tiles contiguous (the chunk is sized so that V stays in L2);
 //  2. per candidate and group of up to 48 tiles (24 without AVX-512), for each xi, the GEMM of
@@ -17,11 +19,20 @@
 // depends on the widest segment of the call) nor the thread count changes them; the output
 // values of a candidate do not depend on the other candidates of the call either.
 //
-// Rounding (u = 2^-24): V values take 3 roundings, U one (computed in float64), the GEMM one
-// FMA chain of in_width steps, the output transform 4 additions: the conv value before the
-// epilogue is within (in_width + 8) u A_w (1 + O(u)) of the exact one, where A_w is the same
-// algorithm run on absolute values (|A^T| [sum_c (|G| |g_c| |G^T|) . (|B^T| |d_c| |B|)] |A|).
-// tests/test_conv_winograd.py checks this bound per element.
+// Matrices. F(2x2): B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], G = [1 0 0; .5 .5 .5;
+// .5 -.5 .5; 0 0 1], A^T = [1 1 1 0; 0 1 -1 -1]. F(4x4) (points 0, +-1, +-2):
+// B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1],
+// G = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1],
+// A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1].
+//
+// Rounding (u = 2^-24): F(2x2): V values take 3 roundings, U one (computed in float64), the
+// GEMM one FMA chain of in_width steps, the output transform 4 additions: the conv value
+// before the epilogue is within (in_width + 8) u A_w (1 + O(u)) of the exact one, where A_w is
+// the same algorithm run on absolute values (|A^T| [sum_c (|G| |g_c| |G^T|) . (|B^T| |d_c|
+// |B|)] |A|). F(4x4): V 4 roundings (2 per direction), U one, the GEMM in_width, the output
+// transform 6 (3 per direction): within (in_width + 11) u A_w. A_w is larger for F(4x4) (the
+// matrices' entries reach 5 and 8): its errors are larger than F(2x2)'s, as in every
+// implementation of it. tests/test_conv_winograd.py checks both bounds per element.
 
 #include "cpu/conv_winograd.h"
 
@@ -44,32 +55,42 @@ namespace fastsupernet {
 namespace conv {
 namespace {
 
-constexpr int kXi = 16;        // transformed values per tile
 constexpr int kRowsW = kWinogradRows;  // output rows per register tile
 constexpr int kVecsW = 6;      // vectors of 8 tiles per group on 512-bit registers
 constexpr int kGroup = 8 * kVecsW;  // (256-bit: groups of 3 vectors, the register tile, as tuned on AVX2)
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+inline int xi_count(const WinogradJob& j) { return (j.tile + 2) * (j.tile + 2); }
+
 struct Scratch {
-  float* v;     // [kXi][seg_width][pp]
-  float* mb;    // [kXi][rows, padded to 4][kGroup]
-  float* rows;  // 16 arrays of tw + 16 values: even/odd columns of 4 patch rows, then their transforms
-  int64_t mb_stride;  // floats per xi in mb
+  float* v;     // [xi][seg_width][pp]
+  float* mb;    // [xi][rows, padded to 4][kGroup]
+  float* rows;  // F(2x2): 16 arrays of tw + 16 values: even/odd columns of 4 patch rows, then their transforms
+  int64_t* pair_base;  // F(4x4): per pair of tiles of a chunk, the offset of its patch's first row in x
+  int64_t* pair_ty;    //   and its tile row
+  int64_t mb_stride;   // floats per xi in mb
 };
 
 // Row stride of V for `used` tiles: whole vectors plus one, so that rows (and the 16 xi
 // planes) are not a power of two apart, which would map them to a few L1 sets.
 inline int64_t row_stride(int64_t used) { return round_up(used, 8) + 8; }
 
-int64_t max_pp(const WinogradJob& j) { return row_stride(j.images_per_chunk * (j.H / 2) * (j.W / 2)); }
+inline int64_t tiles_per_image(const WinogradJob& j) { return (j.H / j.tile) * (j.W / j.tile); }
+
+int64_t max_pp(const WinogradJob& j) { return row_stride(j.images_per_chunk * tiles_per_image(j)); }
+
+int64_t rows_floats(const WinogradJob& j) { return 16 * (j.W / 2 + 16); }
 
 Scratch carve(const WinogradJob& j, float* base) {
   Scratch s;
   s.mb_stride = round_up(j.max_out_w, kRowsW) * kGroup;
   s.v = base;
-  s.mb = s.v + kXi * j.max_seg_width * max_pp(j);
-  s.rows = s.mb + kXi * s.mb_stride;
+  s.mb = s.v + xi_count(j) * j.max_seg_width * max_pp(j);
+  s.rows = s.mb + xi_count(j) * s.mb_stride;
+  // 8-byte aligned: the scratch is a float array from the heap (16-byte aligned)
+  s.pair_base = reinterpret_cast<int64_t*>(s.rows + round_up(rows_floats(j), 2));
+  s.pair_ty = s.pair_base + max_pp(j) / 2;
   return s;
 }
 
@@ -144,7 +165,7 @@ FSN_TARGET void transform_input(const WinogradJob& j, int64_t c0, int64_t width,
       }
     }
   }
-  zero_tail(s.v, kXi * width, pp, nb * tiles);
+  zero_tail(s.v, 16 * width, pp, nb * tiles);
 }
 
 // (e[0..8), o[0..8)) = even and odd lanes of the 16 values (a, b).
@@ -257,7 +278,107 @@ FSN_TARGET void transform_input_rows(const WinogradJob& j, int64_t c0, int64_t w
       }
     }
   }
-  zero_tail(s.v, kXi * width, pp, nb * tiles);
+  zero_tail(s.v, 16 * width, pp, nb * tiles);
+}
+
+// --- F(4x4, 3x3) ---------------------------------------------------------------------------
+
+// t = B^T d for F(4x4) on six vectors (2 roundings on every path).
+FSN_TARGET FSN_INLINE void bt6(const __m256* d, __m256* t) {
+  const __m256 two = _mm256_set1_ps(2.0f), four = _mm256_set1_ps(4.0f), five = _mm256_set1_ps(5.0f);
+  t[0] = _mm256_fmadd_ps(four, d[0], _mm256_fnmadd_ps(five, d[2], d[4]));
+  const __m256 s12 = _mm256_add_ps(d[1], d[2]), s34 = _mm256_add_ps(d[3], d[4]);
+  t[1] = _mm256_fnmadd_ps(four, s12, s34);
+  const __m256 d12 = _mm256_sub_ps(d[1], d[2]), d43 = _mm256_sub_ps(d[4], d[3]);
+  t[2] = _mm256_fmadd_ps(four, d12, d43);
+  const __m256 d31 = _mm256_sub_ps(d[3], d[1]), d42 = _mm256_sub_ps(d[4], d[2]);
+  t[3] = _mm256_fmadd_ps(two, d31, d42);
+  t[4] = _mm256_fnmadd_ps(two, d31, d42);
+  t[5] = _mm256_fmadd_ps(four, d[1], _mm256_fnmadd_ps(five, d[3], d[5]));
+}
+
+// y = A^T m for F(4x4) on six vectors (3 roundings on every path).
+FSN_TARGET FSN_INLINE void at6(const __m256* m, __m256* y) {
+  const __m256 a = _mm256_add_ps(m[1], m[2]), b = _mm256_sub_ps(m[1], m[2]);
+  const __m256 c = _mm256_add_ps(m[3], m[4]), d = _mm256_sub_ps(m[3], m[4]);
+  y[0] = _mm256_add_ps(_mm256_add_ps(m[0], a), c);
+  y[1] = _mm256_fmadd_ps(_mm256_set1_ps(2.0f), d, b);
+  y[2] = _mm256_fmadd_ps(_mm256_set1_ps(4.0f), c, a);
+  y[3] = _mm256_add_ps(_mm256_fmadd_ps(_mm256_set1_ps(8.0f), d, b), m[5]);
+}
+
+// Lane of tile g (0..7) of a group: even tiles in lanes 0-3, odd ones in 4-7.
+constexpr int lane4(int g) { return g / 2 + 4 * (g % 2); }
+
+// The per-chunk table of tile pairs: pair i = tiles 2i, 2i+1 (one tile row: W/4 is even).
+void pair_table(const WinogradJob& j, int64_t n0, int64_t used, const Scratch& s) {
+  const int64_t tw = j.W / 4, tiles = tiles_per_image(j);
+  for (int64_t i = 0; i < used / 2; ++i) {
+    const int64_t p = 2 * i, n = p / tiles, ty = (p % tiles) / tw, tx = p % tw;
+    s.pair_base[i] = (n0 + n) * j.x_sN + (4 * ty - 1) * j.x_sH + 4 * tx;
+    s.pair_ty[i] = ty;
+  }
+}
+
+// V = B^T d B of every tile of the chunk (pair_table filled), channels [c0, c0 + width), for
+// W = 8, 16 or 32 (a group of 8 tiles is 8 / (W/4) whole tile rows) and x_sW == 1. Per group
+// and channel: B^T along y on the pairs' 8 input columns (patch rows outside the image are
+// zero), then a 4x4 transpose per patch row gives the vectors of input columns 4tx .. 4tx+3
+// over the 8 tiles; columns 4tx-1 and 4tx+4 are the neighbouring tile's (zero at the row ends).
+FSN_TARGET void transform_input_f4(const WinogradJob& j, int64_t c0, int64_t width, int64_t used, int64_t pp,
+                                   const Scratch& s) {
+  const int64_t th = j.H / 4, tw = j.W / 4, plane = width * pp, groups = (used + 7) / 8;
+  alignas(32) int prev_idx[8], next_idx[8], prev_keep[8], next_keep[8];
+  for (int g = 0; g < 8; ++g) {
+    prev_idx[lane4(g)] = lane4(g > 0 ? g - 1 : 0);
+    next_idx[lane4(g)] = lane4(g < 7 ? g + 1 : 7);
+    prev_keep[lane4(g)] = g % tw != 0 ? -1 : 0;
+    next_keep[lane4(g)] = g % tw != tw - 1 ? -1 : 0;
+  }
+  const __m256i pidx = _mm256_load_si256(reinterpret_cast<const __m256i*>(prev_idx));
+  const __m256i nidx = _mm256_load_si256(reinterpret_cast<const __m256i*>(next_idx));
+  const __m256 pkeep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(prev_keep)));
+  const __m256 nkeep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(next_keep)));
+  const __m256 zero = _mm256_setzero_ps();
+  alignas(32) float tb[6][4][8];  // B^T along y: [patch row][pair][8 columns]
+  for (int64_t c = 0; c < width; ++c) {
+    const float* xc = j.x + (c0 + c) * j.x_sC;
+    float* vc = s.v + c * pp;
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int q = 0; q < 4; ++q) {
+        const int64_t pi = 4 * g + q;
+        __m256 d[6], t[6];
+        if (2 * pi >= used) {
+          for (int py = 0; py < 6; ++py) d[py] = zero;
+        } else {
+          const float* base = xc + s.pair_base[pi];
+          const int64_t ty = s.pair_ty[pi];
+          for (int py = 0; py < 6; ++py) {
+            const bool outside = (py == 0 && ty == 0) || (py == 5 && ty == th - 1);
+            d[py] = outside ? zero : _mm256_loadu_ps(base + py * j.x_sH);
+          }
+        }
+        bt6(d, t);
+        for (int iy = 0; iy < 6; ++iy) _mm256_store_ps(tb[iy][q], t[iy]);
+      }
+      for (int iy = 0; iy < 6; ++iy) {
+        const __m256 a = _mm256_load_ps(tb[iy][0]), b = _mm256_load_ps(tb[iy][1]);
+        const __m256 cc = _mm256_load_ps(tb[iy][2]), dd = _mm256_load_ps(tb[iy][3]);
+        const __m256 u0 = _mm256_unpacklo_ps(a, b), u1 = _mm256_unpacklo_ps(cc, dd);
+        const __m256 u2 = _mm256_unpackhi_ps(a, b), u3 = _mm256_unpackhi_ps(cc, dd);
+        __m256 p[6], o[6];
+        p[1] = _mm256_shuffle_ps(u0, u1, _MM_SHUFFLE(1, 0, 1, 0));  // column 4tx
+        p[2] = _mm256_shuffle_ps(u0, u1, _MM_SHUFFLE(3, 2, 3, 2));
+        p[3] = _mm256_shuffle_ps(u2, u3, _MM_SHUFFLE(1, 0, 1, 0));
+        p[4] = _mm256_shuffle_ps(u2, u3, _MM_SHUFFLE(3, 2, 3, 2));  // column 4tx + 3
+        p[0] = _mm256_and_ps(_mm256_permutevar8x32_ps(p[4], pidx), pkeep);
+        p[5] = _mm256_and_ps(_mm256_permutevar8x32_ps(p[1], nidx), nkeep);
+        bt6(p, o);
+        for (int ix = 0; ix < 6; ++ix) _mm256_storeu_ps(vc + (6 * iy + ix) * plane + 8 * g, o[ix]);
+      }
+    }
+  }
+  zero_tail(s.v, 36 * width, pp, groups * 8);
 }
 
 // mb[r][v*8 ..] = sum_c ub[c][r] * vb[c][v*8 ..], r < 4, v < NV (mb rows kGroup apart).
@@ -388,10 +509,63 @@ FSN_TARGET void output_group(const WinogradJob& j, const float* __restrict mb, i
       for (int h = 0; h < 2; ++h) {
         const int64_t t = p + 4 * h;
         if (t >= tiles_used) break;
-        const int64_t off = j.quad_off[t / 4];
+        const int64_t off = j.block_off[t / 4];
         double* l = lanes != nullptr ? lanes + ((t / tiles) * rows + r) * 8 : nullptr;
         emit(e, out_row + off, res_row != nullptr ? res_row + off : nullptr, top[h], l);
         emit(e, out_row + off + j.W, res_row != nullptr ? res_row + off + j.W : nullptr, bot[h], l);
+      }
+    }
+  }
+}
+
+// output_group for F(4x4): the same job on groups of 8 tiles in lane4 order; statistics and
+// stores per pair of tiles (8 contiguous pixels in each of 4 rows), rows of a pair in order.
+template <int NV>
+FSN_TARGET void output_group_f4(const WinogradJob& j, const float* __restrict mb, int64_t mb_stride, int64_t rows,
+                                int64_t row, int64_t p0, int64_t tiles_used, float* chunk_out, double* lanes) {
+  const int64_t hw = j.H * j.W, tiles = tiles_per_image(j);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t orow = row + r;
+    RowEpilogue e;
+    e.has_scale = j.scale != nullptr;
+    e.has_shift = j.shift != nullptr;
+    e.sc = _mm256_set1_ps(e.has_scale ? j.scale[orow] : 1.0f);
+    e.sh = _mm256_set1_ps(e.has_shift ? j.shift[orow] : 0.0f);
+    e.sl = _mm256_set1_ps(j.slope != nullptr ? j.slope[orow] : 0.0f);
+    e.act = j.activation;
+    float* out_row = chunk_out + orow * hw;
+    const float* res_row = j.residual != nullptr ? j.residual + (chunk_out - j.out) + orow * hw : nullptr;
+    for (int v = 0; v < NV; ++v) {
+      const int64_t p = p0 + 8 * v;
+      if (p >= tiles_used) break;
+      const float* m = mb + r * kGroup + 8 * v;
+      __m256 sy[4][6];  // A^T along y: [output row in tile][x index]
+      for (int ix = 0; ix < 6; ++ix) {
+        __m256 col[6], y[4];
+        for (int iy = 0; iy < 6; ++iy) col[iy] = _mm256_loadu_ps(m + (6 * iy + ix) * mb_stride);
+        at6(col, y);
+        for (int yr = 0; yr < 4; ++yr) sy[yr][ix] = y[yr];
+      }
+      __m256 runs[4][4];  // [output row in tile][pair]: 8 contiguous pixels
+      for (int yr = 0; yr < 4; ++yr) {
+        __m256 y[4];
+        at6(sy[yr], y);
+        const __m256 v0 = _mm256_unpacklo_ps(y[0], y[1]), v1 = _mm256_unpacklo_ps(y[2], y[3]);
+        const __m256 v2 = _mm256_unpackhi_ps(y[0], y[1]), v3 = _mm256_unpackhi_ps(y[2], y[3]);
+        runs[yr][0] = _mm256_shuffle_ps(v0, v1, _MM_SHUFFLE(1, 0, 1, 0));
+        runs[yr][1] = _mm256_shuffle_ps(v0, v1, _MM_SHUFFLE(3, 2, 3, 2));
+        runs[yr][2] = _mm256_shuffle_ps(v2, v3, _MM_SHUFFLE(1, 0, 1, 0));
+        runs[yr][3] = _mm256_shuffle_ps(v2, v3, _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      for (int q = 0; q < 4; ++q) {
+        const int64_t t = p + 2 * q;
+        if (t >= tiles_used) break;
+        const int64_t off = j.block_off[t / 2];
+        double* l = lanes != nullptr ? lanes + ((t / tiles) * rows + r) * 8 : nullptr;
+        for (int yr = 0; yr < 4; ++yr) {
+          const int64_t o = off + yr * j.W;
+          emit(e, out_row + o, res_row != nullptr ? res_row + o : nullptr, runs[yr][q], l);
+        }
       }
     }
   }
@@ -407,15 +581,16 @@ FSN_TARGET void run_group(const WinogradJob& j, int64_t k, const float* v, int64
   if (j.residual != nullptr) {  // the lines output_group reads, while the GEMMs run (1.1x at 16x16)
     const int64_t hw = j.H * j.W;
     const float* res = j.residual + (chunk_out - j.out) + j.row0[k] * hw;
+    const int64_t per_block = 8 / j.tile;
     for (int64_t r = 0; r < j.out_w[k]; ++r) {
-      for (int64_t t = p0; t < std::min(p0 + 8 * NV, tiles_used); t += 4) {
-        const int64_t off = j.quad_off[t / 4];
-        __builtin_prefetch(res + r * hw + off, 0, 3);
-        __builtin_prefetch(res + r * hw + off + j.W, 0, 3);
+      for (int64_t t = p0; t < std::min(p0 + 8 * NV, tiles_used); t += per_block) {
+        const int64_t off = j.block_off[t / per_block];
+        for (int i = 0; i < j.tile; ++i) __builtin_prefetch(res + r * hw + off + i * j.W, 0, 3);
       }
     }
   }
-  for (int xi = 0; xi < kXi; ++xi) {
+  const int nxi = xi_count(j);
+  for (int xi = 0; xi < nxi; ++xi) {
     const float* vb = v + xi * width * pp + p0;
     for (int64_t rb = 0; rb < blocks; ++rb) {
       const float* ub = uk + (xi * blocks + rb) * depth * kRowsW;
@@ -427,19 +602,24 @@ FSN_TARGET void run_group(const WinogradJob& j, int64_t k, const float* v, int64
       }
     }
   }
-  output_group<NV>(j, s.mb, s.mb_stride, j.out_w[k], j.row0[k], p0, tiles_used, chunk_out, lanes);
+  if (j.tile == 4) {
+    output_group_f4<NV>(j, s.mb, s.mb_stride, j.out_w[k], j.row0[k], p0, tiles_used, chunk_out, lanes);
+  } else {
+    output_group<NV>(j, s.mb, s.mb_stride, j.out_w[k], j.row0[k], p0, tiles_used, chunk_out, lanes);
+  }
 }
 
 }  // namespace
 
 int64_t winograd_scratch_floats(const WinogradJob& j) {
-  return kXi * j.max_seg_width * max_pp(j) + kXi * round_up(j.max_out_w, kRowsW) * kGroup + 16 * (j.W / 2 + 16);
+  return xi_count(j) * (j.max_seg_width * max_pp(j) + round_up(j.max_out_w, kRowsW) * kGroup) +
+         round_up(rows_floats(j), 2) + 2 * max_pp(j) + 8;
 }
 
 int64_t winograd_lane_doubles(const WinogradJob& j) { return j.images_per_chunk * j.max_out_w * 8; }
 
 bool winograd_run_avx2(const WinogradJob& j, int64_t begin, int64_t end, float* scratch, double* lanes) {
-  const int64_t tiles = (j.H / 2) * (j.W / 2);
+  const int64_t tiles = tiles_per_image(j);
   const Scratch s = carve(j, scratch);
   const bool stats = j.part_sum != nullptr;
   for (int64_t chunk = begin; chunk < end; ++chunk) {
@@ -449,7 +629,10 @@ bool winograd_run_avx2(const WinogradJob& j, int64_t begin, int64_t end, float* 
     float* chunk_out = j.out + n0 * j.M * j.H * j.W;
     for (int64_t sg = 0; sg < j.num_segments; ++sg) {
       const int64_t width = j.seg_width[sg];
-      if (j.x_sW == 1 && (j.W == 8 || j.W % 16 == 0)) {
+      if (j.tile == 4) {
+        if (sg == 0) pair_table(j, n0, used, s);
+        transform_input_f4(j, j.seg_c0[sg], width, used, pp, s);
+      } else if (j.x_sW == 1 && (j.W == 8 || j.W % 16 == 0)) {
         transform_input_rows(j, j.seg_c0[sg], width, n0, nb, pp, s);
       } else {
         transform_input(j, j.seg_c0[sg], width, n0, nb, pp, s);

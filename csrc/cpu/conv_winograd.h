@@ -1,12 +1,16 @@
-// Plan of the Winograd F(2x2, 3x3) path of fastsupernet::multi_conv2d on CPU (float32,
-// AVX2 + FMA), shared by the host code (conv.cpp) and the kernel (conv_winograd.cpp).
+// Plan of the Winograd paths of fastsupernet::multi_conv2d on CPU (float32, AVX2 + FMA),
+// F(2x2, 3x3) and F(4x4, 3x3), shared by the host code (conv.cpp) and the kernel
+// (conv_winograd.cpp).
 //
-// Plain C++ (no torch), like conv_plan.h. Vocabulary:
-//   tile   2x2 output pixels, computed from a 4x4 input patch; an image has (H/2) x (W/2)
-//   xi     one of the 16 positions of the transformed 4x4 tile, xi = 4 * (y index) + (x index)
-//   quad   4 consecutive tiles of one tile row: 8 contiguous output pixels in each of 2 rows
+// Plain C++ (no torch), like conv_plan.h. Vocabulary (t = the tile size, 2 or 4):
+//   tile   t x t output pixels, computed from a (t+2) x (t+2) input patch; an image has
+//          (H/t) x (W/t)
+//   xi     one of the (t+2)^2 positions of a transformed tile, xi = (t+2) * (y index) + (x index)
+//   block  8/t consecutive tiles of one tile row: 8 contiguous output pixels in each of t rows
 //   chunk  a fixed number of consecutive images, one unit of parallel work; its tiles are
-//          numbered image-major, row-major (p = image * tiles_per_image + ty * W/2 + tx)
+//          numbered image-major, row-major (p = image * tiles_per_image + ty * W/t + tx); with
+//          t = 4 the 8 tiles of each group of 8 sit in the lanes of a vector in the order
+//          0 2 4 6 1 3 5 7 (what the input transform's transposes produce)
 #pragma once
 
 #include <cstdint>
@@ -18,6 +22,9 @@ namespace conv {
 constexpr int kWinogradRows = 4;
 
 struct WinogradJob {
+  // Tile size: 2, or 4 (then W is 8, 16 or 32, H a multiple of 4 and x_sW == 1).
+  int tile = 2;
+
   // Input: x (any strides), N images of H x W (= the output size: 3x3, stride 1, padding 1).
   const float* x = nullptr;
   int64_t x_sN = 0, x_sC = 0, x_sH = 0, x_sW = 0;
@@ -52,11 +59,11 @@ struct WinogradJob {
   const float* slope = nullptr;
   int activation = 0;
 
-  // Chunks of images_per_chunk images (the last may have fewer); quad_off[q] = offset of
-  // quad q of a chunk (image-local row 0) from the chunk's first output value.
+  // Chunks of images_per_chunk images (the last may have fewer); block_off[b] = offset of
+  // block b of a chunk (its first pixel, in an output plane) from the chunk's first output value.
   int64_t images_per_chunk = 0;
   int64_t num_chunks = 0;
-  const int64_t* quad_off = nullptr;
+  const int64_t* block_off = nullptr;
 
   // Statistics: float64 sums per (image, row), part_sum[n * M + row], or nullptr. Each is
   // accumulated in 4 lanes over the image's output vectors in a fixed order and then summed,
