@@ -455,7 +455,8 @@ GEOMETRIES = [  # N, C, H, W, k, stride, padding
     (2, 3, 5, 5, 3, 1, 1), (2, 3, 5, 5, 3, 2, 1), (1, 4, 8, 8, 1, 1, 0), (1, 4, 8, 8, 1, 2, 0),
     (2, 5, 7, 9, 3, 2, 1), (1, 2, 16, 16, 3, 2, 1), (1, 2, 9, 16, 1, 1, 0), (3, 2, 1, 1, 1, 1, 0),
     (1, 3, 7, 7, 3, 1, 2), (1, 2, 6, 6, 5, 3, 2),
-    # float32 ones take the Winograd path (3x3, stride 1, W % 8 == 0, even H, width 20)
+    # float32 ones take the Winograd path (3x3, stride 1, W % 8 == 0, even H, width 20):
+    # F(4x4) for 8x8 and 4x16, F(2x2) for 6x24
     (1, 20, 8, 8, 3, 1, 1), (1, 20, 6, 24, 3, 1, 1), (2, 20, 4, 16, 3, 1, 1),
 ]
 count = 0
@@ -472,12 +473,15 @@ for dtype, (N, C, H, W, k, s, p), at_end in itertools.product(
         x, w, [0, C - 1], [C, 1], [4, 2], [0, 1], s, p, None, None, res, "relu", None, True)
     ref = torch.cat([F.conv2d(x, w, stride=s, padding=p),
                      F.conv2d(x[:, C - 1:], w[1:3, :1], stride=s, padding=p)], 1)
-    torch.testing.assert_close(out, torch.relu(ref + res), rtol=1e-4, atol=1e-4)
+    # unnormalised weights: outputs up to ~15, where float32 Winograd F(4x4) errs by ~1e-4
+    # (its error bound is tests/test_conv_winograd.py's; this test is about the reads)
+    tol = 1e-3 if dtype == torch.float32 else 1e-4
+    torch.testing.assert_close(out, torch.relu(ref + res), rtol=1e-4, atol=tol)
     xcl = guarded((N, H, W, C), dtype, at_end)  # channels_last storage
     xcl.copy_(x.permute(0, 2, 3, 1))
     out, _, _ = torch.ops.fastsupernet.sliced_conv2d(
         xcl.permute(0, 3, 1, 2), w, 4, 0, s, p, None, None, None, "none", None, False)
-    torch.testing.assert_close(out, F.conv2d(x, w, stride=s, padding=p), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, F.conv2d(x, w, stride=s, padding=p), rtol=1e-4, atol=tol)
     count += 1
 print("ok", count)
 '''
