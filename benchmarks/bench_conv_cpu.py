@@ -193,7 +193,8 @@ def test_sliced(benchmark, name, impl):
     fn = peer if impl == "peer" else ours
     out = benchmark.pedantic(fn, rounds=10, iterations=1, warmup_rounds=1)
     if impl != "peer":
-        torch.testing.assert_close(out, peer(), rtol=1e-4, atol=1e-4)
+        want = peer()  # Winograd F(4x4) errs by ~1e-5 of the output's scale in float32
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=2e-5 * float(want.abs().max()))
 
 
 # forward + backward (training): gradients of x, the packed weight and the BN's gamma and beta

@@ -247,10 +247,10 @@ def test_layouts_and_weight_views(layout):
 
 @pytest.mark.parametrize("tile", ["auto", "2"])
 def test_several_chunks_and_a_partial_last_one(tile):
-    """8x8 images with 16 channels: at most 15 (F(2x2)) or 24 (F(4x4)) images per chunk (256 KiB
-    of transformed input, whole groups of 24 tiles), so 70 images make at least 3 chunks, the
-    last one partial."""
-    case = WCase(N=70, H=8, W=8, in_offsets=[0, 0], in_widths=[16, 16], out_widths=[3, 2], row_offsets=[0, 5],
+    """8x8 images with 16 channels: a chunk holds at most 256 KiB to 1 MiB of transformed input
+    (a quarter of the L2), 9 KiB (F(4x4)) or 16 KiB (F(2x2)) per image, so 151 images make at
+    least 2 chunks, the last one shorter (151 is odd)."""
+    case = WCase(N=151, H=8, W=8, in_offsets=[0, 0], in_widths=[16, 16], out_widths=[3, 2], row_offsets=[0, 5],
                  seed=7, force_tile=None if tile == "auto" else tile)
     _check_against_direct(case)
 

@@ -107,6 +107,7 @@
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 namespace fastsupernet {
@@ -220,7 +221,19 @@ void run_job(const ConvJob<T>& job, int64_t items, int64_t max_width, int64_t ma
 // Winograd F(2x2, 3x3) (conv_winograd.cpp): 3x3, stride 1, padding 1, float32, AVX2, output
 // width a multiple of 8 and even height; FASTSUPERNET_CPU_WINOGRAD=0 (read at every call)
 // or FASTSUPERNET_CPU_KERNEL=generic turn it off, =all lifts the width threshold.
-constexpr int64_t kWinogradChunkBytes = 256 * 1024;  // transformed input of one chunk: half a 512 KiB L2
+// Transformed input of one chunk: a quarter of the core's L2, 256 KiB to 1 MiB (256 KiB, half
+// the L2, was best on a 512 KiB-L2 AMD EPYC; on a 2 MiB-L2 Xeon, K = 32 candidates at 8x8, 512
+// KiB chunks ran 1.08-1.1x faster than 256 KiB ones, 1 MiB ones in between; 16x16 unchanged).
+int64_t winograd_chunk_bytes() {
+  static const int64_t bytes = [] {
+    int64_t l2 = 0;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    l2 = static_cast<int64_t>(sysconf(_SC_LEVEL2_CACHE_SIZE));
+#endif
+    return std::min<int64_t>(std::max<int64_t>(l2 / 4, 256 * 1024), 1024 * 1024);
+  }();
+  return bytes;
+}
 
 // Candidates narrower than this keep the direct kernel: there the transforms cost about what
 // they save. Measured one candidate at a time, in = out width, batch 256, direct / Winograd
@@ -386,12 +399,12 @@ void multi_conv2d_winograd(const at::Tensor& x, const at::Tensor& weight, at::In
   job.activation = activation;
   job.slope = slope.empty() ? nullptr : slope.data();
 
-  // Chunks: at most as many images as keep the transformed input within kWinogradChunkBytes
+  // Chunks: at most as many images as keep the transformed input within winograd_chunk_bytes()
   // (rounded down to whole groups of 24 tiles, the register tile, where that leaves one), and
   // a multiple of the thread count of them, evened out. The chunking changes no value.
   const int64_t tiles = (H / job.tile) * (W / job.tile);
   const int64_t per_image = nxi * job.max_seg_width * tiles * static_cast<int64_t>(sizeof(float));
-  int64_t ipc = std::max<int64_t>(1, std::min<int64_t>(N, kWinogradChunkBytes / per_image));
+  int64_t ipc = std::max<int64_t>(1, std::min<int64_t>(N, winograd_chunk_bytes() / per_image));
   for (int64_t i = ipc; i >= 1; --i) {
     if (i * tiles % 24 == 0) {
       ipc = i;
