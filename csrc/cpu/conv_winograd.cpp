@@ -320,63 +320,146 @@ void pair_table(const WinogradJob& j, int64_t n0, int64_t used, const Scratch& s
   }
 }
 
+// Lane shifts of an F(4x4) group: column 4tx-1 of tile g is column 4tx+3 of tile g-1 (zero
+// where g starts a tile row), column 4tx+4 is column 4tx of tile g+1 (zero where g ends one).
+struct LaneShifts {
+  alignas(64) int prev_idx[16], next_idx[16], prev_keep[16], next_keep[16];
+  explicit LaneShifts(int64_t tw) {
+    for (int h = 0; h < 2; ++h) {  // the two 8-tile halves of a 512-bit register
+      for (int g = 0; g < 8; ++g) {
+        const int l = 8 * h + lane4(g);
+        prev_idx[l] = 8 * h + lane4(g > 0 ? g - 1 : 0);
+        next_idx[l] = 8 * h + lane4(g < 7 ? g + 1 : 7);
+        prev_keep[l] = g % tw != 0 ? -1 : 0;
+        next_keep[l] = g % tw != tw - 1 ? -1 : 0;
+      }
+    }
+  }
+};
+
+// The 6 patch rows of pair pi of channel plane xc (zero outside the image or past the chunk).
+FSN_TARGET FSN_INLINE void patch_pair(const WinogradJob& j, const float* xc, int64_t pi, int64_t used,
+                                      const Scratch& s, __m256* d) {
+  if (2 * pi >= used) {
+    for (int py = 0; py < 6; ++py) d[py] = _mm256_setzero_ps();
+    return;
+  }
+  const float* base = xc + s.pair_base[pi];
+  const int64_t ty = s.pair_ty[pi], th = j.H / 4;
+  for (int py = 0; py < 6; ++py) {
+    const bool outside = (py == 0 && ty == 0) || (py == 5 && ty == th - 1);
+    d[py] = outside ? _mm256_setzero_ps() : _mm256_loadu_ps(base + py * j.x_sH);
+  }
+}
+
+// Input transform of group g (8 tiles) of one channel into vc (that channel's V row).
+FSN_TARGET void input_group_f4(const WinogradJob& j, const float* xc, int64_t g, int64_t used, int64_t plane,
+                               const Scratch& s, const LaneShifts& ls, float* vc) {
+  alignas(32) float tb[6][4][8];  // B^T along y: [patch row][pair][8 columns]
+  for (int q = 0; q < 4; ++q) {
+    __m256 d[6], t[6];
+    patch_pair(j, xc, 4 * g + q, used, s, d);
+    bt6(d, t);
+    for (int iy = 0; iy < 6; ++iy) _mm256_store_ps(tb[iy][q], t[iy]);
+  }
+  const __m256i pidx = _mm256_load_si256(reinterpret_cast<const __m256i*>(ls.prev_idx));
+  const __m256i nidx = _mm256_load_si256(reinterpret_cast<const __m256i*>(ls.next_idx));
+  const __m256 pkeep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(ls.prev_keep)));
+  const __m256 nkeep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(ls.next_keep)));
+  for (int iy = 0; iy < 6; ++iy) {
+    const __m256 a = _mm256_load_ps(tb[iy][0]), b = _mm256_load_ps(tb[iy][1]);
+    const __m256 c = _mm256_load_ps(tb[iy][2]), d = _mm256_load_ps(tb[iy][3]);
+    const __m256 u0 = _mm256_unpacklo_ps(a, b), u1 = _mm256_unpacklo_ps(c, d);
+    const __m256 u2 = _mm256_unpackhi_ps(a, b), u3 = _mm256_unpackhi_ps(c, d);
+    __m256 p[6], o[6];
+    p[1] = _mm256_shuffle_ps(u0, u1, _MM_SHUFFLE(1, 0, 1, 0));  // column 4tx
+    p[2] = _mm256_shuffle_ps(u0, u1, _MM_SHUFFLE(3, 2, 3, 2));
+    p[3] = _mm256_shuffle_ps(u2, u3, _MM_SHUFFLE(1, 0, 1, 0));
+    p[4] = _mm256_shuffle_ps(u2, u3, _MM_SHUFFLE(3, 2, 3, 2));  // column 4tx + 3
+    p[0] = _mm256_and_ps(_mm256_permutevar8x32_ps(p[4], pidx), pkeep);
+    p[5] = _mm256_and_ps(_mm256_permutevar8x32_ps(p[1], nidx), nkeep);
+    bt6(p, o);
+    for (int ix = 0; ix < 6; ++ix) _mm256_storeu_ps(vc + (6 * iy + ix) * plane + 8 * g, o[ix]);
+  }
+}
+
+#define FSN_TARGET512 __attribute__((target("avx2,fma,avx512f,avx512dq,avx512vl")))
+
+// bt6 and at6 on 512-bit registers: the same operations lane by lane.
+FSN_TARGET512 FSN_INLINE void bt6(const __m512* d, __m512* t) {
+  const __m512 two = _mm512_set1_ps(2.0f), four = _mm512_set1_ps(4.0f), five = _mm512_set1_ps(5.0f);
+  t[0] = _mm512_fmadd_ps(four, d[0], _mm512_fnmadd_ps(five, d[2], d[4]));
+  const __m512 s12 = _mm512_add_ps(d[1], d[2]), s34 = _mm512_add_ps(d[3], d[4]);
+  t[1] = _mm512_fnmadd_ps(four, s12, s34);
+  const __m512 d12 = _mm512_sub_ps(d[1], d[2]), d43 = _mm512_sub_ps(d[4], d[3]);
+  t[2] = _mm512_fmadd_ps(four, d12, d43);
+  const __m512 d31 = _mm512_sub_ps(d[3], d[1]), d42 = _mm512_sub_ps(d[4], d[2]);
+  t[3] = _mm512_fmadd_ps(two, d31, d42);
+  t[4] = _mm512_fnmadd_ps(two, d31, d42);
+  t[5] = _mm512_fmadd_ps(four, d[1], _mm512_fnmadd_ps(five, d[3], d[5]));
+}
+
+FSN_TARGET512 FSN_INLINE void at6(const __m512* m, __m512* y) {
+  const __m512 a = _mm512_add_ps(m[1], m[2]), b = _mm512_sub_ps(m[1], m[2]);
+  const __m512 c = _mm512_add_ps(m[3], m[4]), d = _mm512_sub_ps(m[3], m[4]);
+  y[0] = _mm512_add_ps(_mm512_add_ps(m[0], a), c);
+  y[1] = _mm512_fmadd_ps(_mm512_set1_ps(2.0f), d, b);
+  y[2] = _mm512_fmadd_ps(_mm512_set1_ps(4.0f), c, a);
+  y[3] = _mm512_add_ps(_mm512_fmadd_ps(_mm512_set1_ps(8.0f), d, b), m[5]);
+}
+
+// input_group_f4 for groups g and g + 1 at once: group g in the low 256 bits of each register,
+// g + 1 in the high ones (the in-lane shuffles act on each half alike).
+FSN_TARGET512 void input_groups2_f4(const WinogradJob& j, const float* xc, int64_t g, int64_t used,
+                                    int64_t plane, const Scratch& s, const LaneShifts& ls, float* vc) {
+  alignas(64) float tb[6][4][16];
+  for (int q = 0; q < 4; ++q) {
+    __m256 lo[6], hi[6];
+    patch_pair(j, xc, 4 * g + q, used, s, lo);
+    patch_pair(j, xc, 4 * (g + 1) + q, used, s, hi);
+    __m512 d[6], t[6];
+    for (int py = 0; py < 6; ++py) d[py] = _mm512_insertf32x8(_mm512_castps256_ps512(lo[py]), hi[py], 1);
+    bt6(d, t);
+    for (int iy = 0; iy < 6; ++iy) _mm512_store_ps(tb[iy][q], t[iy]);
+  }
+  const __m512i pidx = _mm512_load_si512(ls.prev_idx), nidx = _mm512_load_si512(ls.next_idx);
+  const __mmask16 pkeep = _mm512_movepi32_mask(_mm512_load_si512(ls.prev_keep));
+  const __mmask16 nkeep = _mm512_movepi32_mask(_mm512_load_si512(ls.next_keep));
+  for (int iy = 0; iy < 6; ++iy) {
+    const __m512 a = _mm512_load_ps(tb[iy][0]), b = _mm512_load_ps(tb[iy][1]);
+    const __m512 c = _mm512_load_ps(tb[iy][2]), d = _mm512_load_ps(tb[iy][3]);
+    const __m512 u0 = _mm512_unpacklo_ps(a, b), u1 = _mm512_unpacklo_ps(c, d);
+    const __m512 u2 = _mm512_unpackhi_ps(a, b), u3 = _mm512_unpackhi_ps(c, d);
+    __m512 p[6], o[6];
+    p[1] = _mm512_shuffle_ps(u0, u1, _MM_SHUFFLE(1, 0, 1, 0));
+    p[2] = _mm512_shuffle_ps(u0, u1, _MM_SHUFFLE(3, 2, 3, 2));
+    p[3] = _mm512_shuffle_ps(u2, u3, _MM_SHUFFLE(1, 0, 1, 0));
+    p[4] = _mm512_shuffle_ps(u2, u3, _MM_SHUFFLE(3, 2, 3, 2));
+    p[0] = _mm512_maskz_permutexvar_ps(pkeep, pidx, p[4]);
+    p[5] = _mm512_maskz_permutexvar_ps(nkeep, nidx, p[1]);
+    bt6(p, o);
+    for (int ix = 0; ix < 6; ++ix) _mm512_storeu_ps(vc + (6 * iy + ix) * plane + 8 * g, o[ix]);
+  }
+}
+
 // V = B^T d B of every tile of the chunk (pair_table filled), channels [c0, c0 + width), for
 // W = 8, 16 or 32 (a group of 8 tiles is 8 / (W/4) whole tile rows) and x_sW == 1. Per group
 // and channel: B^T along y on the pairs' 8 input columns (patch rows outside the image are
 // zero), then a 4x4 transpose per patch row gives the vectors of input columns 4tx .. 4tx+3
 // over the 8 tiles; columns 4tx-1 and 4tx+4 are the neighbouring tile's (zero at the row ends).
-FSN_TARGET void transform_input_f4(const WinogradJob& j, int64_t c0, int64_t width, int64_t used, int64_t pp,
-                                   const Scratch& s) {
-  const int64_t th = j.H / 4, tw = j.W / 4, plane = width * pp, groups = (used + 7) / 8;
-  alignas(32) int prev_idx[8], next_idx[8], prev_keep[8], next_keep[8];
-  for (int g = 0; g < 8; ++g) {
-    prev_idx[lane4(g)] = lane4(g > 0 ? g - 1 : 0);
-    next_idx[lane4(g)] = lane4(g < 7 ? g + 1 : 7);
-    prev_keep[lane4(g)] = g % tw != 0 ? -1 : 0;
-    next_keep[lane4(g)] = g % tw != tw - 1 ? -1 : 0;
-  }
-  const __m256i pidx = _mm256_load_si256(reinterpret_cast<const __m256i*>(prev_idx));
-  const __m256i nidx = _mm256_load_si256(reinterpret_cast<const __m256i*>(next_idx));
-  const __m256 pkeep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(prev_keep)));
-  const __m256 nkeep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(next_keep)));
-  const __m256 zero = _mm256_setzero_ps();
-  alignas(32) float tb[6][4][8];  // B^T along y: [patch row][pair][8 columns]
+// With AVX-512, two groups per step (the same values).
+void transform_input_f4(const WinogradJob& j, int64_t c0, int64_t width, int64_t used, int64_t pp,
+                        const Scratch& s) {
+  const int64_t plane = width * pp, groups = (used + 7) / 8;
+  const LaneShifts ls(j.W / 4);
   for (int64_t c = 0; c < width; ++c) {
     const float* xc = j.x + (c0 + c) * j.x_sC;
     float* vc = s.v + c * pp;
-    for (int64_t g = 0; g < groups; ++g) {
-      for (int q = 0; q < 4; ++q) {
-        const int64_t pi = 4 * g + q;
-        __m256 d[6], t[6];
-        if (2 * pi >= used) {
-          for (int py = 0; py < 6; ++py) d[py] = zero;
-        } else {
-          const float* base = xc + s.pair_base[pi];
-          const int64_t ty = s.pair_ty[pi];
-          for (int py = 0; py < 6; ++py) {
-            const bool outside = (py == 0 && ty == 0) || (py == 5 && ty == th - 1);
-            d[py] = outside ? zero : _mm256_loadu_ps(base + py * j.x_sH);
-          }
-        }
-        bt6(d, t);
-        for (int iy = 0; iy < 6; ++iy) _mm256_store_ps(tb[iy][q], t[iy]);
-      }
-      for (int iy = 0; iy < 6; ++iy) {
-        const __m256 a = _mm256_load_ps(tb[iy][0]), b = _mm256_load_ps(tb[iy][1]);
-        const __m256 cc = _mm256_load_ps(tb[iy][2]), dd = _mm256_load_ps(tb[iy][3]);
-        const __m256 u0 = _mm256_unpacklo_ps(a, b), u1 = _mm256_unpacklo_ps(cc, dd);
-        const __m256 u2 = _mm256_unpackhi_ps(a, b), u3 = _mm256_unpackhi_ps(cc, dd);
-        __m256 p[6], o[6];
-        p[1] = _mm256_shuffle_ps(u0, u1, _MM_SHUFFLE(1, 0, 1, 0));  // column 4tx
-        p[2] = _mm256_shuffle_ps(u0, u1, _MM_SHUFFLE(3, 2, 3, 2));
-        p[3] = _mm256_shuffle_ps(u2, u3, _MM_SHUFFLE(1, 0, 1, 0));
-        p[4] = _mm256_shuffle_ps(u2, u3, _MM_SHUFFLE(3, 2, 3, 2));  // column 4tx + 3
-        p[0] = _mm256_and_ps(_mm256_permutevar8x32_ps(p[4], pidx), pkeep);
-        p[5] = _mm256_and_ps(_mm256_permutevar8x32_ps(p[1], nidx), nkeep);
-        bt6(p, o);
-        for (int ix = 0; ix < 6; ++ix) _mm256_storeu_ps(vc + (6 * iy + ix) * plane + 8 * g, o[ix]);
-      }
+    int64_t g = 0;
+    if (j.wide) {
+      for (; g + 1 < groups; g += 2) input_groups2_f4(j, xc, g, used, plane, s, ls, vc);
     }
+    for (; g < groups; ++g) input_group_f4(j, xc, g, used, plane, s, ls, vc);
   }
   zero_tail(s.v, 36 * width, pp, groups * 8);
 }
@@ -518,54 +601,123 @@ FSN_TARGET void output_group(const WinogradJob& j, const float* __restrict mb, i
   }
 }
 
-// output_group for F(4x4): the same job on groups of 8 tiles in lane4 order; statistics and
-// stores per pair of tiles (8 contiguous pixels in each of 4 rows), rows of a pair in order.
+// The F(4x4) output transform of 8 tiles (lane4 order) of one row of the GEMM buffer, from m:
+// runs[output row in tile][pair] = 8 contiguous output pixels.
+FSN_TARGET FSN_INLINE void output_runs_f4(const float* m, int64_t mb_stride, __m256 runs[4][4]) {
+  __m256 sy[4][6];  // A^T along y: [output row in tile][x index]
+  for (int ix = 0; ix < 6; ++ix) {
+    __m256 col[6], y[4];
+    for (int iy = 0; iy < 6; ++iy) col[iy] = _mm256_loadu_ps(m + (6 * iy + ix) * mb_stride);
+    at6(col, y);
+    for (int yr = 0; yr < 4; ++yr) sy[yr][ix] = y[yr];
+  }
+  for (int yr = 0; yr < 4; ++yr) {
+    __m256 y[4];
+    at6(sy[yr], y);
+    const __m256 v0 = _mm256_unpacklo_ps(y[0], y[1]), v1 = _mm256_unpacklo_ps(y[2], y[3]);
+    const __m256 v2 = _mm256_unpackhi_ps(y[0], y[1]), v3 = _mm256_unpackhi_ps(y[2], y[3]);
+    runs[yr][0] = _mm256_shuffle_ps(v0, v1, _MM_SHUFFLE(1, 0, 1, 0));
+    runs[yr][1] = _mm256_shuffle_ps(v0, v1, _MM_SHUFFLE(3, 2, 3, 2));
+    runs[yr][2] = _mm256_shuffle_ps(v2, v3, _MM_SHUFFLE(1, 0, 1, 0));
+    runs[yr][3] = _mm256_shuffle_ps(v2, v3, _MM_SHUFFLE(3, 2, 3, 2));
+  }
+}
+
+// output_runs_f4 for 16 tiles (two groups of 8: runs of the first group, then the second's).
+FSN_TARGET512 FSN_INLINE void output_runs2_f4(const float* m, int64_t mb_stride, __m256 runs[2][4][4]) {
+  __m512 sy[4][6];
+  for (int ix = 0; ix < 6; ++ix) {
+    __m512 col[6], y[4];
+    for (int iy = 0; iy < 6; ++iy) col[iy] = _mm512_loadu_ps(m + (6 * iy + ix) * mb_stride);
+    at6(col, y);
+    for (int yr = 0; yr < 4; ++yr) sy[yr][ix] = y[yr];
+  }
+  for (int yr = 0; yr < 4; ++yr) {
+    __m512 y[4];
+    at6(sy[yr], y);
+    const __m512 v0 = _mm512_unpacklo_ps(y[0], y[1]), v1 = _mm512_unpacklo_ps(y[2], y[3]);
+    const __m512 v2 = _mm512_unpackhi_ps(y[0], y[1]), v3 = _mm512_unpackhi_ps(y[2], y[3]);
+    const __m512 r[4] = {_mm512_shuffle_ps(v0, v1, _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(v0, v1, _MM_SHUFFLE(3, 2, 3, 2)),
+                         _mm512_shuffle_ps(v2, v3, _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(v2, v3, _MM_SHUFFLE(3, 2, 3, 2))};
+    for (int q = 0; q < 4; ++q) {
+      runs[0][yr][q] = _mm512_castps512_ps256(r[q]);
+      runs[1][yr][q] = _mm512_extractf32x8_ps(r[q], 1);
+    }
+  }
+}
+
+FSN_TARGET FSN_INLINE RowEpilogue row_epilogue(const WinogradJob& j, int64_t orow) {
+  RowEpilogue e;
+  e.has_scale = j.scale != nullptr;
+  e.has_shift = j.shift != nullptr;
+  e.sc = _mm256_set1_ps(e.has_scale ? j.scale[orow] : 1.0f);
+  e.sh = _mm256_set1_ps(e.has_shift ? j.shift[orow] : 0.0f);
+  e.sl = _mm256_set1_ps(j.slope != nullptr ? j.slope[orow] : 0.0f);
+  e.act = j.activation;
+  return e;
+}
+
+// Statistics, epilogue and store of the runs of the 8 tiles from p (per pair of tiles: 8
+// contiguous pixels in each of 4 rows, the rows of a pair in order), row r of `rows`.
+FSN_TARGET FSN_INLINE void emit_runs_f4(const WinogradJob& j, const RowEpilogue& e, const __m256 runs[4][4],
+                                        int64_t p, int64_t tiles_used, int64_t rows, int64_t r, float* out_row,
+                                        const float* res_row, double* lanes) {
+  const int64_t tiles = tiles_per_image(j);
+  for (int q = 0; q < 4; ++q) {
+    const int64_t t = p + 2 * q;
+    if (t >= tiles_used) break;
+    const int64_t off = j.block_off[t / 2];
+    double* l = lanes != nullptr ? lanes + ((t / tiles) * rows + r) * 8 : nullptr;
+    for (int yr = 0; yr < 4; ++yr) {
+      const int64_t o = off + yr * j.W;
+      emit(e, out_row + o, res_row != nullptr ? res_row + o : nullptr, runs[yr][q], l);
+    }
+  }
+}
+
+// output_group for F(4x4): the same job on groups of 8 tiles in lane4 order. Every image's
+// statistics add in the same order in both builds below.
 template <int NV>
 FSN_TARGET void output_group_f4(const WinogradJob& j, const float* __restrict mb, int64_t mb_stride, int64_t rows,
                                 int64_t row, int64_t p0, int64_t tiles_used, float* chunk_out, double* lanes) {
-  const int64_t hw = j.H * j.W, tiles = tiles_per_image(j);
+  const int64_t hw = j.H * j.W;
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t orow = row + r;
-    RowEpilogue e;
-    e.has_scale = j.scale != nullptr;
-    e.has_shift = j.shift != nullptr;
-    e.sc = _mm256_set1_ps(e.has_scale ? j.scale[orow] : 1.0f);
-    e.sh = _mm256_set1_ps(e.has_shift ? j.shift[orow] : 0.0f);
-    e.sl = _mm256_set1_ps(j.slope != nullptr ? j.slope[orow] : 0.0f);
-    e.act = j.activation;
-    float* out_row = chunk_out + orow * hw;
-    const float* res_row = j.residual != nullptr ? j.residual + (chunk_out - j.out) + orow * hw : nullptr;
-    for (int v = 0; v < NV; ++v) {
-      const int64_t p = p0 + 8 * v;
-      if (p >= tiles_used) break;
+    const RowEpilogue e = row_epilogue(j, row + r);
+    float* out_row = chunk_out + (row + r) * hw;
+    const float* res_row = j.residual != nullptr ? j.residual + (chunk_out - j.out) + (row + r) * hw : nullptr;
+    for (int v = 0; v < NV && p0 + 8 * v < tiles_used; ++v) {
+      __m256 runs[4][4];
+      output_runs_f4(mb + r * kGroup + 8 * v, mb_stride, runs);
+      emit_runs_f4(j, e, runs, p0 + 8 * v, tiles_used, rows, r, out_row, res_row, lanes);
+    }
+  }
+}
+
+// The same with two groups per step on 512-bit registers (CPUs with AVX-512 F/DQ/VL).
+template <int NV>
+FSN_TARGET512 void output_group_f4_wide(const WinogradJob& j, const float* __restrict mb, int64_t mb_stride,
+                                        int64_t rows, int64_t row, int64_t p0, int64_t tiles_used, float* chunk_out,
+                                        double* lanes) {
+  const int64_t hw = j.H * j.W;
+  for (int64_t r = 0; r < rows; ++r) {
+    const RowEpilogue e = row_epilogue(j, row + r);
+    float* out_row = chunk_out + (row + r) * hw;
+    const float* res_row = j.residual != nullptr ? j.residual + (chunk_out - j.out) + (row + r) * hw : nullptr;
+    for (int v = 0; v < NV && p0 + 8 * v < tiles_used;) {
       const float* m = mb + r * kGroup + 8 * v;
-      __m256 sy[4][6];  // A^T along y: [output row in tile][x index]
-      for (int ix = 0; ix < 6; ++ix) {
-        __m256 col[6], y[4];
-        for (int iy = 0; iy < 6; ++iy) col[iy] = _mm256_loadu_ps(m + (6 * iy + ix) * mb_stride);
-        at6(col, y);
-        for (int yr = 0; yr < 4; ++yr) sy[yr][ix] = y[yr];
-      }
-      __m256 runs[4][4];  // [output row in tile][pair]: 8 contiguous pixels
-      for (int yr = 0; yr < 4; ++yr) {
-        __m256 y[4];
-        at6(sy[yr], y);
-        const __m256 v0 = _mm256_unpacklo_ps(y[0], y[1]), v1 = _mm256_unpacklo_ps(y[2], y[3]);
-        const __m256 v2 = _mm256_unpackhi_ps(y[0], y[1]), v3 = _mm256_unpackhi_ps(y[2], y[3]);
-        runs[yr][0] = _mm256_shuffle_ps(v0, v1, _MM_SHUFFLE(1, 0, 1, 0));
-        runs[yr][1] = _mm256_shuffle_ps(v0, v1, _MM_SHUFFLE(3, 2, 3, 2));
-        runs[yr][2] = _mm256_shuffle_ps(v2, v3, _MM_SHUFFLE(1, 0, 1, 0));
-        runs[yr][3] = _mm256_shuffle_ps(v2, v3, _MM_SHUFFLE(3, 2, 3, 2));
-      }
-      for (int q = 0; q < 4; ++q) {
-        const int64_t t = p + 2 * q;
-        if (t >= tiles_used) break;
-        const int64_t off = j.block_off[t / 2];
-        double* l = lanes != nullptr ? lanes + ((t / tiles) * rows + r) * 8 : nullptr;
-        for (int yr = 0; yr < 4; ++yr) {
-          const int64_t o = off + yr * j.W;
-          emit(e, out_row + o, res_row != nullptr ? res_row + o : nullptr, runs[yr][q], l);
-        }
+      if (v + 1 < NV && p0 + 8 * (v + 1) < tiles_used) {
+        __m256 runs[2][4][4];
+        output_runs2_f4(m, mb_stride, runs);
+        emit_runs_f4(j, e, runs[0], p0 + 8 * v, tiles_used, rows, r, out_row, res_row, lanes);
+        emit_runs_f4(j, e, runs[1], p0 + 8 * (v + 1), tiles_used, rows, r, out_row, res_row, lanes);
+        v += 2;
+      } else {
+        __m256 runs[4][4];
+        output_runs_f4(m, mb_stride, runs);
+        emit_runs_f4(j, e, runs, p0 + 8 * v, tiles_used, rows, r, out_row, res_row, lanes);
+        v += 1;
       }
     }
   }
@@ -602,7 +754,9 @@ FSN_TARGET void run_group(const WinogradJob& j, int64_t k, const float* v, int64
       }
     }
   }
-  if (j.tile == 4) {
+  if (j.tile == 4 && j.wide) {
+    output_group_f4_wide<NV>(j, s.mb, s.mb_stride, j.out_w[k], j.row0[k], p0, tiles_used, chunk_out, lanes);
+  } else if (j.tile == 4) {
     output_group_f4<NV>(j, s.mb, s.mb_stride, j.out_w[k], j.row0[k], p0, tiles_used, chunk_out, lanes);
   } else {
     output_group<NV>(j, s.mb, s.mb_stride, j.out_w[k], j.row0[k], p0, tiles_used, chunk_out, lanes);
