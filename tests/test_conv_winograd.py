@@ -384,3 +384,109 @@ def test_each_candidate_independent_of_the_others():
         assert torch.equal(out[:, row : row + ow], alone[0])
         assert torch.equal(s[row : row + ow], alone[1]) and torch.equal(q[row : row + ow], alone[2])
         row += ow
+
+
+# --- weight gradient: F(4x4) transposed -------------------------------------------------------
+def winograd_grad_abs(x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+    """|G|^T [sum over images and tiles of (|A| |dY| |A^T|) . (|B^T| |d| |B|)] |G| in float64:
+    the F(4x4) weight gradient run on absolute values, (O, C, 3, 3) for x (N, C, H, W) and
+    gy (N, O, H, W)."""
+    bt, g, at = (m.abs() for m in MATRICES[4])
+    d = F.pad(x.abs(), (1, 1, 1, 1)).unfold(2, 6, 4).unfold(3, 6, 4)  # (N, C, H/4, W/4, 6, 6)
+    v = bt @ d @ bt.T
+    t = gy.abs().unfold(2, 4, 4).unfold(3, 4, 4)  # (N, O, H/4, W/4, 4, 4)
+    u = at.T @ t @ at  # (N, O, H/4, W/4, 6, 6)
+    m = torch.einsum("noyxab,ncyxab->ocab", u, v)
+    return g.T @ m @ g
+
+
+def _weight_grad(gy, x, w, meta, flag):
+    os.environ["FASTSUPERNET_CPU_WINOGRAD"] = flag
+    try:
+        return OPS.multi_conv2d_weight_grad(gy, x, w, *meta, 1, 1)
+    finally:
+        del os.environ["FASTSUPERNET_CPU_WINOGRAD"]
+
+
+GRAD_CASES = [  # N, C, H, W, (in_offsets, in_widths, out_widths, row_offsets)
+    (3, 24, 8, 8, ([0, 2], [20, 22], [7, 5], [0, 3])),  # shared rows 3..6: added in candidate order
+    (2, 40, 16, 16, ([0], [33], [17], [2])),
+    (2, 17, 32, 32, ([0], [17], [9], [0])),
+    (5, 24, 12, 8, ([0, 0], [24, 9], [6, 20], [0, 1])),  # groups of 8 tiles across images
+    (37, 20, 4, 16, ([0, 3], [20, 1], [3, 2], [0, 4])),  # items of 10 images, a narrow candidate
+    (70, 12, 8, 8, ([0], [12], [33], [1])),  # several chunks per item
+]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: "n{}_c{}_{}x{}".format(*c[:4]))
+def test_weight_grad_by_winograd(case):
+    """Every candidate's weight gradient against float64, within (n + 12) u A_g per element (n:
+    the image-tiles summed, u = 2^-24, A_g the algorithm on absolute values); zero outside the
+    rows/columns read; different from the direct kernel's (the Winograd path ran)."""
+    N, C, H, W, meta = case
+    g = torch.Generator().manual_seed(N * 1000 + C)
+    x = torch.randn(N, C, H, W, generator=g) * 2 + 0.5
+    gy = torch.randn(N, sum(meta[2]), H, W, generator=g)
+    w = torch.randn(max(r + o for r, o in zip(meta[3], meta[2])) + 2, C + 1, 3, 3, generator=g)
+    got = _weight_grad(gy, x, w, meta, "all")
+    assert got.shape == w.shape and got.dtype == torch.float32
+    want = torch.zeros(w.shape, dtype=torch.float64)
+    bound = torch.zeros(w.shape, dtype=torch.float64)
+    n_sum = N * (H // 4) * (W // 4) + 12
+    row = 0
+    for off, iw, ow, ro in zip(*meta):
+        xs, gs = x[:, off : off + iw].double(), gy[:, row : row + ow].double()
+        wk = torch.zeros(ow, iw, 3, 3, dtype=torch.float64, requires_grad=True)
+        F.conv2d(xs, wk, padding=1).backward(gs)
+        want[ro : ro + ow, :iw] += wk.grad
+        bound[ro : ro + ow, :iw] += n_sum * U32 * winograd_grad_abs(xs, gs)
+        row += ow
+    err = (got.double() - want).abs()
+    assert (err <= bound).all(), f"worst error {float((err / (bound + 1e-300)).max()):.3g} x the bound"
+    assert (got[bound == 0] == 0).all()
+    assert not torch.equal(got, _weight_grad(gy, x, w, meta, "0"))
+
+
+def test_weight_grad_choice():
+    """Winograd from input width 8 and output width 12 on F(4x4) shapes (float32, 3x3, stride 1,
+    padding 1); never elsewhere, and the op agrees with what autograd asks."""
+    x = torch.randn(2, 16, 8, 16)
+    gy = torch.randn(2, 12, 8, 16)
+    ask = OPS._cpu_weight_grad_winograd
+    assert ask(gy, x, 3, 1, 1, 8, 12) and ask(gy, x, 3, 1, 1, 16, 16)
+    assert not ask(gy, x, 3, 1, 1, 7, 12) and not ask(gy, x, 3, 1, 1, 16, 11)
+    assert not ask(gy, x.double(), 3, 1, 1, 16, 16)  # float32 only
+    assert not ask(gy, x, 1, 1, 0, 16, 16)  # 1x1
+    assert not ask(torch.randn(2, 12, 6, 16), torch.randn(2, 16, 6, 16), 3, 1, 1, 16, 16)  # height 6: F(2x2)
+    assert not ask(gy, x.contiguous(memory_format=torch.channels_last), 3, 1, 1, 16, 16)
+    os.environ["FASTSUPERNET_CPU_WINOGRAD"] = "0"
+    try:
+        assert not ask(gy, x, 3, 1, 1, 16, 16)
+    finally:
+        del os.environ["FASTSUPERNET_CPU_WINOGRAD"]
+    w = torch.randn(12, 16, 3, 3)
+    for iw, ow, wino in [(16, 12, True), (16, 8, False)]:
+        meta = ([0], [iw], [ow], [0])
+        default = OPS.multi_conv2d_weight_grad(gy[:, :ow], x, w, *meta, 1, 1)
+        forced = _weight_grad(gy[:, :ow], x, w, meta, "all" if wino else "0")
+        assert torch.equal(default, forced), (iw, ow)
+
+
+_GRAD_THREADS_SCRIPT = r"""
+import torch, fastsupernet._C
+g = torch.Generator().manual_seed(4)
+x = torch.randn(41, 24, 8, 16, generator=g)
+gy = torch.randn(41, 30, 8, 16, generator=g)
+w = torch.randn(40, 24, 3, 3, generator=g)
+res = []
+for t in (1, 2):
+    torch.set_num_threads(t)
+    res.append(torch.ops.fastsupernet.multi_conv2d_weight_grad(gy, x, w, [0, 4], [24, 16], [14, 16], [0, 10], 1, 1))
+print(torch.equal(res[0], res[1]))
+"""
+
+
+def test_weight_grad_threads_do_not_change_results():
+    proc = subprocess.run([sys.executable, "-c", _GRAD_THREADS_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "True"

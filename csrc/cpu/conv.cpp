@@ -218,9 +218,14 @@ void run_job(const ConvJob<T>& job, int64_t items, int64_t max_width, int64_t ma
   }
 }
 
-// Winograd F(2x2, 3x3) (conv_winograd.cpp): 3x3, stride 1, padding 1, float32, AVX2, output
-// width a multiple of 8 and even height; FASTSUPERNET_CPU_WINOGRAD=0 (read at every call)
-// or FASTSUPERNET_CPU_KERNEL=generic turn it off, =all lifts the width threshold.
+}  // namespace
+
+namespace conv {
+
+// Winograd (conv_winograd.cpp): 3x3, stride 1, padding 1, float32, AVX2, output width a
+// multiple of 8 and even height; FASTSUPERNET_CPU_WINOGRAD=0 (read at every call) or
+// FASTSUPERNET_CPU_KERNEL=generic turn it off, =all lifts the width threshold. Declared in
+// conv_winograd.h: the weight gradient (conv_weight_grad.cpp) chooses with them too.
 // Transformed input of one chunk: a quarter of the core's L2, 256 KiB to 1 MiB (256 KiB, half
 // the L2, was best on a 512 KiB-L2 AMD EPYC; on a 2 MiB-L2 Xeon, K = 32 candidates at 8x8, 512
 // KiB chunks ran 1.08-1.1x faster than 256 KiB ones, 1 MiB ones in between; 16x16 unchanged).
@@ -273,6 +278,15 @@ int winograd_tile(int64_t Ho, int64_t Wo, int64_t x_sW) {
   if (env != nullptr && std::strcmp(env, "2") == 0) return 2;
   return Ho % 4 == 0 && (Wo == 8 || Wo == 16 || Wo == 32) && x_sW == 1 ? 4 : 2;
 }
+
+}  // namespace conv
+
+namespace {
+
+using conv::winograd_chunk_bytes;
+using conv::winograd_min_width;
+using conv::winograd_shape;
+using conv::winograd_tile;
 
 // U = G g G^T of one 3x3 filter (any strides) for F(4x4), in float64, xi = 6 * (y index) + (x index).
 void winograd_filter4(const float* g, int64_t s2, int64_t s3, double u[36]) {

@@ -40,10 +40,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <new>
 #include <vector>
 
 #include "cpu/conv_plan.h"
+#include "cpu/conv_winograd.h"
 
 namespace fastsupernet {
 namespace {
@@ -156,6 +158,109 @@ void candidate_tiles_any(int isa, const double* g, const double* x, const Packed
   portable::candidate_tiles_f64(g, x, p, ow, iw, kh, kw, res);
 }
 
+// Winograd F(4x4, 3x3) transposed (conv_winograd.cpp) for float32 layers whose forward takes
+// F(4x4) (3x3, stride 1, padding 1, output 8, 16 or 32 wide, height a multiple of 4, x's and
+// grad_out's columns contiguous), per candidate from the forward's input-width threshold:
+// 36 multiplies per 4x4 tile and (row, column) pair instead of 144.
+bool winograd_grad_layer(const at::Tensor& x, const at::Tensor& grad_out, int64_t kh, int64_t kw, int64_t stride,
+                         int64_t padding, int64_t Ho, int64_t Wo) {
+  return x.scalar_type() == at::kFloat && conv::winograd_shape(kh, kw, stride, padding, Ho, Wo) &&
+         conv::winograd_tile(Ho, Wo, x.stride(3)) == 4 && grad_out.stride(3) == 1;
+}
+
+// Per candidate from input width 8 and output width 12 (rows are padded to 16). One candidate,
+// batch 256, AVX-512, ms, aten / direct kernel / Winograd: 32x32 16->16 7.6 / 7.3 / 4.9, 8->8
+// 3.0 / 2.2 / 3.3, 8->16 6.1 / 4.0 / 3.4, 16->8 7.2 / 4.0 / 5.0, 12->12 12.2 / 4.4 / 4.1;
+// 16x16 32->32 4.3 / 7.4 / 3.3, 16->16 1.35 / 2.0 / 1.2, 8->8 0.68 / 0.65 / 0.80, 8->16 1.3 /
+// 1.2 / 0.84; 8x8 64->64 3.9 / 8.8 / 3.4, 32->32 1.2 / 2.4 / 0.95, 8->8 0.20 / 0.23 / 0.23,
+// 8->32 0.64 / 0.74 / 0.43. AVX2 kernels on the same CPU: 16x16 32->32 8.8 / 10.5 / 4.8, 8->8
+// 0.68 / 0.85 / 0.94. FASTSUPERNET_CPU_WINOGRAD=0 / =all as for the forward.
+bool winograd_grad_takes(int64_t in_w, int64_t out_w) {
+  const char* env = std::getenv("FASTSUPERNET_CPU_WINOGRAD");
+  if (env != nullptr && std::strcmp(env, "all") == 0) return true;
+  return in_w >= 8 && out_w >= 12;
+}
+
+constexpr int64_t kWinogradItems = 4;  // work items of images (a fixed split: no thread-count dependence)
+
+// The gradient of one candidate (input channels [c0, + iw), grad_out rows [g0, + ow)) into
+// out[(o * iw + c) * 9 + 3 i + j]: items of images in parallel, each summing its chunks in
+// float32 (as the direct kernel and aten accumulate), the items added in order in float64,
+// then G^T M G in float64.
+void winograd_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, int64_t c0, int64_t iw, int64_t g0,
+                          int64_t ow, float* out) {
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
+  conv::WinogradGradJob j;
+  j.in.x = x.const_data_ptr<float>();
+  j.in.x_sN = x.stride(0);
+  j.in.x_sC = x.stride(1);
+  j.in.x_sH = x.stride(2);
+  j.in.x_sW = x.stride(3);
+  j.in.N = N;
+  j.in.H = H;
+  j.in.W = W;
+  j.in.tile = 4;
+  j.in.max_seg_width = iw;
+  j.in.max_out_w = ow;
+  j.in.wide = use_avx512();
+  j.c0 = c0;
+  j.in_w = iw;
+  j.out_w = ow;
+  j.g = grad_out.const_data_ptr<float>() + g0 * grad_out.stride(1);
+  j.g_sN = grad_out.stride(0);
+  j.g_sC = grad_out.stride(1);
+  j.g_sH = grad_out.stride(2);
+  const int64_t op = conv::winograd_grad_rows_padded(j);
+  // Chunks: a chunk's transformed input and gradient (36 positions) within the forward's
+  // chunk budget, so that they are still in L2 when the reduction reads them.
+  const int64_t tiles = (H / 4) * (W / 4);
+  const int64_t per_image = 36 * (iw + op) * tiles * static_cast<int64_t>(sizeof(float));
+  const int64_t per_item = div_up(N, std::min(N, kWinogradItems)), items = div_up(N, per_item);
+  j.in.images_per_chunk = std::clamp<int64_t>(conv::winograd_chunk_bytes() / per_image, 1, per_item);
+  const int64_t mlen = 36 * iw * op;
+  std::vector<float> m(static_cast<size_t>(items * mlen), 0.0f);
+  const int64_t scratch_n = conv::winograd_grad_scratch_floats(j);
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    // not zero-filled: the kernel writes every value it reads (megabytes per call)
+    std::unique_ptr<float[]> scratch(new float[static_cast<size_t>(scratch_n)]);
+    for (int64_t item = begin; item < end; ++item) {
+      conv::winograd_weight_grad_avx2(j, item * per_item, std::min(N, (item + 1) * per_item), scratch.get(),
+                                      m.data() + item * mlen);
+    }
+  });
+  std::vector<double> sum(static_cast<size_t>(mlen), 0.0);
+  for (int64_t item = 0; item < items; ++item) {
+    const float* mi = m.data() + item * mlen;
+    for (int64_t i = 0; i < mlen; ++i) sum[i] += mi[i];
+  }
+  // dW[o][c][a][b] = sum over positions (x1, x2) of G[x1][a] G[x2][b] M[x1 x2][c][o]: per tap
+  // (a, b), a weighted sum of the position planes (each iw x op, contiguous)
+  static constexpr double kG[6][3] = {{0.25, 0, 0},
+                                      {-1.0 / 6, -1.0 / 6, -1.0 / 6},
+                                      {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+                                      {1.0 / 24, 1.0 / 12, 1.0 / 6},
+                                      {1.0 / 24, -1.0 / 12, 1.0 / 6},
+                                      {0, 0, 1}};
+  const int64_t plane = iw * op;
+  std::vector<double> tap(static_cast<size_t>(plane));
+  for (int a = 0; a < 3; ++a) {
+    for (int b = 0; b < 3; ++b) {
+      std::fill(tap.begin(), tap.end(), 0.0);
+      for (int x1 = 0; x1 < 6; ++x1) {
+        for (int x2 = 0; x2 < 6; ++x2) {
+          const double coef = kG[x1][a] * kG[x2][b];
+          if (coef == 0.0) continue;
+          const double* src = sum.data() + (6 * x1 + x2) * plane;
+          for (int64_t i = 0; i < plane; ++i) tap[i] += coef * src[i];
+        }
+      }
+      for (int64_t c = 0; c < iw; ++c) {
+        for (int64_t o = 0; o < ow; ++o) out[(o * iw + c) * 9 + 3 * a + b] = static_cast<float>(tap[c * op + o]);
+      }
+    }
+  }
+}
+
 at::Tensor multi_conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                                         c10::IntArrayRef in_offsets, c10::IntArrayRef in_widths,
                                         c10::IntArrayRef out_widths, c10::IntArrayRef row_offsets, int64_t stride,
@@ -201,6 +306,11 @@ at::Tensor multi_conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::Te
   if (N == 0) return grad;
 
   const bool avx = use_avx2(), avx512 = avx && use_avx512();
+  // candidates whose gradient comes from Winograd (their partial sums: item 0's slot)
+  std::vector<char> wino(static_cast<size_t>(K), 0);
+  if (winograd_grad_layer(x, grad_out, kh, kw, stride, padding, Ho, Wo)) {
+    for (int64_t k = 0; k < K; ++k) wino[k] = winograd_grad_takes(in_widths[k], out_widths[k]);
+  }
   const int64_t per_image = std::max<int64_t>(1, Ho * (stride == 1 ? Wo + kw - 1 : Wo));
   const int64_t per_item = std::clamp<int64_t>(div_up(kItemElems, per_image), 1, div_up(N, kMinItems));
   const int64_t items = div_up(N, per_item);
@@ -228,6 +338,12 @@ at::Tensor multi_conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::Te
     const int64_t xs0 = x.stride(0), xs1 = x.stride(1), xs2 = x.stride(2), xs3 = x.stride(3);
     const int64_t gs0 = grad_out.stride(0), gs1 = grad_out.stride(1), gs2 = grad_out.stride(2),
                   gs3 = grad_out.stride(3);
+    for (int64_t k = 0; k < K; ++k) {  // float32 only (winograd_grad_layer): T is float here
+      if (wino[k]) {
+        winograd_weight_grad(grad_out, x, in_offsets[k], in_widths[k], g_off[k], out_widths[k],
+                             reinterpret_cast<float*>(partial.data() + res_off[k]));
+      }
+    }
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
       std::vector<T, AlignedAllocator<T>> gbuf, xbuf;
       for (int64_t item = begin; item < end; ++item) {
@@ -259,6 +375,7 @@ at::Tensor multi_conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::Te
         p.g_row = p.images * p.g_img;
         T* res_item = partial.data() + item * res_len;
         for (int64_t k = 0; k < K; ++k) {
+          if (wino[k]) continue;
           const int64_t ow = out_widths[k], iw = in_widths[k];
           gbuf.assign(static_cast<size_t>(ow * p.g_row), T(0));
           for (int64_t o = 0; o < ow; ++o)
@@ -317,6 +434,22 @@ at::Tensor multi_conv2d_weight_grad_cpu(const at::Tensor& grad_out, const at::Te
 
 }  // namespace
 
+// Whether the weight gradient of a one-candidate call with these shapes (x, grad_out on CPU)
+// comes from Winograd: what autograd asks before choosing aten's weight gradient instead.
+bool cpu_weight_grad_winograd(const at::Tensor& grad_out, const at::Tensor& x, int64_t kernel_size, int64_t stride,
+                              int64_t padding, int64_t in_width, int64_t out_width) {
+  if (x.dim() != 4 || grad_out.dim() != 4) return false;
+  return winograd_grad_layer(x, grad_out, kernel_size, kernel_size, stride, padding, grad_out.size(2),
+                             grad_out.size(3)) &&
+         winograd_grad_takes(in_width, out_width);
+}
+
 TORCH_LIBRARY_IMPL(fastsupernet, CPU, m) { m.impl("multi_conv2d_weight_grad", &multi_conv2d_weight_grad_cpu); }
+
+TORCH_LIBRARY_FRAGMENT(fastsupernet, m) {
+  m.def("_cpu_weight_grad_winograd(Tensor grad_out, Tensor x, int kernel_size, int stride, int padding, "
+        "int in_width, int out_width) -> bool",
+        &cpu_weight_grad_winograd);
+}
 
 }  // namespace fastsupernet

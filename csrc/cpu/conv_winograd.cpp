@@ -763,6 +763,205 @@ FSN_TARGET void run_group(const WinogradJob& j, int64_t k, const float* v, int64
   }
 }
 
+// --- F(4x4) weight gradient -------------------------------------------------------------
+
+// t = A g for F(4x4) (A = (A^T)^T, 6 x 4) on four vectors.
+FSN_TARGET FSN_INLINE void a64(const __m256* g, __m256* t) {
+  const __m256 two = _mm256_set1_ps(2.0f), four = _mm256_set1_ps(4.0f), eight = _mm256_set1_ps(8.0f);
+  const __m256 e = _mm256_add_ps(g[0], g[2]), o = _mm256_add_ps(g[1], g[3]);
+  t[0] = g[0];
+  t[1] = _mm256_add_ps(e, o);
+  t[2] = _mm256_sub_ps(e, o);
+  const __m256 e4 = _mm256_fmadd_ps(four, g[2], g[0]), o4 = _mm256_fmadd_ps(eight, g[3], _mm256_mul_ps(two, g[1]));
+  t[3] = _mm256_add_ps(e4, o4);
+  t[4] = _mm256_sub_ps(e4, o4);
+  t[5] = g[3];
+}
+
+// In-place transpose of the 8 x 8 floats r[0..8).
+FSN_TARGET FSN_INLINE void transpose8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+inline int64_t grad_rows_padded(const WinogradGradJob& j) { return round_up(j.out_w, 16); }
+
+struct GradScratch {
+  Scratch in;       // V and the input pair table, as for the forward
+  float* gtt;       // [xi][pp][out_w padded to 16]: A dY A^T of every tile, gradient rows contiguous
+  int64_t* g_pair;  // per pair of tiles of a chunk: offset of its first gradient value
+};
+
+inline int64_t grad_pp(const WinogradGradJob& j) { return max_pp(j.in); }
+
+GradScratch carve_grad(const WinogradGradJob& j, float* base) {
+  GradScratch s;
+  const int64_t pp = grad_pp(j);
+  s.in.v = base;
+  s.in.mb = nullptr;
+  s.in.rows = nullptr;
+  s.in.mb_stride = 0;
+  s.gtt = base + 36 * j.in_w * pp;
+  s.in.pair_base = reinterpret_cast<int64_t*>(s.gtt + 36 * grad_rows_padded(j) * pp);
+  s.in.pair_ty = s.in.pair_base + pp / 2;
+  s.g_pair = s.in.pair_ty + pp / 2;
+  return s;
+}
+
+// Gtt = A dY A^T of every tile of the chunk (images from n0, `used` tiles), tile positions as
+// in V (lane4 order in groups of 8), 8 gradient rows at a time transposed so that rows are
+// contiguous; rows past out_w and positions past the last group are zero.
+FSN_TARGET void transform_grad_f4(const WinogradGradJob& j, int64_t n0, int64_t used, int64_t pp,
+                                  const GradScratch& s) {
+  const int64_t tw = j.in.W / 4, tiles = tiles_per_image(j.in), groups = (used + 7) / 8;
+  const int64_t op = grad_rows_padded(j);
+  for (int64_t i = 0; i < used / 2; ++i) {
+    const int64_t t = 2 * i, n = t / tiles, ty = (t % tiles) / tw, tx = t % tw;
+    s.g_pair[i] = (n0 + n) * j.g_sN + 4 * ty * j.g_sH + 4 * tx;
+  }
+  alignas(32) float tb[6][4][8];
+  alignas(32) float blk[36][8][8];  // [xi][row in block][tile lane]
+  for (int64_t o0 = 0; o0 < op; o0 += 8) {
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int r = 0; r < 8; ++r) {
+        const int64_t o = o0 + r;
+        if (o >= j.out_w) {
+          for (int xi = 0; xi < 36; ++xi) _mm256_store_ps(blk[xi][r], _mm256_setzero_ps());
+          continue;
+        }
+        const float* go = j.g + o * j.g_sC;
+        for (int q = 0; q < 4; ++q) {
+          const int64_t pi = 4 * g + q;
+          __m256 d[4], t[6];
+          for (int y = 0; y < 4; ++y) {
+            d[y] = 2 * pi < used ? _mm256_loadu_ps(go + s.g_pair[pi] + y * j.g_sH) : _mm256_setzero_ps();
+          }
+          a64(d, t);
+          for (int iy = 0; iy < 6; ++iy) _mm256_store_ps(tb[iy][q], t[iy]);
+        }
+        for (int iy = 0; iy < 6; ++iy) {
+          const __m256 a = _mm256_load_ps(tb[iy][0]), b = _mm256_load_ps(tb[iy][1]);
+          const __m256 c = _mm256_load_ps(tb[iy][2]), d = _mm256_load_ps(tb[iy][3]);
+          const __m256 u0 = _mm256_unpacklo_ps(a, b), u1 = _mm256_unpacklo_ps(c, d);
+          const __m256 u2 = _mm256_unpackhi_ps(a, b), u3 = _mm256_unpackhi_ps(c, d);
+          const __m256 cols[4] = {_mm256_shuffle_ps(u0, u1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm256_shuffle_ps(u0, u1, _MM_SHUFFLE(3, 2, 3, 2)),
+                                  _mm256_shuffle_ps(u2, u3, _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm256_shuffle_ps(u2, u3, _MM_SHUFFLE(3, 2, 3, 2))};
+          __m256 t[6];
+          a64(cols, t);
+          for (int ix = 0; ix < 6; ++ix) _mm256_store_ps(blk[6 * iy + ix][r], t[ix]);
+        }
+      }
+      for (int xi = 0; xi < 36; ++xi) {
+        __m256 m[8];
+        for (int r = 0; r < 8; ++r) m[r] = _mm256_load_ps(blk[xi][r]);
+        transpose8(m);  // m[lane] = the 8 rows of tile position 8g + lane
+        float* dst = s.gtt + (xi * pp + 8 * g) * op + o0;
+        for (int l = 0; l < 8; ++l) _mm256_storeu_ps(dst + l * op, m[l]);
+      }
+    }
+  }
+  for (int xi = 0; xi < 36; ++xi) {
+    float* tail = s.gtt + (xi * pp + 8 * groups) * op;
+    std::fill(tail, tail + (pp - 8 * groups) * op, 0.0f);
+  }
+}
+
+// acc[c][o] += v[c][p] * gtt[p][o] over tile positions p < np, for NC input rows and NV
+// vectors of 8 gradient rows, then added into m (rows of `op` floats): the input values are
+// broadcast, the gradient rows loaded whole, no lane sums.
+template <int NC, int NV>
+FSN_TARGET void reduce_tile(const float* v, int64_t pp, const float* gtt, int64_t op, int64_t np, float* m) {
+  __m256 acc[NC][NV];
+  for (int c = 0; c < NC; ++c) {
+    for (int k = 0; k < NV; ++k) acc[c][k] = _mm256_setzero_ps();
+  }
+  for (int64_t p = 0; p < np; ++p) {
+    __m256 b[NV];
+    for (int k = 0; k < NV; ++k) b[k] = _mm256_loadu_ps(gtt + p * op + 8 * k);
+    for (int c = 0; c < NC; ++c) {
+      const __m256 a = _mm256_broadcast_ss(v + c * pp + p);
+      for (int k = 0; k < NV; ++k) acc[c][k] = _mm256_fmadd_ps(a, b[k], acc[c][k]);
+    }
+  }
+  for (int c = 0; c < NC; ++c) {
+    for (int k = 0; k < NV; ++k) {
+      float* mk = m + c * op + 8 * k;
+      _mm256_storeu_ps(mk, _mm256_add_ps(_mm256_loadu_ps(mk), acc[c][k]));
+    }
+  }
+}
+
+// The same on 512-bit registers: NV vectors of 16 gradient rows.
+template <int NC, int NV>
+FSN_TARGET512 void reduce_tile_wide(const float* v, int64_t pp, const float* gtt, int64_t op, int64_t np,
+                                    float* m) {
+  __m512 acc[NC][NV];
+  for (int c = 0; c < NC; ++c) {
+    for (int k = 0; k < NV; ++k) acc[c][k] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < np; ++p) {
+    __m512 b[NV];
+    for (int k = 0; k < NV; ++k) b[k] = _mm512_loadu_ps(gtt + p * op + 16 * k);
+    for (int c = 0; c < NC; ++c) {
+      const __m512 a = _mm512_set1_ps(v[c * pp + p]);
+      for (int k = 0; k < NV; ++k) acc[c][k] = _mm512_fmadd_ps(a, b[k], acc[c][k]);
+    }
+  }
+  for (int c = 0; c < NC; ++c) {
+    for (int k = 0; k < NV; ++k) {
+      float* mk = m + c * op + 16 * k;
+      _mm512_storeu_ps(mk, _mm512_add_ps(_mm512_loadu_ps(mk), acc[c][k]));
+    }
+  }
+}
+
+// m[c][o] += sum_p v[c][p] gtt[p][o] for c < nc, o < op (a multiple of 16), p < np.
+template <int NC>
+FSN_TARGET512 void reduce_rows_wide(const float* v, int64_t pp, const float* gtt, int64_t op, int64_t np, float* m) {
+  int64_t o = 0;
+  for (; o + 32 <= op; o += 32) reduce_tile_wide<NC, 2>(v, pp, gtt + o, op, np, m + o);
+  if (o < op) reduce_tile_wide<NC, 1>(v, pp, gtt + o, op, np, m + o);
+}
+
+template <int NC>
+FSN_TARGET void reduce_rows(const float* v, int64_t pp, const float* gtt, int64_t op, int64_t np, float* m) {
+  for (int64_t o = 0; o < op; o += 16) reduce_tile<NC, 2>(v, pp, gtt + o, op, np, m + o);
+}
+
+// One position xi: m[c][o] += sum_p v[c][p] gtt[p][o] for every input row c < nc.
+FSN_TARGET void reduce_position(bool wide, const float* v, int64_t pp, int64_t nc, const float* gtt, int64_t op,
+                                int64_t np, float* m) {
+  int64_t c = 0;
+  if (wide) {
+    for (; c + 8 <= nc; c += 8) reduce_rows_wide<8>(v + c * pp, pp, gtt, op, np, m + c * op);
+    for (; c + 4 <= nc; c += 4) reduce_rows_wide<4>(v + c * pp, pp, gtt, op, np, m + c * op);
+    for (; c < nc; ++c) reduce_rows_wide<1>(v + c * pp, pp, gtt, op, np, m + c * op);
+    return;
+  }
+  for (; c + 4 <= nc; c += 4) reduce_rows<4>(v + c * pp, pp, gtt, op, np, m + c * op);
+  for (; c < nc; ++c) reduce_rows<1>(v + c * pp, pp, gtt, op, np, m + c * op);
+}
+
 }  // namespace
 
 int64_t winograd_scratch_floats(const WinogradJob& j) {
@@ -820,6 +1019,30 @@ bool winograd_run_avx2(const WinogradJob& j, int64_t begin, int64_t end, float* 
   return true;
 }
 
+int64_t winograd_grad_scratch_floats(const WinogradGradJob& j) {
+  return 36 * (j.in_w + grad_rows_padded(j)) * grad_pp(j) + 4 * grad_pp(j) + 8;
+}
+
+int64_t winograd_grad_rows_padded(const WinogradGradJob& j) { return grad_rows_padded(j); }
+
+bool winograd_weight_grad_avx2(const WinogradGradJob& j, int64_t n_begin, int64_t n_end, float* scratch,
+                               float* m) {
+  const GradScratch s = carve_grad(j, scratch);
+  const int64_t tiles = tiles_per_image(j.in), op = grad_rows_padded(j);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += j.in.images_per_chunk) {
+    const int64_t nb = std::min(j.in.images_per_chunk, n_end - n0), used = nb * tiles, pp = row_stride(used);
+    pair_table(j.in, n0, used, s.in);
+    transform_input_f4(j.in, j.c0, j.in_w, used, pp, s.in);
+    transform_grad_f4(j, n0, used, pp, s);
+    const int64_t np = (used + 7) / 8 * 8;
+    for (int xi = 0; xi < 36; ++xi) {
+      reduce_position(j.in.wide, s.in.v + xi * j.in_w * pp, pp, j.in_w, s.gtt + xi * pp * op, op, np,
+                      m + xi * j.in_w * op);
+    }
+  }
+  return true;
+}
+
 }  // namespace conv
 }  // namespace fastsupernet
 
@@ -831,6 +1054,9 @@ namespace conv {
 int64_t winograd_scratch_floats(const WinogradJob&) { return 0; }
 int64_t winograd_lane_doubles(const WinogradJob&) { return 0; }
 bool winograd_run_avx2(const WinogradJob&, int64_t, int64_t, float*, double*) { return false; }
+int64_t winograd_grad_scratch_floats(const WinogradGradJob&) { return 0; }
+int64_t winograd_grad_rows_padded(const WinogradGradJob&) { return 0; }
+bool winograd_weight_grad_avx2(const WinogradGradJob&, int64_t, int64_t, float*, float*) { return false; }
 
 }  // namespace conv
 }  // namespace fastsupernet

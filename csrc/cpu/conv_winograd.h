@@ -76,12 +76,45 @@ struct WinogradJob {
   bool wide = false;
 };
 
+// Host-side choices (conv.cpp), read at every call: whether a layer's shape takes Winograd
+// (and the CPU and FASTSUPERNET_CPU_WINOGRAD allow it), its tile size (x_sW: the input's
+// column stride), the least input width of a candidate that takes it, and the bytes of
+// transformed input per chunk.
+bool winograd_shape(int64_t kh, int64_t kw, int64_t stride, int64_t padding, int64_t Ho, int64_t Wo);
+int winograd_tile(int64_t Ho, int64_t Wo, int64_t x_sW);
+int64_t winograd_min_width(int64_t Wo, int tile, bool wide);
+int64_t winograd_chunk_bytes();
+
 // float32 values and float64 statistics lanes of one thread's scratch.
 int64_t winograd_scratch_floats(const WinogradJob& job);
 int64_t winograd_lane_doubles(const WinogradJob& job);
 
 // Runs chunks [begin, end); false when the build has no AVX2 version.
 bool winograd_run_avx2(const WinogradJob& job, int64_t begin, int64_t end, float* scratch, double* lanes);
+
+// The weight gradient of one candidate by F(4x4, 3x3) transposed:
+//   dW[o][c] = G^T [ sum over images and tiles of (A dY A^T) . (B^T d B) ] G
+// (dY the 4x4 tiles of grad_out row o, d the 6x6 input patches of channel c). `in` describes
+// x as for the forward (tile 4, its channels [c0, c0 + in_w) as the one segment,
+// images_per_chunk, wide); grad rows [0, out_w) at g with strides g_sN, g_sC, g_sH (columns
+// contiguous).
+struct WinogradGradJob {
+  WinogradJob in;
+  int64_t c0 = 0, in_w = 0, out_w = 0;
+  const float* g = nullptr;
+  int64_t g_sN = 0, g_sC = 0, g_sH = 0;
+};
+
+int64_t winograd_grad_scratch_floats(const WinogradGradJob& job);
+
+// Gradient rows per input row of the sums below: out_w rounded up to 16.
+int64_t winograd_grad_rows_padded(const WinogradGradJob& job);
+
+// m[(xi * in_w + c) * rows_padded + o] += the sums over images [n_begin, n_end), in chunks of
+// in.images_per_chunk images from n_begin, in float32 (each chunk's sums added as it ends);
+// false when the build has no AVX2 version.
+bool winograd_weight_grad_avx2(const WinogradGradJob& job, int64_t n_begin, int64_t n_end, float* scratch,
+                               float* m);
 
 }  // namespace conv
 }  // namespace fastsupernet

@@ -108,7 +108,7 @@ def conv_backward(
     grad_x = grad_w = None
     if need_x and mode != "loop":
         grad_x = _input_grad_batched(g, x, weight, meta, stride, padding)
-    if need_w and mode != "loop" and not _weight_grad_by_aten(x, len(out_widths)):
+    if need_w and mode != "loop" and not _weight_grad_by_aten(g, x, weight, meta, stride, padding):
         grad_w = _weight_grad_batched(g, x, weight, meta, stride, padding)
     if (need_x and grad_x is None) or (need_w and grad_w is None):
         gx, gw = _conv_grads_loop(g, x, weight, meta, stride, padding, need_x and grad_x is None,
@@ -147,16 +147,28 @@ def _backward_setting() -> str:
     return mode
 
 
-def _weight_grad_by_aten(x: torch.Tensor, k: int) -> bool:
+def _weight_grad_by_aten(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, meta, stride: int,
+                         padding: int) -> bool:
     """Whether ``auto`` mode takes aten's weight gradient for this call: one candidate on a CPU
-    whose kernels run AVX-512, where oneDNN's weight-gradient kernel beat the batched one
-    (sliced Track-1 layers, batch 256: 1.4x-3.1x); with several candidates the batched kernel
-    saves one aten call per candidate and stays (2.2x-2.7x on 32x32 and 1.3x on 16x16 at K = 8)."""
-    if k != 1 or x.device.type != "cpu" or _backward_setting() != "auto":
+    whose kernels run AVX-512, where oneDNN's weight-gradient kernel beat the batched direct one
+    (sliced Track-1 layers, batch 256: 1.4x-3.1x), unless the compiled kernel computes that
+    candidate's gradient by Winograd F(4x4) (3x3 stride-1 layers with 8-, 16- or 32-wide outputs,
+    input width >= 8, output width >= 12: 1.1x-3x faster than aten); with several candidates
+    the batched kernel saves one aten call per candidate and stays (2.2x-2.7x on 32x32 and 1.3x
+    on 16x16 at K = 8)."""
+    in_offsets, in_widths, out_widths, row_offsets = meta
+    if len(out_widths) != 1 or x.device.type != "cpu" or _backward_setting() != "auto":
         return False
     from ._extension import cpu_conv_isa
 
-    return cpu_conv_isa() == "avx512"
+    if cpu_conv_isa() != "avx512":
+        return False
+    if weight.shape[2] == weight.shape[3] and _has_compiled("multi_conv2d_weight_grad", x.device):
+        xs = x[:, int(in_offsets[0]) : int(in_offsets[0]) + int(in_widths[0])]
+        if torch.ops.fastsupernet._cpu_weight_grad_winograd(g, xs, int(weight.shape[2]), stride, padding,
+                                                              int(in_widths[0]), int(out_widths[0])):
+            return False
+    return True
 
 
 def _has_compiled(op: str, device: torch.device) -> bool:
