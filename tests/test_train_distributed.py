@@ -66,9 +66,17 @@ def test_two_ranks_equal_one_process_accumulating_two_shards(tmp_path):
     assert not torch.equal(start.stem.weight, ddp.state_dict["stem.weight"])
 
 
-def test_sync_bn_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
+def test_sync_bn_two_ranks_equal_one_process_on_the_whole_batch(tmp_path, monkeypatch):
     """With sync_bn, BN of 2 processes takes the statistics of both shards: the run equals one
-    process that forwards each whole batch at once (weights and BN running statistics)."""
+    process that forwards each whole batch at once (weights and BN running statistics).
+
+    The two runs sum each weight gradient in another order (two shards, then all-reduce, vs the
+    whole batch); this small net amplifies those rounding differences by two to three orders of
+    magnitude in a few multi-path steps. With the direct kernels they stay within the tolerances
+    below; the Winograd weight gradient (errors ~1e-6 of the largest value) does not, so the runs
+    pin the direct kernels: this test is about sync-BN semantics, the kernels' accuracy has its
+    own tests."""
+    monkeypatch.setenv("FASTSUPERNET_CPU_WINOGRAD", "0")  # inherited by the torchrun processes
     pytest.importorskip("torch.distributed.run")
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")

@@ -29,6 +29,11 @@
 // wide), AVX2 + FMA, and portable; the widest the CPU has runs (FASTSUPERNET_CPU_KERNEL=avx2 or
 // =generic forces a lower one). Accumulation is in the input's dtype (as aten's convolution
 // backward does): per lane about N H' W' / (items * lanes) terms.
+//
+// Float32 candidates of layers whose forward runs Winograd F(4x4, 3x3) take F(4x4) transposed
+// instead (winograd_weight_grad below, kernel in conv_winograd.cpp), from the widths that
+// winograd_grad_takes states; their sums go to work item 0's slot, so the final loop adds
+// every candidate in the same order.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

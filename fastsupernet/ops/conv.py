@@ -131,7 +131,8 @@ def backward_mode(device: torch.device) -> str:
     loops). ``loop``: aten's convolution backward per candidate. Set by the environment
     variable ``FASTSUPERNET_CONV_BACKWARD`` (read at every call); ``auto`` (default) is
     ``batched`` on CPU, where it was measured faster, and ``loop`` elsewhere; on AVX-512 CPUs
-    the weight gradient of a single candidate then comes from aten (oneDNN), measured faster.
+    the weight gradient of a single candidate then comes from aten (oneDNN), measured faster,
+    except where the compiled kernel computes it by Winograd F(4x4) (faster still).
     """
     mode = _backward_setting()
     if mode == "auto":
