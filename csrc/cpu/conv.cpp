@@ -290,12 +290,7 @@ using conv::winograd_tile;
 
 // U = G g G^T of one 3x3 filter (any strides) for F(4x4), in float64, xi = 6 * (y index) + (x index).
 void winograd_filter4(const float* g, int64_t s2, int64_t s3, double u[36]) {
-  static constexpr double kG[6][3] = {{0.25, 0, 0},
-                                      {-1.0 / 6, -1.0 / 6, -1.0 / 6},
-                                      {-1.0 / 6, 1.0 / 6, -1.0 / 6},
-                                      {1.0 / 24, 1.0 / 12, 1.0 / 6},
-                                      {1.0 / 24, -1.0 / 12, 1.0 / 6},
-                                      {0, 0, 1}};
+  const auto& kG = conv::kWinogradG4;
   double t[6][3];  // G g
   for (int i = 0; i < 6; ++i) {
     for (int c = 0; c < 3; ++c) {

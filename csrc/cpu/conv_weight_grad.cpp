@@ -240,12 +240,7 @@ void winograd_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, int64
   }
   // dW[o][c][a][b] = sum over positions (x1, x2) of G[x1][a] G[x2][b] M[x1 x2][c][o]: per tap
   // (a, b), a weighted sum of the position planes (each iw x op, contiguous)
-  static constexpr double kG[6][3] = {{0.25, 0, 0},
-                                      {-1.0 / 6, -1.0 / 6, -1.0 / 6},
-                                      {-1.0 / 6, 1.0 / 6, -1.0 / 6},
-                                      {1.0 / 24, 1.0 / 12, 1.0 / 6},
-                                      {1.0 / 24, -1.0 / 12, 1.0 / 6},
-                                      {0, 0, 1}};
+  const auto& kG = conv::kWinogradG4;
   const int64_t plane = iw * op;
   std::vector<double> tap(static_cast<size_t>(plane));
   for (int a = 0; a < 3; ++a) {

@@ -1,5 +1,8 @@
 // Winograd kernels of fastsupernet::multi_conv2d (float32, AVX2 + FMA): F(2x2, 3x3) and
-// F(4x4, 3x3).
+// F(4x4, 3x3); and F(4x4) transposed for the weight gradient (multi_conv2d_weight_grad, last
+// section: dW = G^T [sum over tiles of (A dY A^T) . (B^T d B)] G, the same input transform,
+// the gradient's 4x4 tiles transformed by A and stored with gradient rows contiguous, so that
+// the reduction over tiles broadcasts input values into whole vectors of gradient rows).
 //
 // For a 3x3 stride-1 convolution with padding 1, each t x t output tile is
 //   Y = A^T [ sum_c (G g_c G^T) . (B^T d_c B) ] A

@@ -18,6 +18,15 @@
 namespace fastsupernet {
 namespace conv {
 
+// G of F(4x4, 3x3) (6 x 3; points 0, +-1, +-2): the filter transform U = G g G^T (conv.cpp) and,
+// transposed, the last step of the weight gradient dW = G^T M G (conv_weight_grad.cpp).
+inline constexpr double kWinogradG4[6][3] = {{0.25, 0, 0},
+                                             {-1.0 / 6, -1.0 / 6, -1.0 / 6},
+                                             {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+                                             {1.0 / 24, 1.0 / 12, 1.0 / 6},
+                                             {1.0 / 24, -1.0 / 12, 1.0 / 6},
+                                             {0, 0, 1}};
+
 // Output rows per register tile; the transformed weights are packed in blocks of this many rows.
 constexpr int kWinogradRows = 4;
 
