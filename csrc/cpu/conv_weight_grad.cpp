@@ -229,8 +229,9 @@ void winograd_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, int64
     // not zero-filled: the kernel writes every value it reads (megabytes per call)
     std::unique_ptr<float[]> scratch(new float[static_cast<size_t>(scratch_n)]);
     for (int64_t item = begin; item < end; ++item) {
-      conv::winograd_weight_grad_avx2(j, item * per_item, std::min(N, (item + 1) * per_item), scratch.get(),
-                                      m.data() + item * mlen);
+      const bool ran = conv::winograd_weight_grad_avx2(j, item * per_item, std::min(N, (item + 1) * per_item),
+                                                        scratch.get(), m.data() + item * mlen);
+      TORCH_INTERNAL_ASSERT(ran, "multi_conv2d_weight_grad: Winograd chosen in a build without its AVX2 kernel");
     }
   });
   std::vector<double> sum(static_cast<size_t>(mlen), 0.0);
