@@ -423,6 +423,7 @@ _GUARD_SCRIPT = r'''
 import ctypes
 import itertools
 import mmap
+import os
 
 import torch
 import torch.nn.functional as F
@@ -482,6 +483,17 @@ for dtype, (N, C, H, W, k, s, p), at_end in itertools.product(
     out, _, _ = torch.ops.fastsupernet.sliced_conv2d(
         xcl.permute(0, 3, 1, 2), w, 4, 0, s, p, None, None, None, "none", None, False)
     torch.testing.assert_close(out, F.conv2d(x, w, stride=s, padding=p), rtol=1e-4, atol=tol)
+    # the weight gradient reads x and grad_out (direct kernel; Winograd F(4x4) where forced)
+    gy = guarded((N, 6, Ho, Wo), dtype, at_end)
+    gy.copy_(torch.randn(N, 6, Ho, Wo, dtype=dtype))
+    want = torch.zeros(4, C, k, k, dtype=dtype)
+    want += torch.nn.grad.conv2d_weight(x, (4, C, k, k), gy[:, :4], stride=s, padding=p)
+    want[1:3, :1] += torch.nn.grad.conv2d_weight(x[:, C - 1:], (2, 1, k, k), gy[:, 4:], stride=s, padding=p)
+    for flag in ("1", "all"):
+        os.environ["FASTSUPERNET_CPU_WINOGRAD"] = flag
+        got = torch.ops.fastsupernet.multi_conv2d_weight_grad(gy, x, w, [0, C - 1], [C, 1], [4, 2], [0, 1], s, p)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    del os.environ["FASTSUPERNET_CPU_WINOGRAD"]
     count += 1
 print("ok", count)
 '''
@@ -490,9 +502,10 @@ print("ok", count)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mmap/mprotect guard pages")
 @pytest.mark.parametrize("kernel", ["auto", "generic"])
 def test_reads_stay_inside_the_tensors(kernel):
-    """x (NCHW and channels_last), weight and residual placed against inaccessible guard pages
-    at either end: a read outside a tensor (by a short vector at the end of a row, or by the
-    strided copy) crashes the child process. Software prefetches never fault: not covered."""
+    """x (NCHW and channels_last), weight, residual and (for the weight gradient) grad_out placed
+    against inaccessible guard pages at either end: a read outside a tensor (by a short vector at
+    the end of a row, or by the strided copy) crashes the child process. Software prefetches
+    never fault: not covered."""
     env = dict(os.environ)
     if kernel == "generic":
         env["FASTSUPERNET_CPU_KERNEL"] = "generic"
