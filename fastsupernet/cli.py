@@ -279,7 +279,7 @@ def _add_rank(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="discard an earlier run's OUT.json and journals and start over")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--memory-limit", default=None, metavar="BYTES",
-                   help="peak memory the fast engine may plan for, e.g. 8GiB (default: the engine's)")
+                   help="peak memory the fast engine may plan for, e.g. 8GiB (default: half the free GPU memory, or 1GiB on CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar and no summary line on stderr")
     p.set_defaults(func=cmd_rank)
 
