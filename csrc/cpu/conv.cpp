@@ -247,8 +247,9 @@ int64_t winograd_chunk_bytes() {
 // 32x32 planes 0.96x at 12, 1.07-1.12x at 16 (but 0.88x at 16 -> 8), 1.18x at 20; 16x16
 // 0.95x at 12, 1.09x at 16, 1.55x at 32; 8x8 0.7x at 4, 1.13x at 8, 1.40x at 32, 1.96x at 64
 // (with 256-bit transforms: 32x32 0.93-0.97x at 16, 1.14x at 20, 1.26x at 32; 16x16 0.96x at
-// 12, 1.03-1.10x at 16, 1.36x at 32; 8x8 1.13x at 8, 1.43x at 32, 1.51x at 64). F(4x4), AVX2 kernels on the same
-// CPU: 32x32 1.05x at 8, 1.33x at 12; 16x16 1.13x at 8, 1.53x at 12; 8x8 0.6x at 4, 1.25x at 8.
+// 12, 1.03-1.10x at 16, 1.36x at 32; 8x8 1.13x at 8, 1.43x at 32, 1.51x at 64). F(4x4), AVX2
+// kernels on the same CPU: 32x32 1.05x at 8, 1.33x at 12; 16x16 1.13x at 8, 1.53x at 12; 8x8
+// 0.6x at 4, 1.25x at 8.
 // F(2x2), AVX2 (packed inputs: 32x32 and 16x16 planes 0.8x at width 8, 0.9-1.0x at 16, 1.2x
 // at 20, 1.4x at 32; 8x8 planes 1.3x at 8, 1.5-1.75x at 16..64); AVX-512: 32x32 planes 0.87x
 // at 20, 0.96x at 24, 0.97-1.0x at 28, 1.03-1.08x at 32, 1.15x at 36; 16x16 planes 0.96-0.98x

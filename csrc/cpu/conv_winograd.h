@@ -1,6 +1,6 @@
 // Plan of the Winograd paths of fastsupernet::multi_conv2d on CPU (float32, AVX2 + FMA),
-// F(2x2, 3x3) and F(4x4, 3x3), shared by the host code (conv.cpp) and the kernel
-// (conv_winograd.cpp).
+// F(2x2, 3x3) and F(4x4, 3x3), and of F(4x4) transposed for multi_conv2d_weight_grad, shared
+// by the host code (conv.cpp, conv_weight_grad.cpp) and the kernel (conv_winograd.cpp).
 //
 // Plain C++ (no torch), like conv_plan.h. Vocabulary (t = the tile size, 2 or 4):
 //   tile   t x t output pixels, computed from a (t+2) x (t+2) input patch; an image has
