@@ -321,9 +321,10 @@ void winograd_filter(const float* g, int64_t s2, int64_t s3, double u[16]) {
   }
 }
 
-// The candidates k with use[k] of a multi_conv2d call (float32): their rows of `out`, and of
-// the per-(image, row) statistics part_sum/part_sq (N x M, or nullptr).
-void multi_conv2d_winograd(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef in_offsets,
+// The candidates k with use[k] of a multi_conv2d call (float32) by Winograd with tile size
+// `tile` (winograd_tile): their rows of `out`, and of the per-(image, row) statistics
+// part_sum/part_sq (N x M, or nullptr).
+void multi_conv2d_winograd(int tile, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef in_offsets,
                            at::IntArrayRef in_widths, at::IntArrayRef out_widths, at::IntArrayRef row_offsets,
                            const std::vector<char>& use, const std::vector<int64_t>& row_start,
                            const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& res, int activation,
@@ -343,7 +344,7 @@ void multi_conv2d_winograd(const at::Tensor& x, const at::Tensor& weight, at::In
   job.N = N;
   job.H = H;
   job.W = W;
-  job.tile = winograd_tile(H, W, x.stride(3));
+  job.tile = tile;
   const int nxi = (job.tile + 2) * (job.tile + 2);
 
   // Segments: runs of consecutive candidates with one input offset.
@@ -695,15 +696,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_impl(
     if (winograd_shape(kh, kw, stride, padding, Ho, Wo)) {
       std::vector<char> wino(static_cast<size_t>(K), 0);
       bool any = false;
-      const int64_t least = winograd_min_width(Wo, winograd_tile(Ho, Wo, x.stride(3)), use_avx512());
+      const int tile = winograd_tile(Ho, Wo, x.stride(3));
+      const int64_t least = winograd_min_width(Wo, tile, use_avx512());
       for (int64_t k = 0; k < K; ++k) {
         wino[k] = in_widths[k] >= least;
         direct_cand[k] = !wino[k];
         any = any || wino[k];
       }
       if (any) {
-        multi_conv2d_winograd(x, weight, in_offsets, in_widths, out_widths, row_offsets, wino, row_start, scale, shift,
-                              res, activation, slope, out, stats ? part_sum.data() : nullptr,
+        multi_conv2d_winograd(tile, x, weight, in_offsets, in_widths, out_widths, row_offsets, wino, row_start, scale,
+                              shift, res, activation, slope, out, stats ? part_sum.data() : nullptr,
                               stats ? part_sq.data() : nullptr);
       }
     }

@@ -52,6 +52,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #define FSN_TARGET __attribute__((target("avx2,fma")))
+#define FSN_TARGET512 __attribute__((target("avx2,fma,avx512f,avx512dq,avx512vl")))
 #define FSN_INLINE inline __attribute__((always_inline))
 
 namespace fastsupernet {
@@ -386,8 +387,6 @@ FSN_TARGET void input_group_f4(const WinogradJob& j, const float* xc, int64_t g,
   }
 }
 
-#define FSN_TARGET512 __attribute__((target("avx2,fma,avx512f,avx512dq,avx512vl")))
-
 // bt6 and at6 on 512-bit registers: the same operations lane by lane.
 FSN_TARGET512 FSN_INLINE void bt6(const __m512* d, __m512* t) {
   const __m512 two = _mm512_set1_ps(2.0f), four = _mm512_set1_ps(4.0f), five = _mm512_set1_ps(5.0f);
@@ -493,7 +492,7 @@ FSN_TARGET FSN_INLINE void gemm_tile(const float* __restrict ub, const float* __
 // once each and serve every vector. Every output is the same chain of fused multiply-adds as
 // in gemm_tile (the same values), with 16 lanes per instruction and no shuffles.
 template <int NV>
-__attribute__((target("avx2,fma,avx512f,avx512dq,avx512vl"))) void gemm_tile_wide(
+FSN_TARGET512 void gemm_tile_wide(
     const float* __restrict ub, const float* __restrict vb, int64_t pp, int64_t depth, float* __restrict mb) {
   constexpr int NZ = NV / 2;
   constexpr bool kHalf = NV % 2 != 0;
@@ -528,6 +527,18 @@ struct RowEpilogue {
   int act;
 };
 
+// The epilogue constants of output row `orow`.
+FSN_TARGET FSN_INLINE RowEpilogue row_epilogue(const WinogradJob& j, int64_t orow) {
+  RowEpilogue e;
+  e.has_scale = j.scale != nullptr;
+  e.has_shift = j.shift != nullptr;
+  e.sc = _mm256_set1_ps(e.has_scale ? j.scale[orow] : 1.0f);
+  e.sh = _mm256_set1_ps(e.has_shift ? j.shift[orow] : 0.0f);
+  e.sl = _mm256_set1_ps(j.slope != nullptr ? j.slope[orow] : 0.0f);
+  e.act = j.activation;
+  return e;
+}
+
 // Statistics (added to the image's lanes l[0..4) and l[4..8), vector by vector), epilogue and
 // store of 8 contiguous output pixels at `o`.
 FSN_TARGET FSN_INLINE void emit(const RowEpilogue& e, float* o, const float* res, __m256 y, double* l) {
@@ -561,13 +572,7 @@ FSN_TARGET void output_group(const WinogradJob& j, const float* __restrict mb, i
   const int64_t hw = j.H * j.W, tiles = (j.H / 2) * (j.W / 2);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t orow = row + r;
-    RowEpilogue e;
-    e.has_scale = j.scale != nullptr;
-    e.has_shift = j.shift != nullptr;
-    e.sc = _mm256_set1_ps(e.has_scale ? j.scale[orow] : 1.0f);
-    e.sh = _mm256_set1_ps(e.has_shift ? j.shift[orow] : 0.0f);
-    e.sl = _mm256_set1_ps(j.slope != nullptr ? j.slope[orow] : 0.0f);
-    e.act = j.activation;
+    const RowEpilogue e = row_epilogue(j, orow);
     float* out_row = chunk_out + orow * hw;
     const float* res_row = j.residual != nullptr ? j.residual + (chunk_out - j.out) + orow * hw : nullptr;
     for (int v = 0; v < NV; ++v) {
@@ -649,17 +654,6 @@ FSN_TARGET512 FSN_INLINE void output_runs2_f4(const float* m, int64_t mb_stride,
       runs[1][yr][q] = _mm512_extractf32x8_ps(r[q], 1);
     }
   }
-}
-
-FSN_TARGET FSN_INLINE RowEpilogue row_epilogue(const WinogradJob& j, int64_t orow) {
-  RowEpilogue e;
-  e.has_scale = j.scale != nullptr;
-  e.has_shift = j.shift != nullptr;
-  e.sc = _mm256_set1_ps(e.has_scale ? j.scale[orow] : 1.0f);
-  e.sh = _mm256_set1_ps(e.has_shift ? j.shift[orow] : 0.0f);
-  e.sl = _mm256_set1_ps(j.slope != nullptr ? j.slope[orow] : 0.0f);
-  e.act = j.activation;
-  return e;
 }
 
 // Statistics, epilogue and store of the runs of the 8 tiles from p (per pair of tiles: 8
