@@ -1,12 +1,36 @@
 """Float64 oracle pieces shared by the CPU convolution tests (test_conv_cpu.py,
-test_conv_winograd.py): the epilogue with the magnitude its roundings are relative to, and the
-bounds of the float64 channel statistics."""
+test_conv_winograd.py): the epilogue with the magnitude its roundings are relative to, the
+bounds of the float64 channel statistics, and the kernel switches (environment variables the
+CPU kernels read at every call)."""
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
 
 U64 = 2.0**-53
+
+
+@contextlib.contextmanager
+def cpu_env(**settings: str | None):
+    """Within the block, each named environment variable set to its value (None: unset); the
+    previous values are restored afterwards, also on failure."""
+    old = {k: os.environ.get(k) for k in settings}
+
+    def apply(values):
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    apply(settings)
+    try:
+        yield
+    finally:
+        apply(old)
 
 
 def epilogue(y, mag, scale, shift, residual, activation, slope, cand):

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 import fastsupernet._C  # noqa: F401  (registers the ops)
-from conv_oracle import assert_stats_match_output, assert_stats_within, epilogue
+from conv_oracle import assert_stats_match_output, assert_stats_within, cpu_env, epilogue
 
 try:  # fake (meta) kernels, where the Python side defines them
     import fastsupernet.ops._registration  # noqa: F401
@@ -313,9 +313,8 @@ def test_avx512_kernel_equals_avx2():
     if cpu_conv_isa() != "avx512":
         pytest.skip(f"this CPU runs the {cpu_conv_isa()} kernel")
     rng = random.Random(512)
-    env = {k: os.environ.get(k) for k in ("FASTSUPERNET_CPU_KERNEL", "FASTSUPERNET_CPU_WINOGRAD")}
-    os.environ["FASTSUPERNET_CPU_WINOGRAD"] = "0"  # the direct kernels (Winograd is AVX2 on both)
-    try:
+    # the direct kernels (Winograd is AVX2 on both)
+    with cpu_env(FASTSUPERNET_CPU_WINOGRAD="0", FASTSUPERNET_CPU_KERNEL=None):
         for trial in range(40):
             h, w = rng.choice([1, 3, 7, 8, 9, 16, 17, 33]), rng.choice([1, 5, 8, 15, 16, 24, 33])
             kernel, stride = rng.choice([1, 3]), rng.choice([1, 2])
@@ -343,20 +342,13 @@ def test_avx512_kernel_equals_avx2():
             stats = not affine or rng.random() < 0.3
             args = (x, weight, in_off, in_w, out_w, [rng.randint(0, rows - o) for o in out_w], stride, padding,
                     scale, shift, residual, act, slope, stats)
-            os.environ.pop("FASTSUPERNET_CPU_KERNEL", None)
             wide = OPS.multi_conv2d(*args)
-            os.environ["FASTSUPERNET_CPU_KERNEL"] = "avx2"
-            narrow = OPS.multi_conv2d(*args)
+            with cpu_env(FASTSUPERNET_CPU_KERNEL="avx2"):
+                narrow = OPS.multi_conv2d(*args)
             where = (trial, h, w, kernel, stride, K, in_w, out_w, act)
             assert torch.equal(wide[0], narrow[0]), where
             for a, b in zip(wide[1:], narrow[1:]):
                 torch.testing.assert_close(a, b, rtol=1e-13, atol=0, msg=lambda m: f"{where}: {m}")
-    finally:
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_threads_do_not_change_results():

@@ -20,7 +20,6 @@ from it somewhere: the Winograd path really ran.
 """
 from __future__ import annotations
 
-import os
 import random
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 import fastsupernet._C  # noqa: F401  (registers the ops)
 from fastsupernet.ops._extension import cpu_conv_isa, has_kernel
 
-from conv_oracle import assert_stats_match_output, assert_stats_within, epilogue
+from conv_oracle import assert_stats_match_output, assert_stats_within, cpu_env, epilogue
 
 OPS = torch.ops.fastsupernet
 U32 = 2.0**-24
@@ -137,21 +136,10 @@ class WCase:
         self.tile = tile_of(x, force_tile)
 
     def run(self, winograd: bool = True):
-        env = {"FASTSUPERNET_CPU_WINOGRAD": "all" if winograd else "0",
-               "FASTSUPERNET_CPU_WINOGRAD_TILE": self.force_tile}
-        old = {k: os.environ.get(k) for k in env}
-        for k, v in env.items():
-            if v is not None:
-                os.environ[k] = v
-        try:
+        with cpu_env(FASTSUPERNET_CPU_WINOGRAD="all" if winograd else "0",
+                     FASTSUPERNET_CPU_WINOGRAD_TILE=self.force_tile):
             return OPS.multi_conv2d(self.x, self.weight, *self.meta, 1, 1, self.scale, self.shift, self.residual,
                                     self.activation, self.slope, self.stats)
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
     def check(self, out, s, q):
         io, iw, ow, ro = self.meta
@@ -271,11 +259,8 @@ def test_sliced_conv2d_uses_it(hw):
     ref = F.conv2d(x.double(), w[4:37, :24].double(), padding=1)
     aw = winograd_abs(x.double(), w[4:37, :24].double(), tile)
     assert ((out.double() - ref).abs() <= (24 + ROUNDINGS[tile] + 4) * U32 * aw).all()
-    os.environ["FASTSUPERNET_CPU_WINOGRAD"] = "0"
-    try:
+    with cpu_env(FASTSUPERNET_CPU_WINOGRAD="0"):
         direct = OPS.sliced_conv2d(x, w, 33, 4, 1, 1, None, None, None, "none", None, False)[0]
-    finally:
-        del os.environ["FASTSUPERNET_CPU_WINOGRAD"]
     assert not torch.equal(out, direct)
 
 
@@ -292,11 +277,8 @@ def min_width(out_h: int, out_w: int) -> int:
 def _both_ways(x, w, C, stride, flag):
     outs = []
     for f in (flag, "0"):
-        os.environ["FASTSUPERNET_CPU_WINOGRAD"] = f
-        try:
+        with cpu_env(FASTSUPERNET_CPU_WINOGRAD=f):
             outs.append(OPS.multi_conv2d(x, w, [0], [C], [9], [0], stride, 1, None, None, None, "none", None, True))
-        finally:
-            del os.environ["FASTSUPERNET_CPU_WINOGRAD"]
     return outs
 
 
@@ -311,11 +293,8 @@ def test_narrow_widths_and_other_shapes_keep_the_direct_kernel():
         w = torch.randn(9, C, 3, 3, generator=g)
         for a, b in zip(*_both_ways(x, w, C, stride, "1")):
             assert torch.equal(a, b), (C, H, W, stride)
-    os.environ["FASTSUPERNET_CPU_WINOGRAD"] = "0"
-    try:
+    with cpu_env(FASTSUPERNET_CPU_WINOGRAD="0"):
         assert OPS._cpu_winograd_min_width(8, 8) == -1 and OPS._cpu_winograd_tile(8, 8) == 0
-    finally:
-        del os.environ["FASTSUPERNET_CPU_WINOGRAD"]
     assert OPS._cpu_winograd_tile(7, 8) == 0 and OPS._cpu_winograd_tile(8, 12) == 0
     for H, W in [(8, 8), (16, 16), (8, 32), (6, 16), (6, 8), (4, 24)]:
         # what the benchmarks' floors read
@@ -401,11 +380,8 @@ def winograd_grad_abs(x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
 
 
 def _weight_grad(gy, x, w, meta, flag):
-    os.environ["FASTSUPERNET_CPU_WINOGRAD"] = flag
-    try:
+    with cpu_env(FASTSUPERNET_CPU_WINOGRAD=flag):
         return OPS.multi_conv2d_weight_grad(gy, x, w, *meta, 1, 1)
-    finally:
-        del os.environ["FASTSUPERNET_CPU_WINOGRAD"]
 
 
 GRAD_CASES = [  # N, C, H, W, (in_offsets, in_widths, out_widths, row_offsets)
@@ -459,11 +435,8 @@ def test_weight_grad_choice():
     assert not ask(gy, x, 1, 1, 0, 16, 16)  # 1x1
     assert not ask(torch.randn(2, 12, 6, 16), torch.randn(2, 16, 6, 16), 3, 1, 1, 16, 16)  # height 6: F(2x2)
     assert not ask(gy, x.contiguous(memory_format=torch.channels_last), 3, 1, 1, 16, 16)
-    os.environ["FASTSUPERNET_CPU_WINOGRAD"] = "0"
-    try:
+    with cpu_env(FASTSUPERNET_CPU_WINOGRAD="0"):
         assert not ask(gy, x, 3, 1, 1, 16, 16)
-    finally:
-        del os.environ["FASTSUPERNET_CPU_WINOGRAD"]
     w = torch.randn(12, 16, 3, 3)
     for iw, ow, wino in [(16, 12, True), (16, 8, False)]:
         meta = ([0], [iw], [ow], [0])
