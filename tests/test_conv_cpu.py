@@ -73,6 +73,11 @@ def _layout(x: torch.Tensor, layout: str, gen: torch.Generator) -> torch.Tensor:
         big = _rand(n, c + 5, h, w, dtype=x.dtype, gen=gen)
         big[:, 2 : 2 + c] = x
         return big[:, 2 : 2 + c]
+    if layout == "row_slice":  # columns of a wider tensor: unit W stride, rows W + 3 apart
+        n, c, h, w = x.shape
+        big = _rand(n, c, h, w + 3, dtype=x.dtype, gen=gen)
+        big[..., 1 : 1 + w] = x
+        return big[..., 1 : 1 + w]
     if layout == "strided_w":  # every other column of a wider tensor: W stride 2
         n, c, h, w = x.shape
         big = _rand(n, c, h, 2 * w, dtype=x.dtype, gen=gen)
@@ -214,7 +219,7 @@ GEOMETRIES = [
     (2, 9, 9, 5, 5, 3, 2),  # 5x5, stride 3
     (2, 1, 1, 1, 1, 2, 1),  # strided 1x1 that reads only padding
 ]
-LAYOUTS = ["nchw", "channels_last", "channel_slice", "strided_w"]
+LAYOUTS = ["nchw", "channels_last", "channel_slice", "row_slice", "strided_w"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -349,6 +354,29 @@ def test_avx512_kernel_equals_avx2():
             assert torch.equal(wide[0], narrow[0]), where
             for a, b in zip(wide[1:], narrow[1:]):
                 torch.testing.assert_close(a, b, rtol=1e-13, atol=0, msg=lambda m: f"{where}: {m}")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channel_slice", "row_slice", "channels_last"])
+@pytest.mark.parametrize("hw", [(16, 16), (16, 17), (15, 16), (16, 15), (17, 17), (32, 32), (7, 6)])
+def test_stride2_copies(hw, layout):
+    """A 3x3 stride-2 padding-1 layer builds its phase-split scratch with dedicated copies: on
+    AVX-512 CPUs a 16x16 input plane is written as 19 whole vectors, each a permute of two input
+    rows (rows 17 values apart); elsewhere rows of unit stride are deinterleaved (both stride
+    phases from one read) or copied phase by phase (an odd width). float32 against the float64
+    oracle, with more channels than one register tile reduces over and several images; on
+    AVX-512 CPUs also bit for bit against the AVX2 kernel (same sums, other copy)."""
+    from fastsupernet.ops._extension import cpu_conv_isa
+
+    H, W = hw
+    case = Case(N=3, C=19, H=H, W=W, kh=3, kw=3, stride=2, padding=1, in_offsets=[0, 2, 0], in_widths=[19, 13, 7],
+                out_widths=[9, 4, 6], row_offsets=[0, 3, 1], dtype=torch.float32, scale=True, shift=True,
+                residual=True, activation="relu", stats=True, layout=layout, seed=H * 100 + W)
+    got = case.run()
+    case.check(*got)
+    if cpu_conv_isa() == "avx512":
+        with cpu_env(FASTSUPERNET_CPU_KERNEL="avx2"):
+            narrow = case.run()
+        assert torch.equal(got[0], narrow[0])
 
 
 def test_threads_do_not_change_results():

@@ -205,10 +205,12 @@ void run_job(const ConvJob<T>& job, int64_t items, int64_t max_width, int64_t ma
   const int64_t lanes_n = conv::lane_elements(job);
   const bool avx2 = use_avx2(), avx512 = use_avx512();
   auto body = [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(static_cast<size_t>(scratch_n));
+    // 64-byte aligned (ConvJob::plane_s2_16 stores whole aligned vectors)
+    std::vector<T> scratch(static_cast<size_t>(scratch_n + 64 / sizeof(T)));
+    T* s = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
     std::vector<double> lanes(static_cast<size_t>(lanes_n));
-    if (!run_items(job, begin, end, scratch.data(), lanes.data(), avx2, avx512)) {
-      conv::run_items_generic(job, begin, end, scratch.data(), lanes.data());
+    if (!run_items(job, begin, end, s, lanes.data(), avx2, avx512)) {
+      conv::run_items_generic(job, begin, end, s, lanes.data());
     }
   };
   if (macs < kParallelMinMacs || items == 1) {
@@ -502,6 +504,12 @@ void multi_conv2d_direct(const at::Tensor& x, const at::Tensor& weight, at::IntA
     job.row_len = job.phase_len * stride;
     job.scratch_rows = stride * (Ho - 1) + kh;
     job.scratch_plane = job.scratch_rows * job.row_len;
+    job.plane_s2_16 = std::is_same_v<T, float> && use_avx512() && kh == 3 && kw == 3 && stride == 2 &&
+                      padding == 1 && H == 16 && W == 16 && x.stride(3) == 1;
+    if (job.plane_s2_16) {  // conv_plan.h
+      job.row_len = 17;
+      job.scratch_plane = 304;
+    }
     // padded row r holds input row r - padding; output rows read rows stride * oh + i, i < kh
     for (int64_t r = padding; r < std::min(padding + H, job.scratch_rows); ++r) {
       if (r % stride < kh) copy_rows.push_back(r);

@@ -59,6 +59,42 @@ struct Vec<float> : Avx2Vec<float> {
   static FSN_TARGET FSN_INLINE R lo(P v) { return _mm512_castps512_ps256(v); }
   static FSN_TARGET FSN_INLINE R hi(P v) { return _mm512_extractf32x8_ps(v, 1); }
 
+  // The padded plane of ConvJob::plane_s2_16 from a 16x16 input plane (rows sH apart, unit
+  // column stride): padded row r (1..16) holds input row r - 1 as [0, x1 x3 .. x15, x0 x2 ..
+  // x14] (stride phase 0 then 1), row 0 and everything past row 16 zero; rows 17 values apart,
+  // 19 vectors stored whole at dst (64-byte aligned), each a permute of two input rows.
+  struct PlaneS2Table {
+    int row[19];         // input row of the permute's first source (-1: none)
+    __mmask16 mask[19];  // lanes that take an input value (else zero)
+    int idx[19][16];     // per lane: 16 * (row - row[v]) + column
+    PlaneS2Table() {
+      for (int v = 0; v < 19; ++v) {
+        row[v] = (16 * v) / 17 - 1;
+        mask[v] = 0;
+        for (int l = 0; l < 16; ++l) {
+          const int f = 16 * v + l, padded = f / 17, pos = f % 17, r = padded - 1;
+          idx[v][l] = 0;
+          if (padded < 1 || padded > 16 || pos == 0) continue;
+          const int col = pos <= 8 ? 2 * (pos - 1) + 1 : 2 * (pos - 9);
+          idx[v][l] = 16 * (r - row[v]) + col;
+          mask[v] = static_cast<__mmask16>(mask[v] | (1u << l));
+        }
+      }
+    }
+  };
+  static FSN_TARGET FSN_INLINE void copy_plane_s2_16(float* __restrict dst, const float* __restrict src, int64_t sH) {
+    static const PlaneS2Table t;
+    const __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 19
+    for (int v = 0; v < 19; ++v) {
+      const int r = t.row[v];
+      const __m512 a = r >= 0 ? _mm512_loadu_ps(src + r * sH) : zero;
+      const __m512 b = r + 1 < 16 ? _mm512_loadu_ps(src + (r + 1) * sH) : zero;
+      const __m512i idx = _mm512_loadu_si512(t.idx[v]);
+      _mm512_store_ps(dst + 16 * v, _mm512_maskz_permutex2var_ps(t.mask[v], a, idx, b));
+    }
+  }
+
   // The epilogue's operations on runs of 16 lanes (store_tile for tile_runs): the same
   // per-element operations as the 8-lane ones; statistics added half by half, in the order
   // of the two 8-lane vectors, into the same 8-lane-pair accumulators.

@@ -89,6 +89,14 @@ struct Vec {
   static FSN_INLINE void copy_even(T* __restrict dst, const T* __restrict src, int64_t count) {
     for (int64_t t = 0; t < count; ++t) dst[t] = src[2 * t];
   }
+  // even[t] = src[2 t], odd[t] = src[2 t + 1], t < count
+  static FSN_INLINE void copy_deinterleave(T* __restrict even, T* __restrict odd, const T* __restrict src,
+                                           int64_t count) {
+    for (int64_t t = 0; t < count; ++t) {
+      even[t] = src[2 * t];
+      odd[t] = src[2 * t + 1];
+    }
+  }
   // Statistics accumulators: L float64 lanes.
   struct S {
     double v[L];

@@ -100,6 +100,12 @@ struct ConvJob {
   // (kh < stride) and phases no tap reads (kw < stride) are not written: copy_rows lists the
   // padded rows to fill, phase_runs the pieces of a row (strided convs only).
   bool direct = false;
+  // A 16x16 input of a 3x3 stride-2 padding-1 layer (float32, unit column stride) on the
+  // AVX-512 kernel: its padded rows are row_len = 17 values apart (the one phase value no tap
+  // reads dropped), planes scratch_plane = 304 values (19 aligned vectors; the scratch is
+  // 64-byte aligned), and each plane is written by 19 whole-vector stores, each a permute of
+  // two input rows (Vec<float>::copy_plane_s2_16) instead of a misaligned store per phase and row.
+  bool plane_s2_16 = false;
   int64_t stride = 1, pad = 0, phase_len = 0, row_len = 0, scratch_rows = 0, scratch_plane = 0;
   int64_t num_copy_rows = 0;
   const int64_t* copy_rows = nullptr;

@@ -59,6 +59,23 @@ struct Avx2Vec<float> {
     }
     for (; t < count; ++t) dst[t] = src[2 * t];
   }
+  // even[t] = src[2 t], odd[t] = src[2 t + 1], t < count.
+  static FSN_TARGET FSN_INLINE void copy_deinterleave(float* __restrict even, float* __restrict odd,
+                                                      const float* __restrict src, int64_t count) {
+    int64_t t = 0;
+    for (; t + 8 <= count; t += 8) {
+      const __m256 a = _mm256_loadu_ps(src + 2 * t), b = _mm256_loadu_ps(src + 2 * t + 8);
+      // per 128-bit lane: x0 x2 x8 x10 | x4 x6 x12 x14, then the 64-bit pairs in order
+      const __m256 e = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+      const __m256 o = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+      _mm256_storeu_ps(even + t, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), _MM_SHUFFLE(3, 1, 2, 0))));
+      _mm256_storeu_ps(odd + t, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), _MM_SHUFFLE(3, 1, 2, 0))));
+    }
+    for (; t < count; ++t) {
+      even[t] = src[2 * t];
+      odd[t] = src[2 * t + 1];
+    }
+  }
   // Statistics accumulators: 4 float64 lanes; each vector adds both of its halves, widened
   // (the squares of float32 values are exact in float64).
   using S = __m256d;
@@ -113,6 +130,13 @@ struct Avx2Vec<double> {
       _mm256_storeu_pd(dst + t, _mm256_permute4x64_pd(e, _MM_SHUFFLE(3, 1, 2, 0)));
     }
     for (; t < count; ++t) dst[t] = src[2 * t];
+  }
+  static FSN_TARGET FSN_INLINE void copy_deinterleave(double* __restrict even, double* __restrict odd,
+                                                      const double* __restrict src, int64_t count) {
+    for (int64_t t = 0; t < count; ++t) {
+      even[t] = src[2 * t];
+      odd[t] = src[2 * t + 1];
+    }
   }
   using S = __m256d;
   static FSN_TARGET FSN_INLINE S stats_zero() { return _mm256_setzero_pd(); }
