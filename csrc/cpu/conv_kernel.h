@@ -414,13 +414,15 @@ FSN_INLINE void prefetch_next(const ConvJob<T>& j, int64_t n_end, PrefetchCursor
 // is allocated, and the padding positions are the same for every image and segment of a
 // call, so they stay zero. Rows and stride phases that no tap reads (kh < stride, or
 // kw < stride, as in a strided 1x1 conv) are skipped. Where rows are skipped (they defeat the
-// hardware prefetcher) the source rows are prefetched kPrefetchRows copy steps ahead,
-// continuing into the next segment or image so that its first rows arrive while this one is
-// computed; consecutive rows are one stream the hardware follows (prefetching them too was
-// 1.005x-1.06x slower on Track-1 3x3 calls). Stride 2 with rows of unit stride has its own
-// loop (the phases' runs hoisted out of it; one deinterleave per row where the two phases
-// take adjacent columns: 1.02x-1.05x), and a 16x16 plane of a 3x3 stride-2 layer on AVX-512
-// its whole-plane copy (ConvJob::plane_s2_16: 1.08x on 16x16 32->64 at batch 256).
+// hardware prefetcher) or the call has several segments (each copy jumps to other channels),
+// the source rows are prefetched kPrefetchRows copy steps ahead, continuing into the next
+// segment or image so that its first rows arrive while this one is computed; the consecutive
+// rows of one segment are a stream the hardware follows (prefetching them too was 1.0x-1.06x
+// slower on one-candidate Track-1 3x3 calls; with 32 packed candidates at 32x32 the prefetch
+// into the next segment gained 1.03x-1.05x and stays). Stride 2 with rows of unit stride has
+// its own loop (the phases' runs hoisted out of it; one deinterleave per row where the two
+// phases take adjacent columns: 1.02x-1.05x), and a 16x16 plane of a 3x3 stride-2 layer on
+// AVX-512 its whole-plane copy (ConvJob::plane_s2_16: 1.08x on 16x16 32->64 at batch 256).
 template <typename T>
 FSN_TARGET void build_scratch(const ConvJob<T>& j, int64_t n, int64_t si, T* __restrict s) {
   const int64_t W = j.W, pad = j.pad, row_len = j.row_len, sW = j.x_sW, sH = j.x_sH;
@@ -435,13 +437,13 @@ FSN_TARGET void build_scratch(const ConvJob<T>& j, int64_t n, int64_t si, T* __r
   }
   const bool skips_rows =
       j.num_copy_rows > 0 && j.copy_rows[j.num_copy_rows - 1] - j.copy_rows[0] + 1 != j.num_copy_rows;
-  const bool prefetch = sW == 1 && skips_rows;
+  const bool prefetch = sW == 1 && j.num_copy_rows > 0 && (skips_rows || j.num_segments > 1);
   const int64_t n_end = std::min(n + 2, j.N);
   PrefetchCursor pf{n, si, 0, 0};
   if (prefetch) {
     for (int64_t i = 0; i < kPrefetchRows; ++i) prefetch_next(j, n_end, pf);
   }
-  if (sW == 1 && j.stride == 2 && !prefetch && j.num_phase_runs > 0) {
+  if (sW == 1 && j.stride == 2 && !prefetch && j.num_phase_runs > 0 && j.num_copy_rows > 0) {
     // stride 2, rows of unit stride, every row from copy_rows[0] on: the loop below with its
     // runs hoisted; where the two phases take the same number of adjacent columns (padding
     // 1: phase 0 the odd input columns, phase 1 the even ones), one deinterleave fills both
