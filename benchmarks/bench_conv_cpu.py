@@ -2,6 +2,11 @@
 
     pytest benchmarks/bench_conv_cpu.py --benchmark-only --benchmark-json=conv.json   # ~3 min
     python benchmarks/bench_conv_cpu.py conv.json        # markdown table: medians, ratios, floors
+    python benchmarks/bench_conv_cpu.py --interleaved "16x16 32->64 3x3 s2" [--pairs 60]
+
+The last form times one layer of ``test_sliced`` (forward, folded BN + ReLU) as alternating
+peer / ours calls in one process (each after a warm-up call of its own): on a machine whose
+speed drifts within minutes, the ratio of such pairs is the one to trust.
 
 The peer sequence of one candidate is what a supernet forward does without the kernels::
 
@@ -371,7 +376,49 @@ def _table(path: str) -> None:
                   f" {alg:.1f} | {sm * 1e3 / alg:.2f} |")
 
 
+def _interleaved(name: str, pairs: int) -> None:
+    """Peer and ours of ``test_sliced`` for layer ``name``, alternating, ``pairs`` times."""
+    from fastsupernet.allocator import tune_cpu_allocator
+
+    tune_cpu_allocator()  # as conftest.py does for the pytest runs
+    if not HAVE_EXT:
+        sys.exit("compiled extension not built")
+    x, weight, bn, cout, k, stride, *_ = _sliced_setup(name)
+    a, pad = x.shape[1], k // 2
+    sl = slice(ROW_OFFSET, ROW_OFFSET + cout)
+    idx = torch.arange(ROW_OFFSET, ROW_OFFSET + cout)
+
+    def peer():
+        w = weight[sl, :a].contiguous()
+        y = F.conv2d(x, w, stride=stride, padding=pad)
+        return F.relu(F.batch_norm(y, bn.mean[sl], bn.var[sl], bn.gamma[sl], bn.beta[sl], training=False))
+
+    def ours():
+        scale, shift = bn.folded(idx)
+        return torch.ops.fastsupernet.sliced_conv2d(x, weight, cout, ROW_OFFSET, stride, pad, scale, shift, None,
+                                                    "relu", None, False)[0]
+
+    times: dict[str, list[float]] = {"peer": [], "ours": []}
+    for _ in range(pairs):
+        for key, fn in (("peer", peer), ("ours", ours)):
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    med = {key: statistics.median(v) for key, v in times.items()}
+    per_pair = statistics.median(p / o for p, o in zip(times["peer"], times["ours"]))
+    print(f"sliced {name}, batch {BATCH}, {torch.get_num_threads()} threads, {pairs} interleaved pairs: "
+          f"peer {med['peer'] * 1e3:.3f} ms, ours {med['ours'] * 1e3:.3f} ms, ratio of medians "
+          f"{med['peer'] / med['ours']:.3f}x, median per-pair ratio {per_pair:.3f}x")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) >= 3 and sys.argv[1] == "--interleaved":
+        if sys.argv[2] not in SLICED:
+            sys.exit(f"unknown layer {sys.argv[2]!r}; one of: {', '.join(SLICED)}")
+        pairs = int(sys.argv[4]) if len(sys.argv) == 5 and sys.argv[3] == "--pairs" else 60
+        _interleaved(sys.argv[2], pairs)
+    elif len(sys.argv) == 2:
+        _table(sys.argv[1])
+    else:
         sys.exit(__doc__)
-    _table(sys.argv[1])

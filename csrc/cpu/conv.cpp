@@ -34,10 +34,13 @@
 //    of tap k for kLanes consecutive output pixels of one output row is a contiguous vector
 //    at (vector base + tap offset): both tables are built once per call, and one loop serves
 //    3x3/1x1 (any kh x kw), stride 1/2 (any), any padding. A 1x1 stride-1 unpadded conv on
-//    rows of unit stride reads x in place (no copy). The copy prefetches its source rows
-//    ahead, into the next image too. A tile with a residual prefetches the residual lines
-//    of the next pixel blocks of its rows; a 1x1 conv reading x in place (memory-bound)
-//    prefetches the next pixel blocks' input planes and output lines.
+//    rows of unit stride reads x in place (no copy). Where it skips rows or the call has
+//    several segments, the copy prefetches its source rows ahead, into the next segment and
+//    image too; stride 2 deinterleaves each row once, and a 16x16 plane of a 3x3 stride-2
+//    layer on AVX-512 is written by whole aligned vectors (rows 17 values apart:
+//    ConvJob::plane_s2_16; build_scratch in conv_kernel.h). A tile with a residual
+//    prefetches the residual lines of the next pixel blocks of its rows; a 1x1 conv reading x
+//    in place (memory-bound) prefetches the next pixel blocks' input planes and output lines.
 //  * A is packed per call into panels of kRows rows x depth (the weights are tiny next to the
 //    activations: this is the only copy of them). Consecutive candidates with the same input
 //    offset form a segment and share the scratch; their rows are blocked together, a block's
