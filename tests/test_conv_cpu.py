@@ -356,21 +356,24 @@ def test_avx512_kernel_equals_avx2():
                 torch.testing.assert_close(a, b, rtol=1e-13, atol=0, msg=lambda m: f"{where}: {m}")
 
 
+@pytest.mark.parametrize("segments", [1, 3])
 @pytest.mark.parametrize("layout", ["nchw", "channel_slice", "row_slice", "channels_last"])
 @pytest.mark.parametrize("hw", [(16, 16), (16, 17), (15, 16), (16, 15), (17, 17), (32, 32), (7, 6)])
-def test_stride2_copies(hw, layout):
+def test_stride2_copies(hw, layout, segments):
     """A 3x3 stride-2 padding-1 layer builds its phase-split scratch with dedicated copies: on
     AVX-512 CPUs a 16x16 input plane is written as 19 whole vectors, each a permute of two input
-    rows (rows 17 values apart); elsewhere rows of unit stride are deinterleaved (both stride
-    phases from one read) or copied phase by phase (an odd width). float32 against the float64
+    rows (rows 17 values apart); elsewhere the rows of one segment (candidates reading one input
+    slice) are deinterleaved (both stride phases from one read) or copied phase by phase (an odd
+    width), and several segments take the prefetching loop. float32 against the float64
     oracle, with more channels than one register tile reduces over and several images; on
     AVX-512 CPUs also bit for bit against the AVX2 kernel (same sums, other copy)."""
     from fastsupernet.ops._extension import cpu_conv_isa
 
     H, W = hw
-    case = Case(N=3, C=19, H=H, W=W, kh=3, kw=3, stride=2, padding=1, in_offsets=[0, 2, 0], in_widths=[19, 13, 7],
-                out_widths=[9, 4, 6], row_offsets=[0, 3, 1], dtype=torch.float32, scale=True, shift=True,
-                residual=True, activation="relu", stats=True, layout=layout, seed=H * 100 + W)
+    in_offsets = [0, 0, 0] if segments == 1 else [0, 2, 0]
+    case = Case(N=3, C=19, H=H, W=W, kh=3, kw=3, stride=2, padding=1, in_offsets=in_offsets,
+                in_widths=[19, 13, 7], out_widths=[9, 4, 6], row_offsets=[0, 3, 1], dtype=torch.float32, scale=True,
+                shift=True, residual=True, activation="relu", stats=True, layout=layout, seed=H * 100 + W)
     got = case.run()
     case.check(*got)
     if cpu_conv_isa() == "avx512":
