@@ -168,14 +168,9 @@ def _sliced_setup(name: str):
     return x, weight, bn, cout, k, stride, flops, nbytes, alg
 
 
-@pytest.mark.parametrize("impl", ["peer", "ours", "ours+stats"])
-@pytest.mark.parametrize("name", list(SLICED))
-def test_sliced(benchmark, name, impl):
-    if impl != "peer" and not HAVE_EXT:
-        pytest.skip("compiled extension not built")
-    x, weight, bn, cout, k, stride, flops, nbytes, alg = _sliced_setup(name)
-    if impl == "ours+stats" and (k != 3 or stride != 1):
-        pytest.skip("statistics overhead: stride-1 3x3 shapes only")
+def _sliced_fns(x, weight, bn, cout, k, stride, stats=False):
+    """(peer, ours) forward of one sliced layer: the peer sequence and sliced_conv2d with the
+    folded BN + ReLU epilogue (and the statistics when asked)."""
     a, pad = x.shape[1], k // 2
     sl = slice(ROW_OFFSET, ROW_OFFSET + cout)
     idx = torch.arange(ROW_OFFSET, ROW_OFFSET + cout)
@@ -186,13 +181,23 @@ def test_sliced(benchmark, name, impl):
         y = F.batch_norm(y, bn.mean[sl], bn.var[sl], bn.gamma[sl], bn.beta[sl], training=False)
         return F.relu(y)
 
-    stats = impl == "ours+stats"
-
     def ours():
         scale, shift = bn.folded(idx)
         return torch.ops.fastsupernet.sliced_conv2d(x, weight, cout, ROW_OFFSET, stride, pad, scale, shift, None,
                                                     "relu", None, stats)[0]
 
+    return peer, ours
+
+
+@pytest.mark.parametrize("impl", ["peer", "ours", "ours+stats"])
+@pytest.mark.parametrize("name", list(SLICED))
+def test_sliced(benchmark, name, impl):
+    if impl != "peer" and not HAVE_EXT:
+        pytest.skip("compiled extension not built")
+    x, weight, bn, cout, k, stride, flops, nbytes, alg = _sliced_setup(name)
+    if impl == "ours+stats" and (k != 3 or stride != 1):
+        pytest.skip("statistics overhead: stride-1 3x3 shapes only")
+    peer, ours = _sliced_fns(x, weight, bn, cout, k, stride, stats=impl == "ours+stats")
     benchmark.group = f"sliced {name}"
     _floor(benchmark, flops, nbytes, alg)
     fn = peer if impl == "peer" else ours
@@ -384,20 +389,7 @@ def _interleaved(name: str, pairs: int) -> None:
     if not HAVE_EXT:
         sys.exit("compiled extension not built")
     x, weight, bn, cout, k, stride, *_ = _sliced_setup(name)
-    a, pad = x.shape[1], k // 2
-    sl = slice(ROW_OFFSET, ROW_OFFSET + cout)
-    idx = torch.arange(ROW_OFFSET, ROW_OFFSET + cout)
-
-    def peer():
-        w = weight[sl, :a].contiguous()
-        y = F.conv2d(x, w, stride=stride, padding=pad)
-        return F.relu(F.batch_norm(y, bn.mean[sl], bn.var[sl], bn.gamma[sl], bn.beta[sl], training=False))
-
-    def ours():
-        scale, shift = bn.folded(idx)
-        return torch.ops.fastsupernet.sliced_conv2d(x, weight, cout, ROW_OFFSET, stride, pad, scale, shift, None,
-                                                    "relu", None, False)[0]
-
+    peer, ours = _sliced_fns(x, weight, bn, cout, k, stride)
     times: dict[str, list[float]] = {"peer": [], "ours": []}
     for _ in range(pairs):
         for key, fn in (("peer", peer), ("ours", ours)):
