@@ -382,6 +382,30 @@ def test_stride2_copies(hw, layout, segments):
         assert torch.equal(got[0], narrow[0])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", ["32x32 direct", "16x16 winograd", "24-wide"])
+def test_streaming_stores_change_no_value(shape, dtype):
+    """Outputs of 16 MiB and more are written with streaming stores (whole aligned vectors; the
+    others, and every output with FASTSUPERNET_CPU_STREAM_STORES=0, with normal ones): the same
+    bits, statistics included, with every epilogue part, through the direct kernel (32-wide and
+    24-wide rows: some vectors unaligned) and through Winograd (float32)."""
+    N, C, H, W, M = {"32x32 direct": (16, 6, 32, 32, 256), "16x16 winograd": (64, 16, 16, 16, 256),
+                     "24-wide": (29, 6, 24, 24, 256)}[shape]
+    assert N * M * H * W * torch.tensor([], dtype=dtype).element_size() >= 16 << 20
+    g = torch.Generator().manual_seed(5)
+    x = _rand(N, C, H, W, dtype=dtype, gen=g)
+    w = _rand(M // 2 + 1, C, 3, 3, dtype=dtype, gen=g) * 0.3
+    res = _rand(N, M, H, W, dtype=dtype, gen=g)
+    scale, shift, slope = _rand(M, dtype=dtype, gen=g), _rand(M, dtype=dtype, gen=g), _rand(2, dtype=dtype, gen=g)
+    args = (x, w, [0, 0], [C, C - 1], [M // 2, M // 2], [0, 1], 1, 1, scale, shift, res, "prelu", slope, True)
+    streamed = OPS.multi_conv2d(*args)
+    with cpu_env(FASTSUPERNET_CPU_STREAM_STORES="0"):
+        plain = OPS.multi_conv2d(*args)
+    assert torch.isfinite(plain[0]).all()
+    for a, b in zip(streamed, plain):
+        assert torch.equal(a, b)
+
+
 def test_threads_do_not_change_results():
     """The work split depends on the shape only for the statistics; outputs are per element."""
     case = Case(N=5, C=16, H=16, W=16, kh=3, kw=3, stride=1, padding=1, in_offsets=[0, 0], in_widths=[16, 9],

@@ -41,6 +41,10 @@
 //    ConvJob::plane_s2_16; build_scratch in conv_kernel.h). A tile with a residual
 //    prefetches the residual lines of the next pixel blocks of its rows; a 1x1 conv reading x
 //    in place (memory-bound) prefetches the next pixel blocks' input planes and output lines.
+//    Outputs of 16 MiB and more are written with streaming stores (whole aligned vectors;
+//    Winograd's output too): they cannot stay in the L2 for their consumer, and a normal
+//    store first reads each line it writes (ConvJob::stream_out; FASTSUPERNET_CPU_STREAM_STORES=0
+//    turns it off).
 //  * A is packed per call into panels of kRows rows x depth (the weights are tiny next to the
 //    activations: this is the only copy of them). Consecutive candidates with the same input
 //    offset form a segment and share the scratch; their rows are blocked together, a block's
@@ -447,6 +451,7 @@ void multi_conv2d_winograd(int tile, const at::Tensor& x, const at::Tensor& weig
   job.part_sum = part_sum;
   job.part_sq = part_sq;
   job.wide = use_avx512();
+  job.stream_out = conv::stream_output(out.numel() * static_cast<int64_t>(sizeof(float)));
 
   const int64_t scratch_n = conv::winograd_scratch_floats(job);
   const int64_t lanes_n = part_sum != nullptr ? conv::winograd_lane_doubles(job) : 0;
@@ -499,6 +504,7 @@ void multi_conv2d_direct(const at::Tensor& x, const at::Tensor& weight, at::IntA
   job.stride = stride;
   job.pad = padding;
   job.direct = kh == 1 && kw == 1 && stride == 1 && padding == 0 && x.stride(3) == 1 && Wo % L == 0;
+  job.stream_out = conv::stream_output(out.numel() * static_cast<int64_t>(sizeof(T)));
   std::vector<int64_t> copy_rows;
   std::vector<conv::PhaseRun> phase_runs;
   if (!job.direct) {

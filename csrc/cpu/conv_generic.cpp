@@ -36,6 +36,8 @@ struct Vec {
   static FSN_INLINE void store(T* p, const R& x) {
     for (int l = 0; l < L; ++l) p[l] = x.v[l];
   }
+  static FSN_INLINE void store_stream(T* p, const R& x) { store(p, x); }  // no streaming stores here
+
   // Lanes [0, n) only, 1 <= n <= L (no access to the other lanes' memory; keep_n zeroes them).
   static FSN_INLINE R load_n(const T* p, int n) {
     R r = zero();

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <array>
 #include <cstdint>
 #include <cstring>
@@ -67,6 +68,7 @@ struct TileArgs {
   int act;
   int epi;                  // EpilogueKind: which compiled epilogue stores the tile
   bool stream;              // input read in place from memory: prefetch ahead
+  bool stream_out;          // whole-vector output stores bypass the caches (ConvJob::stream_out)
   double* lanes;            // per row: kStatLanes sums then kStatLanes sums of squares, or nullptr
 };
 
@@ -139,7 +141,9 @@ FSN_TARGET FSN_INLINE void store_tile(const TileArgs<T>& t, const typename V::R 
       } else if (act == kActPrelu) {
         y = V::prelu(y, sl);
       }
-      if (full) {
+      if (full && t.stream_out) {
+        V::store_stream(orow + d, y);
+      } else if (full) {
         V::store(orow + d, y);
       } else {
         V::store_n(orow + d, y, n);
@@ -537,6 +541,7 @@ FSN_TARGET void run_items_impl(const ConvJob<T>& j, int64_t begin, int64_t end, 
       t.act = j.activation;
       t.epi = epilogue_kind(stats, j.scale != nullptr, j.shift != nullptr, j.residual != nullptr, j.activation);
       t.stream = j.direct;
+      t.stream_out = j.stream_out;
       // Blocks are taken in groups whose packed weights stay in the L2 cache while every
       // pixel block of the image passes by; within a group, each pixel block's input stays
       // in L1 across the group's blocks.
@@ -584,6 +589,7 @@ FSN_TARGET void run_items_impl(const ConvJob<T>& j, int64_t begin, int64_t end, 
       }
     }
   }
+  if (j.stream_out) std::atomic_thread_fence(std::memory_order_seq_cst);  // order the streaming stores
 }
 
 }  // namespace

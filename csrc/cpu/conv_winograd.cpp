@@ -46,6 +46,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
 
 // GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() and warn about it when inlined
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -523,7 +525,7 @@ FSN_TARGET512 void gemm_tile_wide(
 
 struct RowEpilogue {
   __m256 sc, sh, sl;
-  bool has_scale, has_shift;
+  bool has_scale, has_shift, stream;
   int act;
 };
 
@@ -536,6 +538,7 @@ FSN_TARGET FSN_INLINE RowEpilogue row_epilogue(const WinogradJob& j, int64_t oro
   e.sh = _mm256_set1_ps(e.has_shift ? j.shift[orow] : 0.0f);
   e.sl = _mm256_set1_ps(j.slope != nullptr ? j.slope[orow] : 0.0f);
   e.act = j.activation;
+  e.stream = j.stream_out;
   return e;
 }
 
@@ -560,7 +563,11 @@ FSN_TARGET FSN_INLINE void emit(const RowEpilogue& e, float* o, const float* res
     const __m256 ge = _mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_GE_OQ);
     y = _mm256_blendv_ps(_mm256_mul_ps(y, e.sl), y, ge);
   }
-  _mm256_storeu_ps(o, y);
+  if (e.stream && (reinterpret_cast<uintptr_t>(o) & 31) == 0) {
+    _mm256_stream_ps(o, y);
+  } else {
+    _mm256_storeu_ps(o, y);
+  }
 }
 
 // Output transform of the GEMM buffer for `rows` rows starting at output row `row`, tiles
@@ -1013,6 +1020,7 @@ bool winograd_run_avx2(const WinogradJob& j, int64_t begin, int64_t end, float* 
       }
     }
   }
+  if (j.stream_out) std::atomic_thread_fence(std::memory_order_seq_cst);  // order the streaming stores
   return true;
 }
 

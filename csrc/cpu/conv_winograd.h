@@ -80,6 +80,9 @@ struct WinogradJob {
   double* part_sum = nullptr;
   double* part_sq = nullptr;
 
+  // Output stores of whole aligned vectors bypass the caches (as ConvJob::stream_out).
+  bool stream_out = false;
+
   // The GEMM step on 512-bit registers (CPUs with AVX-512 F/DQ/VL): 16 tiles per vector, the
   // same chains of fused multiply-adds as the 256-bit step, so the same values.
   bool wide = false;
