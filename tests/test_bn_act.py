@@ -88,6 +88,24 @@ def test_forward_is_the_separately_rounded_torch_sequence(act, kernel):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("act", ACTS)
+def test_forward_streaming_stores_change_no_value(act, monkeypatch):
+    """Outputs of 16 MiB and more are written with streaming stores (aligned vectors; planes of
+    an odd size leave some unaligned): the same bits as with FASTSUPERNET_CPU_STREAM_STORES=0,
+    and as the separately rounded torch sequence."""
+    y, r = _rand(16, 31, 97, 97, seed=21), _rand(16, 31, 97, 97, seed=24)
+    a, b = _rand(31, seed=22), _rand(31, seed=23)
+    assert y.numel() * 4 >= 16 << 20
+    slope = torch.tensor([0.25])
+    args = (y, a, b, r, None, None, act, slope if act == "prelu" else None)
+    streamed = OPS.bn_act(*args)
+    monkeypatch.setenv("FASTSUPERNET_CPU_STREAM_STORES", "0")
+    assert torch.equal(streamed, OPS.bn_act(*args))
+    v = (1, -1, 1, 1)
+    z = y.mul(a.view(v)).add(b.view(v)).add(r)
+    assert torch.equal(streamed, {"none": z, "relu": z.relu(), "prelu": F.prelu(z, slope)}[act])
+
+
 def test_forward_nan_propagates_through_relu(kernel):
     y = torch.tensor([float("nan"), -1.0, 2.0]).view(1, 3, 1, 1).expand(1, 3, 1, 9).contiguous()  # body + tail
     out = OPS.bn_act(y, torch.ones(3), torch.zeros(3), None, None, None, "relu", None)

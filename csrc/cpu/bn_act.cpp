@@ -30,7 +30,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -42,7 +42,7 @@
 #include <immintrin.h>
 #endif
 
-#include "cpu/conv_plan.h"  // conv::generic_kernel_forced, FASTSUPERNET_HAVE_AVX2
+#include "cpu/conv_plan.h"  // conv::generic_kernel_forced, conv::stream_output, FASTSUPERNET_HAVE_AVX2
 
 // No fused multiply-adds formed from separate products and sums in this file (whatever -march
 // the build uses): see the header.
@@ -182,7 +182,7 @@ template <Act A>
 __attribute__((target("avx2"))) void forward_planes_avx2(const float* y, const float* res, const float* scale,
                                                         const float* shift, const float* rscale, const float* rshift,
                                                         float* out, int64_t C, int64_t HW, int64_t plane_begin,
-                                                        int64_t plane_end, float slope) {
+                                                        int64_t plane_end, float slope, bool stream) {
   const __m256 vs = _mm256_set1_ps(slope), zero = _mm256_setzero_ps();
   for (int64_t p = plane_begin; p < plane_end; ++p) {
     const int64_t c = p % C;
@@ -205,7 +205,11 @@ __attribute__((target("avx2"))) void forward_planes_avx2(const float* y, const f
       } else if constexpr (A == Act::kPrelu) {
         v = _mm256_blendv_ps(_mm256_mul_ps(vs, v), v, _mm256_cmp_ps(v, zero, _CMP_GT_OQ));
       }
-      _mm256_storeu_ps(op + i, v);
+      if (stream && (reinterpret_cast<uintptr_t>(op + i) & 31) == 0) {
+        _mm256_stream_ps(op + i, v);
+      } else {
+        _mm256_storeu_ps(op + i, v);
+      }
     }
     for (; i < HW; ++i) {
       float v = yp[i] * a;
@@ -274,6 +278,7 @@ at::Tensor bn_act_cpu(const at::Tensor& y_in, const at::Tensor& scale_in, const 
     const scalar_t* rbp = has_rs ? rb.data_ptr<scalar_t>() : nullptr;
     const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(HW, 1));
     const bool avx = use_avx2();
+    const bool stream = conv::stream_output(out.nbytes());  // as the conv kernels: large outputs
     at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
       with_act(act, [&](auto a) {
 #ifdef FSN_BN_HAVE_AVX2
@@ -281,7 +286,8 @@ at::Tensor bn_act_cpu(const at::Tensor& y_in, const at::Tensor& scale_in, const 
           if (avx) {
             forward_planes_avx2<decltype(a)::value>(y.data_ptr<float>(), rp, scale.data_ptr<float>(),
                                                     shift.data_ptr<float>(), rsp, rbp, out.data_ptr<float>(), C, HW,
-                                                    begin, end, s);
+                                                    begin, end, s, stream);
+            if (stream) std::atomic_thread_fence(std::memory_order_seq_cst);  // order the streaming stores
             return;
           }
         }
