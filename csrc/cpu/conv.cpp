@@ -516,8 +516,8 @@ void multi_conv2d_direct(const at::Tensor& x, const at::Tensor& weight, at::IntA
     job.plane_s2_16 = std::is_same_v<T, float> && use_avx512() && kh == 3 && kw == 3 && stride == 2 &&
                       padding == 1 && H == 16 && W == 16 && x.stride(3) == 1;
     if (job.plane_s2_16) {  // conv_plan.h
-      job.row_len = 17;
-      job.scratch_plane = 304;
+      job.row_len = conv::kPlaneS2RowLen;
+      job.scratch_plane = conv::kPlaneS2Vectors * 16;
     }
     // padded row r holds input row r - padding; output rows read rows stride * oh + i, i < kh
     for (int64_t r = padding; r < std::min(padding + H, job.scratch_rows); ++r) {
@@ -535,6 +535,10 @@ void multi_conv2d_direct(const at::Tensor& x, const at::Tensor& weight, at::IntA
     job.copy_rows = copy_rows.data();
     job.num_phase_runs = static_cast<int64_t>(phase_runs.size());
     job.phase_runs = phase_runs.data();
+    if (stride == 2 && x.stride(3) == 1 && phase_runs.size() == 2 && phase_runs[0].count == phase_runs[1].count &&
+        std::abs(phase_runs[0].src - phase_runs[1].src) == 1) {
+      job.deinterleave_even = phase_runs[0].src < phase_runs[1].src ? 0 : 1;
+    }
   }
 
   // Segments: runs of consecutive candidates (of those this kernel computes) with one input
@@ -604,6 +608,9 @@ void multi_conv2d_direct(const at::Tensor& x, const at::Tensor& weight, at::IntA
   }
   job.num_segments = static_cast<int64_t>(segments.size());
   job.segments = segments.data();
+  // the copy prefetches where rows are skipped or it jumps between segments (build_scratch)
+  const bool skips_rows = !copy_rows.empty() && copy_rows.back() - copy_rows.front() + 1 != job.num_copy_rows;
+  job.copy_prefetch = job.x_sW == 1 && !copy_rows.empty() && (skips_rows || job.num_segments > 1);
   job.num_blocks = static_cast<int64_t>(blocks.size());
   job.blocks = blocks.data();
   job.a = a.data();

@@ -64,15 +64,15 @@ struct Vec<float> : Avx2Vec<float> {
   // x14] (stride phase 0 then 1), row 0 and everything past row 16 zero; rows 17 values apart,
   // 19 vectors stored whole at dst (64-byte aligned), each a permute of two input rows.
   struct PlaneS2Table {
-    int row[19];         // input row of the permute's first source (-1: none)
-    __mmask16 mask[19];  // lanes that take an input value (else zero)
-    int idx[19][16];     // per lane: 16 * (row - row[v]) + column
+    int row[kPlaneS2Vectors];         // input row of the permute's first source (-1: none)
+    __mmask16 mask[kPlaneS2Vectors];  // lanes that take an input value (else zero)
+    int idx[kPlaneS2Vectors][16];     // per lane: 16 * (row - row[v]) + column
     PlaneS2Table() {
-      for (int v = 0; v < 19; ++v) {
-        row[v] = (16 * v) / 17 - 1;
+      for (int v = 0; v < kPlaneS2Vectors; ++v) {
+        row[v] = (16 * v) / kPlaneS2RowLen - 1;
         mask[v] = 0;
         for (int l = 0; l < 16; ++l) {
-          const int f = 16 * v + l, padded = f / 17, pos = f % 17, r = padded - 1;
+          const int f = 16 * v + l, padded = f / kPlaneS2RowLen, pos = f % kPlaneS2RowLen, r = padded - 1;
           idx[v][l] = 0;
           if (padded < 1 || padded > 16 || pos == 0) continue;
           const int col = pos <= 8 ? 2 * (pos - 1) + 1 : 2 * (pos - 9);
@@ -86,7 +86,7 @@ struct Vec<float> : Avx2Vec<float> {
     static const PlaneS2Table t;
     const __m512 zero = _mm512_setzero_ps();
 #pragma GCC unroll 19
-    for (int v = 0; v < 19; ++v) {
+    for (int v = 0; v < kPlaneS2Vectors; ++v) {
       const int r = t.row[v];
       const __m512 a = r >= 0 ? _mm512_loadu_ps(src + r * sH) : zero;
       const __m512 b = r + 1 < 16 ? _mm512_loadu_ps(src + (r + 1) * sH) : zero;

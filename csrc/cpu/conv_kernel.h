@@ -423,10 +423,10 @@ FSN_INLINE void prefetch_next(const ConvJob<T>& j, int64_t n_end, PrefetchCursor
 // segment or image so that its first rows arrive while this one is computed; the consecutive
 // rows of one segment are a stream the hardware follows (prefetching them too was 1.0x-1.06x
 // slower on one-candidate Track-1 3x3 calls; with 32 packed candidates at 32x32 the prefetch
-// into the next segment gained 1.03x-1.05x and stays). Stride 2 with rows of unit stride has
-// its own loop (the phases' runs hoisted out of it; one deinterleave per row where the two
-// phases take adjacent columns: 1.02x-1.05x), and a 16x16 plane of a 3x3 stride-2 layer on
-// AVX-512 its whole-plane copy (ConvJob::plane_s2_16: 1.08x on 16x16 32->64 at batch 256).
+// into the next segment gained 1.03x-1.05x and stays: ConvJob::copy_prefetch). Stride 2 with
+// rows of unit stride deinterleaves each row once where the two phases take adjacent columns
+// (ConvJob::deinterleave_even: 1.02x-1.05x), and a 16x16 plane of a 3x3 stride-2 layer on
+// AVX-512 has a whole-plane copy (ConvJob::plane_s2_16: 1.08x on 16x16 32->64 at batch 256).
 template <typename T>
 FSN_TARGET void build_scratch(const ConvJob<T>& j, int64_t n, int64_t si, T* __restrict s) {
   const int64_t W = j.W, pad = j.pad, row_len = j.row_len, sW = j.x_sW, sH = j.x_sH;
@@ -439,37 +439,11 @@ FSN_TARGET void build_scratch(const ConvJob<T>& j, int64_t n, int64_t si, T* __r
       return;
     }
   }
-  const bool skips_rows =
-      j.num_copy_rows > 0 && j.copy_rows[j.num_copy_rows - 1] - j.copy_rows[0] + 1 != j.num_copy_rows;
-  const bool prefetch = sW == 1 && j.num_copy_rows > 0 && (skips_rows || j.num_segments > 1);
+  const bool prefetch = j.copy_prefetch;
   const int64_t n_end = std::min(n + 2, j.N);
   PrefetchCursor pf{n, si, 0, 0};
   if (prefetch) {
     for (int64_t i = 0; i < kPrefetchRows; ++i) prefetch_next(j, n_end, pf);
-  }
-  if (sW == 1 && j.stride == 2 && !prefetch && j.num_phase_runs > 0 && j.num_copy_rows > 0) {
-    // stride 2, rows of unit stride, every row from copy_rows[0] on: the loop below with its
-    // runs hoisted; where the two phases take the same number of adjacent columns (padding
-    // 1: phase 0 the odd input columns, phase 1 the even ones), one deinterleave fills both
-    const PhaseRun r0 = j.phase_runs[0], r1 = j.phase_runs[j.num_phase_runs > 1 ? 1 : 0];
-    const bool two = j.num_phase_runs > 1;
-    const bool pair = two && r0.count == r1.count && (r0.src == r1.src + 1 || r1.src == r0.src + 1);
-    const PhaseRun& ev = r0.src < r1.src ? r0 : r1;
-    const PhaseRun& od = r0.src < r1.src ? r1 : r0;
-    const int64_t first = j.copy_rows[0], rows = j.num_copy_rows;
-    for (int64_t c = 0; c < width; ++c) {
-      const T* __restrict srow = j.x + n * j.x_sN + (c0 + c) * j.x_sC + (first - pad) * sH;
-      T* __restrict row = s + c * j.scratch_plane + first * row_len;
-      for (int64_t ri = 0; ri < rows; ++ri, srow += sH, row += row_len) {
-        if (pair) {
-          Vec<T>::copy_deinterleave(row + ev.dst, row + od.dst, srow + ev.src, ev.count);
-        } else {
-          Vec<T>::copy_even(row + r0.dst, srow + r0.src, r0.count);
-          if (two) Vec<T>::copy_even(row + r1.dst, srow + r1.src, r1.count);
-        }
-      }
-    }
-    return;
   }
   for (int64_t c = 0; c < width; ++c) {
     const T* src = j.x + n * j.x_sN + (c0 + c) * j.x_sC;
@@ -485,6 +459,12 @@ FSN_TARGET void build_scratch(const ConvJob<T>& j, int64_t n, int64_t si, T* __r
         } else {
           for (int64_t iw = 0; iw < W; ++iw) row[pad + iw] = srow[iw * sW];
         }
+        continue;
+      }
+      if (j.deinterleave_even >= 0) {
+        const PhaseRun& ev = j.phase_runs[j.deinterleave_even];
+        const PhaseRun& od = j.phase_runs[j.deinterleave_even ^ 1];
+        Vec<T>::copy_deinterleave(row + ev.dst, row + od.dst, srow + ev.src, ev.count);
         continue;
       }
       for (int64_t p = 0; p < j.num_phase_runs; ++p) {

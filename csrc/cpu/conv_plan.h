@@ -49,6 +49,10 @@ struct Blocking<double> {
 // FASTSUPERNET_CPU_STREAM_STORES=0 (read at every call). Measured on a 2-core AVX-512 VM:
 // fast ranking 1.07x, Track-1 multi-candidate calls 1.07x-1.27x, training step 1.01x.
 constexpr int64_t kStreamOutBytes = int64_t(16) << 20;
+
+// ConvJob::plane_s2_16: padded rows of 9 + 8 values, 17 padded rows, in 19 vectors of 16.
+constexpr int kPlaneS2RowLen = 17;
+constexpr int kPlaneS2Vectors = 19;
 inline bool stream_output(int64_t bytes) {
   const char* env = std::getenv("FASTSUPERNET_CPU_STREAM_STORES");
   return bytes >= kStreamOutBytes && (env == nullptr || std::strcmp(env, "0") != 0);
@@ -115,6 +119,12 @@ struct ConvJob {
   // 64-byte aligned), and each plane is written by 19 whole-vector stores, each a permute of
   // two input rows (Vec<float>::copy_plane_s2_16) instead of a misaligned store per phase and row.
   bool plane_s2_16 = false;
+  // The copy prefetches its source rows ahead (rows skipped, or several segments: build_scratch).
+  bool copy_prefetch = false;
+  // Stride 2, unit column stride: phase runs deinterleave_even and deinterleave_even ^ 1 take
+  // the same number of adjacent input columns (padding 1), so one deinterleave per row fills
+  // both; -1: each run is copied on its own.
+  int deinterleave_even = -1;
   // Output stores of whole aligned vectors bypass the caches (streaming stores) when the
   // output is large (kStreamOutBytes and up): it cannot stay in the L2 for its consumer
   // anyway, and a normal store first reads the line it writes.
