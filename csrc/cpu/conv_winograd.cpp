@@ -57,6 +57,8 @@
 #define FSN_TARGET512 __attribute__((target("avx2,fma,avx512f,avx512dq,avx512vl")))
 #define FSN_INLINE inline __attribute__((always_inline))
 
+#include "cpu/conv_vec_avx2.h"  // Avx2Vec<float>::store_stream
+
 namespace fastsupernet {
 namespace conv {
 namespace {
@@ -563,8 +565,8 @@ FSN_TARGET FSN_INLINE void emit(const RowEpilogue& e, float* o, const float* res
     const __m256 ge = _mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_GE_OQ);
     y = _mm256_blendv_ps(_mm256_mul_ps(y, e.sl), y, ge);
   }
-  if (e.stream && (reinterpret_cast<uintptr_t>(o) & 31) == 0) {
-    _mm256_stream_ps(o, y);
+  if (e.stream) {
+    Avx2Vec<float>::store_stream(o, y);
   } else {
     _mm256_storeu_ps(o, y);
   }
