@@ -2,10 +2,10 @@
 
     pytest benchmarks/bench_conv_cpu.py --benchmark-only --benchmark-json=conv.json   # ~3 min
     python benchmarks/bench_conv_cpu.py conv.json        # markdown table: medians, ratios, floors
-    python benchmarks/bench_conv_cpu.py --interleaved "16x16 32->64 3x3 s2" [--pairs 60]
+    python benchmarks/bench_conv_cpu.py --interleaved "16x16 32->64 3x3 s2" [--pairs 60] [--backward]
 
-The last form times one layer of ``test_sliced`` (forward, folded BN + ReLU) as alternating
-peer / ours calls in one process (each after a warm-up call of its own): on a machine whose
+The last form times one layer of ``test_sliced`` (forward, folded BN + ReLU; with
+``--backward`` of ``test_sliced_forward_backward``) as alternating peer / ours calls in one process (each after a warm-up call of its own): on a machine whose
 speed drifts within minutes, the ratio of such pairs is the one to trust.
 
 The peer sequence of one candidate is what a supernet forward does without the kernels::
@@ -207,22 +207,12 @@ def test_sliced(benchmark, name, impl):
         torch.testing.assert_close(out, want, rtol=1e-4, atol=2e-5 * float(want.abs().max()))
 
 
-# forward + backward (training): gradients of x, the packed weight and the BN's gamma and beta
-SLICED_TRAIN = ["32x32 16->16 3x3", "16x16 32->32 3x3", "8x8 64->64 3x3", "16x16 32->64 3x3 s2",
-                "16x16 32->64 1x1 s2"]
-
-
-@pytest.mark.parametrize("impl", ["peer", "ours"])
-@pytest.mark.parametrize("name", SLICED_TRAIN)
-def test_sliced_forward_backward(benchmark, name, impl):
-    """Forward + backward of one candidate with the folded-BN + ReLU epilogue: the peer sequence
-    under autograd vs ``fastsupernet.ops.sliced_conv2d`` (its registered autograd). Floor: 3x the
-    forward's FLOPs and bytes (forward, input gradient, weight gradient), direct algorithm."""
-    if impl != "peer" and not HAVE_EXT:
-        pytest.skip("compiled extension not built")
+def _sliced_train_fns(x, weight, bn, cout, k, stride):
+    """(peer, ours) forward + backward of one sliced layer: the gradients of x, the packed weight
+    and the BN's gamma and beta, from the peer sequence under autograd and from
+    ``fastsupernet.ops.sliced_conv2d`` (its registered autograd). Makes x and weight require grad."""
     from fastsupernet.ops import sliced_conv2d
 
-    x, weight, bn, cout, k, stride, flops, nbytes, _ = _sliced_setup(name)
     x.requires_grad_(True)
     weight.requires_grad_(True)
     gamma, beta = bn.gamma.clone().requires_grad_(True), bn.beta.clone().requires_grad_(True)
@@ -244,6 +234,25 @@ def test_sliced_forward_backward(benchmark, name, impl):
         y = sliced_conv2d(x, weight, cout, row_offset=ROW_OFFSET, stride=stride, padding=pad, scale=scale,
                           shift=shift, activation="relu")
         return torch.autograd.grad(y, inputs, grad_out)
+
+    return peer, ours
+
+
+# forward + backward (training): gradients of x, the packed weight and the BN's gamma and beta
+SLICED_TRAIN = ["32x32 16->16 3x3", "16x16 32->32 3x3", "8x8 64->64 3x3", "16x16 32->64 3x3 s2",
+                "16x16 32->64 1x1 s2"]
+
+
+@pytest.mark.parametrize("impl", ["peer", "ours"])
+@pytest.mark.parametrize("name", SLICED_TRAIN)
+def test_sliced_forward_backward(benchmark, name, impl):
+    """Forward + backward of one candidate with the folded-BN + ReLU epilogue: the peer sequence
+    under autograd vs ``fastsupernet.ops.sliced_conv2d`` (its registered autograd). Floor: 3x the
+    forward's FLOPs and bytes (forward, input gradient, weight gradient), direct algorithm."""
+    if impl != "peer" and not HAVE_EXT:
+        pytest.skip("compiled extension not built")
+    x, weight, bn, cout, k, stride, flops, nbytes, _ = _sliced_setup(name)
+    peer, ours = _sliced_train_fns(x, weight, bn, cout, k, stride)
 
     benchmark.group = f"sliced {name} forward+backward"
     _floor(benchmark, 3 * flops, 3 * nbytes)
@@ -381,15 +390,16 @@ def _table(path: str) -> None:
                   f" {alg:.1f} | {sm * 1e3 / alg:.2f} |")
 
 
-def _interleaved(name: str, pairs: int) -> None:
-    """Peer and ours of ``test_sliced`` for layer ``name``, alternating, ``pairs`` times."""
+def _interleaved(name: str, pairs: int, backward: bool = False) -> None:
+    """Peer and ours of ``test_sliced`` (with ``backward``: of ``test_sliced_forward_backward``)
+    for layer ``name``, alternating, ``pairs`` times."""
     from fastsupernet.allocator import tune_cpu_allocator
 
     tune_cpu_allocator()  # as conftest.py does for the pytest runs
     if not HAVE_EXT:
         sys.exit("compiled extension not built")
     x, weight, bn, cout, k, stride, *_ = _sliced_setup(name)
-    peer, ours = _sliced_fns(x, weight, bn, cout, k, stride)
+    peer, ours = (_sliced_train_fns if backward else _sliced_fns)(x, weight, bn, cout, k, stride)
     times: dict[str, list[float]] = {"peer": [], "ours": []}
     for _ in range(pairs):
         for key, fn in (("peer", peer), ("ours", ours)):
@@ -399,7 +409,7 @@ def _interleaved(name: str, pairs: int) -> None:
             times[key].append(time.perf_counter() - t0)
     med = {key: statistics.median(v) for key, v in times.items()}
     per_pair = statistics.median(p / o for p, o in zip(times["peer"], times["ours"]))
-    print(f"sliced {name}, batch {BATCH}, {torch.get_num_threads()} threads, {pairs} interleaved pairs: "
+    print(f"sliced {name}{' forward+backward' if backward else ''}, batch {BATCH}, {torch.get_num_threads()} threads, {pairs} interleaved pairs: "
           f"peer {med['peer'] * 1e3:.3f} ms, ours {med['ours'] * 1e3:.3f} ms, ratio of medians "
           f"{med['peer'] / med['ours']:.3f}x, median per-pair ratio {per_pair:.3f}x")
 
@@ -408,8 +418,12 @@ if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "--interleaved":
         if sys.argv[2] not in SLICED:
             sys.exit(f"unknown layer {sys.argv[2]!r}; one of: {', '.join(SLICED)}")
-        pairs = int(sys.argv[4]) if len(sys.argv) == 5 and sys.argv[3] == "--pairs" else 60
-        _interleaved(sys.argv[2], pairs)
+        rest = sys.argv[3:]
+        backward = "--backward" in rest
+        rest = [a for a in rest if a != "--backward"]
+        if rest and (len(rest) != 2 or rest[0] != "--pairs" or not rest[1].isdigit()):
+            sys.exit("usage: bench_conv_cpu.py --interleaved LAYER [--pairs N] [--backward]")
+        _interleaved(sys.argv[2], int(rest[1]) if rest else 60, backward)
     elif len(sys.argv) == 2:
         _table(sys.argv[1])
     else:

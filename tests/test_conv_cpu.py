@@ -644,3 +644,113 @@ def test_opcheck():
             else:
                 args = (x, w, 5, 2, 1, 1, _rand(5), None, _rand(2, 5, 7, 7), act, _rand(1), stats)
             opcheck(op, args, test_utils=utils)
+
+
+# --- input gradient of 3x3 stride-2 padding-1 layers (the polyphase kernel) -------------------
+def _s2_input_grad_oracle(g, x_shape, weight, in_offsets, in_widths, out_widths, row_offsets):
+    """(exact, A, d): the float64 input gradient of the candidates' convolutions, the same on
+    |g| and |w| (the magnitude the roundings are relative to), and each channel's longest
+    chain (4 taps per output channel of a candidate reading it)."""
+    N, C, H, W = x_shape
+    exact = torch.zeros(x_shape, dtype=torch.float64)
+    mag = torch.zeros(x_shape, dtype=torch.float64)
+    d = torch.zeros(C, dtype=torch.float64)
+    x0 = torch.zeros(x_shape, dtype=torch.float64)
+    o = 0
+    for io, iw, ow, ro in zip(in_offsets, in_widths, out_widths, row_offsets):
+        gk, wk = g[:, o : o + ow].double(), weight[ro : ro + ow, :iw].double()
+        for dst, gg, ww in ((exact, gk, wk), (mag, gk.abs(), wk.abs())):
+            dst[:, io : io + iw] += torch.ops.aten.convolution_backward(
+                gg, x0[:, io : io + iw], ww, None, [2, 2], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])[0]
+        d[io : io + iw] = torch.maximum(d[io : io + iw], torch.tensor(4.0 * ow))
+        o += ow
+    return exact, mag, d.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("hw", [(16, 16), (32, 32), (15, 9), (8, 7), (1, 1), (2, 3), (5, 33)])
+@pytest.mark.parametrize("inputs", ["one", "packed", "shared"])
+def test_s2_input_grad(hw, inputs, dtype):
+    """``_cpu_conv2d_s2_input_grad`` against the float64 input gradient of each candidate's
+    3x3 stride-2 padding-1 convolution: odd and even sizes, widths 1..37, candidates tiling x
+    (grad_x poisoned with NaN: every element must be written) or reading one shared slice
+    (accumulate into a random grad_x), a grad_out with non-unit strides. Bound per element:
+    one chain of at most d = 4 out_width fused multiply-adds per candidate, then one addition
+    per candidate: (2 d + 2 K) u A, A the same gradient on |grad_out| and |w| plus |grad_x|'s
+    initial value (float64: twice that, the oracle's own error)."""
+    H, W = hw
+    gen = torch.Generator().manual_seed(H * 100 + W)
+    if inputs == "one":
+        in_w, out_w = [13], [37]
+        in_off = [0]
+    else:
+        in_w, out_w = [5, 1, 16, 3], [7, 2, 30, 1]
+        in_off = [0] * 4 if inputs == "shared" else [sum(in_w[:k]) for k in range(4)]
+    C = max(in_w) if inputs == "shared" else sum(in_w)
+    rows = sum(out_w) + 4
+    row_off = [rows - sum(out_w[: k + 1]) - 1 for k in range(len(out_w))]  # packed in reverse order
+    weight = _rand(rows + 2, max(in_w) + 3, 3, 3, dtype=dtype, gen=gen)[1:-1]  # a view: rows apart by more
+    N, Ho, Wo, M = 3, (H + 1) // 2, (W + 1) // 2, sum(out_w)
+    g = _rand(N, M, Ho, Wo + 2, dtype=dtype, gen=gen)[..., 1 : 1 + Wo]  # rows Wo + 2 apart
+    accumulate = inputs == "shared"
+    start = _rand(N, C, H, W, dtype=dtype, gen=gen) if accumulate else torch.full((N, C, H, W), math.nan, dtype=dtype)
+    gx = start.clone()
+    OPS._cpu_conv2d_s2_input_grad(g, weight, in_off, in_w, out_w, row_off, gx, accumulate)
+    exact, mag, d = _s2_input_grad_oracle(g, (N, C, H, W), weight, in_off, in_w, out_w, row_off)
+    if accumulate:
+        exact, mag = exact + start.double(), mag + start.double().abs()
+    assert torch.isfinite(gx).all()
+    u, K = U[dtype], len(in_w)
+    bound = (2.0 if dtype == torch.float64 else 1.0) * (2 * d + 2 * K) * u * mag + 1e-300
+    worst = ((gx.double() - exact).abs() / bound).max().item()
+    assert worst <= 1.0, f"input gradient error {worst:.3g} x the bound"
+
+
+def test_s2_input_grad_kernels_agree():
+    """The AVX-512, AVX2 and portable kernels compute the polyphase input gradient: AVX-512 and
+    AVX2 bit for bit (the same chains of fused multiply-adds), the portable one within the bound;
+    and one thread gives the bits of two."""
+    gen = torch.Generator().manual_seed(7)
+    g = _rand(5, 40, 8, 8, gen=gen)
+    weight = _rand(44, 33, 3, 3, gen=gen)
+    args = (g, weight, [0, 0], [32, 9], [24, 16], [3, 27])
+
+    def run():
+        gx = torch.zeros(5, 32, 16, 16)
+        OPS._cpu_conv2d_s2_input_grad(*args, gx, True)
+        return gx
+
+    ref = run()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(run(), ref)
+    finally:
+        torch.set_num_threads(threads)
+    with cpu_env(FASTSUPERNET_CPU_KERNEL="avx2"):
+        assert torch.equal(run(), ref)
+    with cpu_env(FASTSUPERNET_CPU_KERNEL="generic"):
+        torch.testing.assert_close(run(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(gx_shape=(2, 6, 16, 16), accumulate=False, in_off=[0, 0]), "exactly once"),
+    (dict(g_hw=(7, 8)), "not the output of a 3x3 stride-2"),
+    (dict(kernel=1), "3x3 kernel"),
+    (dict(rows=[30, 0]), "weight rows"),
+    (dict(gx_dtype=torch.float64), "float32 or all float64"),
+])
+def test_s2_input_grad_validation(bad, match):
+    """Bad arguments name what is wrong, and grad_x is left as it was."""
+    gen = torch.Generator().manual_seed(0)
+    kernel = bad.get("kernel", 3)
+    weight = _rand(20, 8, kernel, kernel, gen=gen)
+    gh, gw = bad.get("g_hw", (8, 8))
+    g = _rand(2, 9, gh, gw, gen=gen)
+    gx = torch.ones(bad.get("gx_shape", (2, 9, 16, 16)), dtype=bad.get("gx_dtype", torch.float32))
+    before = gx.clone()
+    in_off = bad.get("in_off", [0, 6])
+    with pytest.raises(ValueError if "dtype" not in str(bad) else TypeError, match=match):
+        OPS._cpu_conv2d_s2_input_grad(g, weight, in_off, [6, 3], [4, 5], bad.get("rows", [0, 4]), gx,
+                                      bad.get("accumulate", False))
+    assert torch.equal(gx, before)

@@ -847,6 +847,270 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sliced_conv2d_cpu(
                               prelu_slope, stats);
 }
 
+// --- input gradient of 3x3 stride-2 padding-1 layers ---------------------------------------
+//
+// For y = conv(x, w) with a 3x3 kernel, stride 2 and padding 1 (Ho = ceil(H / 2)), grad_x
+// splits by the parity (p, q) of the input pixel (2a + p, 2b + q) into four stride-1
+// correlations of the output gradient g over Ho x Wo planes (the polyphase form): along each
+// axis an even position 2a takes g[a] with tap 1, an odd one 2a + 1 takes g[a] with tap 2
+// and g[a + 1] with tap 0 (g is zero past its last row and column):
+//   gx[c][2a + p][2b + q] = sum_o sum_(di, dj) g[o][a + di][b + dj] w[o][c][u_p(di)][u_q(dj)],
+//   u_0(0) = 1, u_1(0) = 2, u_1(1) = 0.
+// Per candidate, the direct kernel computes the four phases as 4 * in_width rows over the
+// candidate's g channels padded by one (the same copy, tiles and chains of fused multiply-adds
+// as the forward), with the reduction ordered tap-major, k = t * out_width + o over the taps
+// t = (0, 0), (0, 1), (1, 0), (1, 1), so that each phase's block stops after the last tap it
+// uses: (even, even) 1, (even, odd) 2, (odd, even) 3 (tap (0, 1) with zero weights), (odd,
+// odd) 4; 10 taps where the layer has 9, against 36 for a stride-1 pass over the gradient
+// with zeros inserted. Each image's phases go to a per-thread buffer (in L1/L2), and are
+// interleaved (or added) into grad_x from there. A value is one chain of fused multiply-adds
+// over the candidate's out_width * (taps of its phase) terms, in a fixed order, then (with
+// several candidates reading one channel) added in candidate order: the bound of the direct
+// kernel with d = out_width * 4, and bitwise the same for any thread count.
+
+constexpr int kInputGradTaps = 4;
+constexpr int kInputGradTapDi[kInputGradTaps] = {0, 0, 1, 1};
+constexpr int kInputGradTapDj[kInputGradTaps] = {0, 1, 0, 1};
+// taps used by phase ph = 2 p + q: its block's depth is this many times out_width
+constexpr int kInputGradPhaseTaps[4] = {1, 2, 3, 4};
+
+// Kernel index along one axis of parity `p` for tap offset `d` (0 or 1), or -1 where none.
+inline int s2_tap(int p, int d) { return p == 0 ? (d == 0 ? 1 : -1) : (d == 0 ? 2 : 0); }
+
+template <typename T>
+struct InputGradPlan {
+  ConvJob<T> job;  // one image (N = 1); x and out are set per image
+  std::vector<conv::Segment> segments;
+  std::vector<Block> blocks;
+  std::vector<T> a;
+  std::vector<int64_t> tap_off, vec_src, vec_dst, copy_rows;
+  std::vector<int32_t> vec_len;
+  std::vector<conv::PhaseRun> phase_runs;
+  int64_t g_c0 = 0, x_c0 = 0, in_w = 0, macs_per_image = 0;
+};
+
+template <typename T>
+void plan_input_grad(InputGradPlan<T>& pl, const at::Tensor& g, const at::Tensor& weight, int64_t g_c0, int64_t x_c0,
+                     int64_t in_w, int64_t out_w, int64_t row0) {
+  constexpr int L = Blocking<T>::kLanes;
+  constexpr int MR = Blocking<T>::kRows;
+  const int64_t Ho = g.size(2), Wo = g.size(3);
+  pl.g_c0 = g_c0;
+  pl.x_c0 = x_c0;
+  pl.in_w = in_w;
+  ConvJob<T>& job = pl.job;
+  job.N = 1;
+  job.M = 4 * in_w;
+  job.out_plane = Ho * Wo;
+  job.x_sN = g.stride(0);
+  job.x_sC = g.stride(1);
+  job.x_sH = g.stride(2);
+  job.x_sW = g.stride(3);
+  job.H = Ho;
+  job.W = Wo;
+  job.kh = 3;  // scratch geometry of a 3x3 stride-1 padding-1 pass: one zero row and column each side
+  job.kw = 3;
+  job.stride = 1;
+  job.pad = 1;
+  job.phase_len = Wo + 2;
+  job.row_len = Wo + 2;
+  job.scratch_rows = Ho + 2;
+  job.scratch_plane = job.scratch_rows * job.row_len;
+  for (int64_t r = 1; r <= Ho; ++r) pl.copy_rows.push_back(r);
+  pl.phase_runs.push_back(conv::PhaseRun{1, 0, Wo});
+  job.num_copy_rows = Ho;
+  job.copy_rows = pl.copy_rows.data();
+  job.num_phase_runs = 1;
+  job.phase_runs = pl.phase_runs.data();
+
+  // Blocks: per phase, runs of in_w rows; panel a[k * rows + r] = w[row0 + o][c][u][v] for
+  // k = t * out_w + o, zero where tap t is not one of the phase's.
+  int64_t a_total = 0;
+  for (int ph = 0; ph < 4; ++ph) {
+    for (int64_t c = 0; c < in_w; c += pl.blocks.back().rows) {
+      Block b;
+      b.row0 = ph * in_w + c;
+      b.rows = block_rows<MR>(in_w - c);
+      b.depth = kInputGradPhaseTaps[ph] * out_w;
+      b.a_off = a_total;
+      a_total += b.depth * b.rows;
+      pl.blocks.push_back(b);
+      pl.macs_per_image += b.depth * b.rows * Ho * Wo;
+    }
+  }
+  pl.a.assign(static_cast<size_t>(a_total + 4), T(0));  // + 4: as multi_conv2d_direct
+  const T* w = weight.const_data_ptr<T>();
+  const int64_t s0 = weight.stride(0), s1 = weight.stride(1), s2 = weight.stride(2), s3 = weight.stride(3);
+  for (const Block& b : pl.blocks) {
+    const int ph = static_cast<int>(b.row0 / in_w), p = ph / 2, q = ph % 2;
+    T* panel = pl.a.data() + b.a_off;
+    for (int r = 0; r < b.rows; ++r) {
+      const int64_t c = b.row0 - ph * in_w + r;
+      for (int t = 0; t < kInputGradPhaseTaps[ph]; ++t) {
+        const int u = s2_tap(p, kInputGradTapDi[t]), v = s2_tap(q, kInputGradTapDj[t]);
+        if (u < 0 || v < 0) continue;
+        for (int64_t o = 0; o < out_w; ++o) {
+          panel[(t * out_w + o) * b.rows + r] = w[(row0 + o) * s0 + c * s1 + u * s2 + v * s3];
+        }
+      }
+    }
+  }
+  pl.segments.push_back(conv::Segment{g_c0, out_w, 0, static_cast<int64_t>(pl.blocks.size())});
+  job.num_segments = 1;
+  job.segments = pl.segments.data();
+  job.num_blocks = static_cast<int64_t>(pl.blocks.size());
+  job.blocks = pl.blocks.data();
+  job.a = pl.a.data();
+  job.panel_values = kPanelKiB * 1024 / static_cast<int64_t>(sizeof(T));
+  job.block_chunks = 1;
+  job.blocks_per_chunk = job.num_blocks;
+
+  pl.tap_off.resize(static_cast<size_t>(kInputGradTaps * out_w));
+  for (int t = 0; t < kInputGradTaps; ++t) {
+    for (int64_t o = 0; o < out_w; ++o) {
+      pl.tap_off[t * out_w + o] = o * job.scratch_plane + kInputGradTapDi[t] * job.row_len + kInputGradTapDj[t];
+    }
+  }
+  job.tap_off = pl.tap_off.data();
+  for (int64_t a = 0; a < Ho; ++a) {  // vector (a, b0) reads padded (a + 1, b0 + 1) at tap (0, 0)
+    for (int64_t b0 = 0; b0 < Wo; b0 += L) {
+      pl.vec_src.push_back((a + 1) * job.row_len + b0 + 1);
+      pl.vec_dst.push_back(a * Wo + b0);
+      pl.vec_len.push_back(static_cast<int32_t>(std::min<int64_t>(L, Wo - b0)));
+    }
+  }
+  job.num_vecs = static_cast<int64_t>(pl.vec_src.size());
+  job.vec_src = pl.vec_src.data();
+  job.vec_dst = pl.vec_dst.data();
+  job.vec_len = pl.vec_len.data();
+  job.all_vecs_full = Wo % L == 0;
+}
+
+// grad_x[n][x_c0 + c] (+)= the four phase planes of buf (rows ph * in_w + c, Ho x Wo each).
+template <typename T>
+void interleave_phases(const T* __restrict buf, T* __restrict gx, int64_t in_w, int64_t Ho, int64_t Wo, int64_t H,
+                       int64_t W, bool add) {
+  const int64_t plane = Ho * Wo;
+  for (int64_t c = 0; c < in_w; ++c) {
+    T* dst = gx + c * H * W;
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t a = h / 2, p = h % 2;
+      const T* __restrict e = buf + ((2 * p) * in_w + c) * plane + a * Wo;     // q = 0: even columns
+      const T* __restrict o = buf + ((2 * p + 1) * in_w + c) * plane + a * Wo;  // q = 1: odd columns
+      T* __restrict row = dst + h * W;
+      const int64_t pairs = W / 2;
+      if (add) {
+        for (int64_t b = 0; b < pairs; ++b) {
+          row[2 * b] += e[b];
+          row[2 * b + 1] += o[b];
+        }
+        if (W % 2 != 0) row[W - 1] += e[pairs];
+      } else {
+        for (int64_t b = 0; b < pairs; ++b) {
+          row[2 * b] = e[b];
+          row[2 * b + 1] = o[b];
+        }
+        if (W % 2 != 0) row[W - 1] = e[pairs];
+      }
+    }
+  }
+}
+
+template <typename T>
+void s2_input_grad_impl(const at::Tensor& g, const at::Tensor& weight, at::IntArrayRef in_offsets,
+                        at::IntArrayRef in_widths, at::IntArrayRef out_widths, at::IntArrayRef row_offsets,
+                        at::Tensor& grad_x, bool accumulate) {
+  const int64_t K = static_cast<int64_t>(in_offsets.size());
+  const int64_t N = g.size(0), Ho = g.size(2), Wo = g.size(3);
+  const int64_t C = grad_x.size(1), H = grad_x.size(2), W = grad_x.size(3);
+  if (N == 0) return;
+  std::vector<InputGradPlan<T>> plans(static_cast<size_t>(K));
+  int64_t g_c0 = 0, scratch_n = 0, buf_n = 0, lanes_n = 0, macs = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    plan_input_grad<T>(plans[k], g, weight, g_c0, in_offsets[k], in_widths[k], out_widths[k], row_offsets[k]);
+    g_c0 += out_widths[k];
+    scratch_n = std::max(scratch_n, conv::scratch_elements(plans[k].job, out_widths[k]));
+    buf_n = std::max(buf_n, plans[k].job.M * Ho * Wo);
+    lanes_n = std::max(lanes_n, conv::lane_elements(plans[k].job));
+    macs += plans[k].macs_per_image;
+  }
+  const T* gp = g.const_data_ptr<T>();
+  T* gxp = grad_x.mutable_data_ptr<T>();
+  const bool avx2 = use_avx2(), avx512 = use_avx512();
+  auto body = [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(static_cast<size_t>(scratch_n + 64 / sizeof(T)));  // zero: the padding stays zero
+    T* s = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
+    std::vector<T> buf(static_cast<size_t>(buf_n + 64 / sizeof(T)));
+    T* b = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+    std::vector<double> lanes(static_cast<size_t>(lanes_n));
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t k = 0; k < K; ++k) {
+        ConvJob<T> job = plans[k].job;
+        job.x = gp + n * g.stride(0);
+        job.out = b;
+        if (!run_items(job, 0, 1, s, lanes.data(), avx2, avx512)) conv::run_items_generic(job, 0, 1, s, lanes.data());
+        interleave_phases(b, gxp + (n * C + plans[k].x_c0) * H * W, plans[k].in_w, Ho, Wo, H, W, accumulate);
+      }
+    }
+  };
+  if (macs * N < kParallelMinMacs || N == 1) {
+    body(0, N);
+  } else {
+    at::parallel_for(0, N, 1, body);
+  }
+}
+
+void s2_input_grad_cpu(const at::Tensor& grad_out, const at::Tensor& weight, at::IntArrayRef in_offsets,
+                       at::IntArrayRef in_widths, at::IntArrayRef out_widths, at::IntArrayRef row_offsets,
+                       at::Tensor& grad_x, bool accumulate) {
+  const char* op = "fastsupernet::_cpu_conv2d_s2_input_grad: ";
+  TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_x.dim() == 4 && weight.dim() == 4, op,
+                    "grad_out, weight and grad_x must be 4-D, got ", grad_out.dim(), ", ", weight.dim(), " and ",
+                    grad_x.dim(), " dimensions");
+  TORCH_CHECK_TYPE((grad_out.scalar_type() == at::kFloat || grad_out.scalar_type() == at::kDouble) &&
+                       weight.scalar_type() == grad_out.scalar_type() &&
+                       grad_x.scalar_type() == grad_out.scalar_type(),
+                   op, "grad_out, weight and grad_x must all be float32 or all float64, got ",
+                   grad_out.scalar_type(), ", ", weight.scalar_type(), " and ", grad_x.scalar_type());
+  TORCH_CHECK_VALUE(grad_out.device().is_cpu() && weight.device().is_cpu() && grad_x.device().is_cpu(), op,
+                    "CPU tensors only");
+  TORCH_CHECK_VALUE(grad_x.is_contiguous(), op, "grad_x must be contiguous (NCHW)");
+  TORCH_CHECK_VALUE(weight.size(2) == 3 && weight.size(3) == 3, op, "a 3x3 kernel is needed, got ",
+                    weight.size(2), "x", weight.size(3));
+  const int64_t N = grad_x.size(0), C = grad_x.size(1), H = grad_x.size(2), W = grad_x.size(3);
+  TORCH_CHECK_VALUE(grad_out.size(0) == N && grad_out.size(2) == (H + 1) / 2 && grad_out.size(3) == (W + 1) / 2, op,
+                    "grad_out ", grad_out.sizes(), " is not the output of a 3x3 stride-2 padding-1 layer on ",
+                    grad_x.sizes());
+  const int64_t K = static_cast<int64_t>(in_offsets.size());
+  TORCH_CHECK_VALUE(K >= 1 && static_cast<int64_t>(in_widths.size()) == K &&
+                        static_cast<int64_t>(out_widths.size()) == K && static_cast<int64_t>(row_offsets.size()) == K,
+                    op, "in_offsets, in_widths, out_widths and row_offsets must have one entry per candidate");
+  std::vector<int> cover(static_cast<size_t>(C), 0);
+  int64_t M = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    TORCH_CHECK_VALUE(in_widths[k] >= 1 && in_offsets[k] >= 0 && in_offsets[k] + in_widths[k] <= C &&
+                          in_widths[k] <= weight.size(1),
+                      op, "candidate ", k, " reads input channels [", in_offsets[k], ", ",
+                      in_offsets[k] + in_widths[k], ") of ", C, " (weight columns: ", weight.size(1), ")");
+    TORCH_CHECK_VALUE(out_widths[k] >= 1 && row_offsets[k] >= 0 && row_offsets[k] + out_widths[k] <= weight.size(0),
+                      op, "candidate ", k, " uses weight rows [", row_offsets[k], ", ", row_offsets[k] + out_widths[k],
+                      ") of ", weight.size(0));
+    for (int64_t c = in_offsets[k]; c < in_offsets[k] + in_widths[k]; ++c) ++cover[c];
+    M += out_widths[k];
+  }
+  TORCH_CHECK_VALUE(grad_out.size(1) == M, op, "grad_out has ", grad_out.size(1),
+                    " channels, the candidates' out_widths add up to ", M);
+  if (!accumulate) {
+    TORCH_CHECK_VALUE(std::all_of(cover.begin(), cover.end(), [](int v) { return v == 1; }), op,
+                      "accumulate=False needs the candidates to read every channel of grad_x exactly once");
+  }
+  if (grad_out.scalar_type() == at::kFloat) {
+    s2_input_grad_impl<float>(grad_out, weight, in_offsets, in_widths, out_widths, row_offsets, grad_x, accumulate);
+  } else {
+    s2_input_grad_impl<double>(grad_out, weight, in_offsets, in_widths, out_widths, row_offsets, grad_x, accumulate);
+  }
+}
+
 }  // namespace
 
 // The instruction set the float32 CPU convolution kernels run with now (the CPU's, or the one
@@ -869,11 +1133,14 @@ TORCH_LIBRARY_FRAGMENT(fastsupernet, m) {
   m.def("_cpu_conv_isa() -> str", &cpu_conv_isa);
   m.def("_cpu_winograd_tile(int out_height, int out_width) -> int", &cpu_winograd_tile);
   m.def("_cpu_winograd_min_width(int out_height, int out_width) -> int", &cpu_winograd_min_width);
+  m.def("_cpu_conv2d_s2_input_grad(Tensor grad_out, Tensor weight, int[] in_offsets, int[] in_widths, "
+        "int[] out_widths, int[] row_offsets, Tensor(a!) grad_x, bool accumulate) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastsupernet, CPU, m) {
   m.impl("multi_conv2d", &multi_conv2d_cpu);
   m.impl("sliced_conv2d", &sliced_conv2d_cpu);
+  m.impl("_cpu_conv2d_s2_input_grad", &s2_input_grad_cpu);
 }
 
 }  // namespace fastsupernet

@@ -210,12 +210,16 @@ def _input_grad_batched(g, x, weight, meta, stride, padding):
     1x1 convolution (no padding) reads only pixels (h' s, w' s), so its input gradient is that
     1x1 convolution of g written to those pixels, zero elsewhere. Candidate k's transposed
     weight is ``weight[rows_k, :in_k]`` swapped and flipped (a small copy), stacked by rows; it
-    reads its own channel block of the output gradient and writes its in_k channels. Strided
+    reads its own channel block of the output gradient and writes its in_k channels. 3x3
+    stride-2 padding-1 layers take the polyphase kernel (:func:`_input_grad_s2`); other strided
     3x3 layers return None (the caller loops aten's backward over them: measured faster than
     one call on a zero-dilated gradient, which wastes 3/4 of its multiplies at stride 2).
     """
     in_offsets, in_widths, out_widths, row_offsets = meta
     kh, kw = weight.shape[2], weight.shape[3]
+    if (stride == 2 and kh == kw == 3 and padding == 1 and x.dtype in (torch.float32, torch.float64)
+            and _has_compiled("_cpu_conv2d_s2_input_grad", x.device)):
+        return _input_grad_s2(g, x, weight, meta)
     pad_t = kh - 1 - padding
     strided_1x1 = stride > 1 and kh == 1 and kw == 1 and padding == 0
     if (kh != kw or pad_t < 0 or (stride > 1 and not strided_1x1)
@@ -241,6 +245,18 @@ def _input_grad_batched(g, x, weight, meta, stride, padding):
     grad_x = torch.zeros_like(x, memory_format=torch.contiguous_format)
     grad_x[:, :, : (Ho - 1) * stride + 1 : stride, : (Wo - 1) * stride + 1 : stride] = gx
     return grad_x
+
+
+def _input_grad_s2(g, x, weight, meta):
+    """grad x of all candidates of a 3x3 stride-2 padding-1 layer: the compiled polyphase kernel
+    (``_cpu_conv2d_s2_input_grad``: the four parity phases of grad x as stride-1 passes over g
+    with only the taps each phase uses)."""
+    in_offsets, in_widths, out_widths, row_offsets = meta
+    tiles = list(in_offsets) == list(accumulate(in_widths, initial=0))[:-1] and sum(in_widths) == x.shape[1]
+    gx = (torch.empty if tiles else torch.zeros)(x.shape, dtype=x.dtype, device=x.device)
+    torch.ops.fastsupernet._cpu_conv2d_s2_input_grad(g, weight, list(in_offsets), list(in_widths),
+                                                     list(out_widths), list(row_offsets), gx, not tiles)
+    return gx
 
 
 def _weight_grad_batched(g, x, weight, meta, stride, padding):
