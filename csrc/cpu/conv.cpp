@@ -112,6 +112,9 @@
 #include "cpu/conv_plan.h"
 #include "cpu/conv_winograd.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #include <unistd.h>
@@ -858,24 +861,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sliced_conv2d_cpu(
 //   u_0(0) = 1, u_1(0) = 2, u_1(1) = 0.
 // Per candidate, the direct kernel computes the four phases as 4 * in_width rows over the
 // candidate's g channels padded by one (the same copy, tiles and chains of fused multiply-adds
-// as the forward), with the reduction ordered tap-major, k = t * out_width + o over the taps
-// t = (0, 0), (0, 1), (1, 0), (1, 1), so that each phase's block stops after the last tap it
-// uses: (even, even) 1, (even, odd) 2, (odd, even) 3 (tap (0, 1) with zero weights), (odd,
-// odd) 4; 10 taps where the layer has 9, against 36 for a stride-1 pass over the gradient
-// with zeros inserted. Each image's phases go to a per-thread buffer (in L1/L2), and are
-// interleaved (or added) into grad_x from there. A value is one chain of fused multiply-adds
-// over the candidate's out_width * (taps of its phase) terms, in a fixed order, then (with
-// several candidates reading one channel) added in candidate order: the bound of the direct
-// kernel with d = out_width * 4, and bitwise the same for any thread count.
+// as the forward): each phase's blocks have their own table of taps (Block::tap0), the
+// reduction ordered tap-major, k = t * out_width + o, over the phase's taps (di, dj):
+// (even, even) (0, 0); (even, odd) (0, 0), (0, 1); (odd, even) (0, 0), (1, 0); (odd, odd) all
+// four: the layer's 9 taps per (o, c) and no more, where a stride-1 pass over the gradient with
+// zeros inserted (aten's transposed convolution) has 36. Each image's phases go to a per-thread
+// buffer (in L1/L2), and are interleaved (or added) into grad_x from there. A value is one
+// chain of fused multiply-adds over the candidate's out_width * (taps of its phase) terms, in a
+// fixed order, then (with several candidates reading one channel) added in candidate order:
+// the bound of the direct kernel with d = out_width * 4, and bitwise the same for any thread
+// count.
 
-constexpr int kInputGradTaps = 4;
-constexpr int kInputGradTapDi[kInputGradTaps] = {0, 0, 1, 1};
-constexpr int kInputGradTapDj[kInputGradTaps] = {0, 1, 0, 1};
-// taps used by phase ph = 2 p + q: its block's depth is this many times out_width
-constexpr int kInputGradPhaseTaps[4] = {1, 2, 3, 4};
+// Taps of phase ph = 2 p + q (p: row parity, q: column parity) as offsets (di, dj) into g.
+constexpr int kPhaseTaps[4] = {1, 2, 2, 4};
+constexpr int kPhaseTapDi[4][4] = {{0}, {0, 0}, {0, 1}, {0, 0, 1, 1}};
+constexpr int kPhaseTapDj[4][4] = {{0}, {0, 1}, {0, 0}, {0, 1, 0, 1}};
 
-// Kernel index along one axis of parity `p` for tap offset `d` (0 or 1), or -1 where none.
-inline int s2_tap(int p, int d) { return p == 0 ? (d == 0 ? 1 : -1) : (d == 0 ? 2 : 0); }
+// Kernel index along one axis of parity `p` for tap offset `d` (0 or 1): 1 (even), 2 or 0 (odd).
+inline int s2_tap(int p, int d) { return p == 0 ? 1 : (d == 0 ? 2 : 0); }
 
 template <typename T>
 struct InputGradPlan {
@@ -923,15 +926,29 @@ void plan_input_grad(InputGradPlan<T>& pl, const at::Tensor& g, const at::Tensor
   job.num_phase_runs = 1;
   job.phase_runs = pl.phase_runs.data();
 
+  // Taps: phase ph's table at tap0[ph], entry t * out_w + o the offset of g[o][a + di][b + dj]
+  // from the vector's g[0][a][b].
+  int64_t tap0[4];
+  for (int ph = 0, at = 0; ph < 4; ++ph) {
+    tap0[ph] = at;
+    for (int t = 0; t < kPhaseTaps[ph]; ++t) {
+      for (int64_t o = 0; o < out_w; ++o, ++at) {
+        pl.tap_off.push_back(o * job.scratch_plane + kPhaseTapDi[ph][t] * job.row_len + kPhaseTapDj[ph][t]);
+      }
+    }
+  }
+  job.tap_off = pl.tap_off.data();
+
   // Blocks: per phase, runs of in_w rows; panel a[k * rows + r] = w[row0 + o][c][u][v] for
-  // k = t * out_w + o, zero where tap t is not one of the phase's.
+  // k = t * out_w + o.
   int64_t a_total = 0;
   for (int ph = 0; ph < 4; ++ph) {
     for (int64_t c = 0; c < in_w; c += pl.blocks.back().rows) {
       Block b;
       b.row0 = ph * in_w + c;
       b.rows = block_rows<MR>(in_w - c);
-      b.depth = kInputGradPhaseTaps[ph] * out_w;
+      b.depth = kPhaseTaps[ph] * out_w;
+      b.tap0 = tap0[ph];
       b.a_off = a_total;
       a_total += b.depth * b.rows;
       pl.blocks.push_back(b);
@@ -946,9 +963,8 @@ void plan_input_grad(InputGradPlan<T>& pl, const at::Tensor& g, const at::Tensor
     T* panel = pl.a.data() + b.a_off;
     for (int r = 0; r < b.rows; ++r) {
       const int64_t c = b.row0 - ph * in_w + r;
-      for (int t = 0; t < kInputGradPhaseTaps[ph]; ++t) {
-        const int u = s2_tap(p, kInputGradTapDi[t]), v = s2_tap(q, kInputGradTapDj[t]);
-        if (u < 0 || v < 0) continue;
+      for (int t = 0; t < kPhaseTaps[ph]; ++t) {
+        const int u = s2_tap(p, kPhaseTapDi[ph][t]), v = s2_tap(q, kPhaseTapDj[ph][t]);
         for (int64_t o = 0; o < out_w; ++o) {
           panel[(t * out_w + o) * b.rows + r] = w[(row0 + o) * s0 + c * s1 + u * s2 + v * s3];
         }
@@ -965,13 +981,6 @@ void plan_input_grad(InputGradPlan<T>& pl, const at::Tensor& g, const at::Tensor
   job.block_chunks = 1;
   job.blocks_per_chunk = job.num_blocks;
 
-  pl.tap_off.resize(static_cast<size_t>(kInputGradTaps * out_w));
-  for (int t = 0; t < kInputGradTaps; ++t) {
-    for (int64_t o = 0; o < out_w; ++o) {
-      pl.tap_off[t * out_w + o] = o * job.scratch_plane + kInputGradTapDi[t] * job.row_len + kInputGradTapDj[t];
-    }
-  }
-  job.tap_off = pl.tap_off.data();
   for (int64_t a = 0; a < Ho; ++a) {  // vector (a, b0) reads padded (a + 1, b0 + 1) at tap (0, 0)
     for (int64_t b0 = 0; b0 < Wo; b0 += L) {
       pl.vec_src.push_back((a + 1) * job.row_len + b0 + 1);
@@ -999,14 +1008,29 @@ void interleave_phases(const T* __restrict buf, T* __restrict gx, int64_t in_w, 
       const T* __restrict o = buf + ((2 * p + 1) * in_w + c) * plane + a * Wo;  // q = 1: odd columns
       T* __restrict row = dst + h * W;
       const int64_t pairs = W / 2;
+      int64_t b = 0;
+#if defined(__SSE2__)
+      if constexpr (std::is_same_v<T, float>) {  // 4 pairs at a time (x86-64 baseline)
+        for (; b + 4 <= pairs; b += 4) {
+          const __m128 ev = _mm_loadu_ps(e + b), od = _mm_loadu_ps(o + b);
+          __m128 lo = _mm_unpacklo_ps(ev, od), hi = _mm_unpackhi_ps(ev, od);
+          if (add) {
+            lo = _mm_add_ps(_mm_loadu_ps(row + 2 * b), lo);
+            hi = _mm_add_ps(_mm_loadu_ps(row + 2 * b + 4), hi);
+          }
+          _mm_storeu_ps(row + 2 * b, lo);
+          _mm_storeu_ps(row + 2 * b + 4, hi);
+        }
+      }
+#endif
       if (add) {
-        for (int64_t b = 0; b < pairs; ++b) {
+        for (; b < pairs; ++b) {
           row[2 * b] += e[b];
           row[2 * b + 1] += o[b];
         }
         if (W % 2 != 0) row[W - 1] += e[pairs];
       } else {
-        for (int64_t b = 0; b < pairs; ++b) {
+        for (; b < pairs; ++b) {
           row[2 * b] = e[b];
           row[2 * b + 1] = o[b];
         }

@@ -516,7 +516,6 @@ FSN_TARGET void run_items_impl(const ConvJob<T>& j, int64_t begin, int64_t end, 
         src = scratch;
       }
       TileArgs<T> t;
-      t.tap = j.tap_off;
       t.plane = plane;
       t.act = j.activation;
       t.epi = epilogue_kind(stats, j.scale != nullptr, j.shift != nullptr, j.residual != nullptr, j.activation);
@@ -540,6 +539,7 @@ FSN_TARGET void run_items_impl(const ConvJob<T>& j, int64_t begin, int64_t end, 
           for (int64_t bi = g0; bi < g1; ++bi) {
             const Block& blk = j.blocks[bi];
             t.a = j.a + blk.a_off;
+            t.tap = j.tap_off + blk.tap0;
             t.depth = blk.depth;
             t.out = out_img + blk.row0 * plane;
             t.res = res_img != nullptr ? res_img + blk.row0 * plane : nullptr;

@@ -76,6 +76,9 @@ struct Block {
   int64_t depth;  // reduction length: max over its rows of in_width * kh * kw
   int64_t a_off;  // offset of the packed (depth, rows) panel in ConvJob::a
   int32_t rows;   // 1..kRows
+  // Reduction index k of the block reads ConvJob::tap_off[tap0 + k] (one table for all
+  // blocks of multi_conv2d; the phases of the stride-2 input gradient have their own).
+  int64_t tap0 = 0;
 };
 
 // In a strided scratch row, stride phase ph holds the input columns iw = src, src + stride, ...
