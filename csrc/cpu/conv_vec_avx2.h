@@ -50,6 +50,10 @@ struct Avx2Vec<float> {
     return _mm256_blendv_ps(_mm256_mul_ps(y, slope), y, ge);
   }
   static FSN_TARGET FSN_INLINE void copy(float* __restrict dst, const float* __restrict src, int64_t count) {
+    if (count == 8) {  // one vector inline: GCC turns the loop below into a call of memmove
+      _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
+      return;
+    }
     int64_t t = 0;
     for (; t + 8 <= count; t += 8) _mm256_storeu_ps(dst + t, _mm256_loadu_ps(src + t));
     for (; t < count; ++t) dst[t] = src[t];
