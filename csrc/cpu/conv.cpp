@@ -103,6 +103,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -111,6 +112,7 @@
 
 #include "cpu/conv_plan.h"
 #include "cpu/conv_winograd.h"
+#include "cpu/conv_winograd_s2.h"
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -290,6 +292,24 @@ int winograd_tile(int64_t Ho, int64_t Wo, int64_t x_sW) {
   const char* env = std::getenv("FASTSUPERNET_CPU_WINOGRAD_TILE");
   if (env != nullptr && std::strcmp(env, "2") == 0) return 2;
   return Ho % 4 == 0 && (Wo == 8 || Wo == 16 || Wo == 32) && x_sW == 1 ? 4 : 2;
+}
+
+// Stride-2 Winograd (conv_winograd_s2.cpp): see conv_winograd_s2.h.
+bool winograd_s2_shape(int64_t kh, int64_t kw, int64_t stride, int64_t padding, int64_t H, int64_t W, int64_t x_sW,
+                       bool residual, bool stats) {
+  if (kh != 3 || kw != 3 || stride != 2 || padding != 1 || H != 16 || W != 16 || x_sW != 1 || residual || stats) {
+    return false;
+  }
+  const char* env = std::getenv("FASTSUPERNET_CPU_WINOGRAD");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  return use_avx512();
+}
+
+// Candidates narrower than this keep the direct kernel (the transforms cost about what they save).
+int64_t winograd_s2_min_width() {
+  const char* env = std::getenv("FASTSUPERNET_CPU_WINOGRAD");
+  if (env != nullptr && std::strcmp(env, "all") == 0) return 1;
+  return 8;
 }
 
 }  // namespace conv
@@ -669,6 +689,176 @@ void multi_conv2d_direct(const at::Tensor& x, const at::Tensor& weight, at::IntA
   run_job(job, items, max_width, macs_per_pixel * N * Ho * Wo);
 }
 
+// One candidate of the stride-2 Winograd path: its job and the GEMM's plan (a 1x1 direct job
+// over the transformed input: rows xi * out_w + o, segment xi over channels xi * 4 in_w ..).
+struct WinogradS2Plan {
+  conv::WinogradS2Job job;
+  ConvJob<float> gemm;
+  std::vector<conv::Segment> segments;
+  std::vector<Block> blocks;
+  std::vector<float> a;
+  std::vector<int64_t> tap_off, vec_src, vec_dst;
+  std::vector<int32_t> vec_len;
+};
+
+void plan_winograd_s2(WinogradS2Plan& pl, const at::Tensor& weight, int64_t in_w, int64_t out_w, int64_t row_offset) {
+  constexpr int MR = Blocking<float>::kRows;
+  constexpr int P = conv::kS2Points;
+  const int64_t chans = 4 * in_w, pixels = conv::kS2Images * conv::kS2Tiles;
+  ConvJob<float>& g = pl.gemm;
+  g.N = 1;
+  g.M = P * (out_w + 1);  // conv::s2_m_stride: a spare row after each xi's out_w
+  g.out_plane = pixels;
+  g.x_sN = 0;
+  g.x_sC = pixels;
+  g.x_sH = pixels;
+  g.x_sW = 1;
+  g.H = 1;
+  g.W = pixels;
+  g.direct = true;
+  g.panel_values = kPanelKiB * 1024 / static_cast<int64_t>(sizeof(float));
+  // Every xi's rows split alike into blocks; xi's panels start xi * xi_pitch values in, one
+  // vector more than they hold (not a power of two apart: the filter transform below writes
+  // to all 25 at once).
+  const int64_t xi_pitch = out_w * chans + 16;
+  std::vector<int64_t> blk_row0(static_cast<size_t>(out_w));  // first row of row o's block
+  std::vector<int32_t> blk_rows(static_cast<size_t>(out_w));
+  for (int64_t o = 0; o < out_w; o += blk_rows[o]) {
+    const int32_t rows = block_rows<MR>(out_w - o);
+    for (int r = 0; r < rows; ++r) {
+      blk_row0[o + r] = o;
+      blk_rows[o + r] = rows;
+    }
+  }
+  for (int xi = 0; xi < P; ++xi) {
+    const int64_t depth = conv::s2_phases(xi) * in_w;
+    conv::Segment seg{xi * (chans + 1), depth, static_cast<int64_t>(pl.blocks.size()), 0};  // conv::s2_v_stride
+    for (int64_t o = 0; o < out_w; o += blk_rows[o]) {
+      Block b;
+      b.row0 = xi * (out_w + 1) + o;
+      b.rows = blk_rows[o];
+      b.depth = depth;
+      b.a_off = xi * xi_pitch + o * depth;
+      pl.blocks.push_back(b);
+    }
+    seg.block_end = static_cast<int64_t>(pl.blocks.size());
+    pl.segments.push_back(seg);
+  }
+  const int64_t a_total = P * xi_pitch;
+  // U[xi][o][s2_slot(xi, 2p + q) in_w + c] = (G K G^T)[xi], K[u][v] = w[2u + p][2v + q] (0
+  // past the kernel), in float64 and rounded once, written straight into the panels
+  // (a[xi * xi_pitch + o0 * depth + k * rows + r] for row o = o0 + r of a block of `rows`).
+  pl.a.assign(static_cast<size_t>(a_total + 4), 0.0f);  // + 4: as multi_conv2d_direct
+  const float* w = weight.const_data_ptr<float>();
+  const int64_t s0 = weight.stride(0), s1 = weight.stride(1), s2 = weight.stride(2), s3 = weight.stride(3);
+  float* a = pl.a.data();
+  at::parallel_for(0, out_w, 8, [&](int64_t o_begin, int64_t o_end) {
+    for (int64_t o = o_begin; o < o_end; ++o) {
+      for (int64_t c = 0; c < in_w; ++c) {
+        const float* f = w + (row_offset + o) * s0 + c * s1;
+        for (int p = 0; p < 2; ++p) {
+          for (int q = 0; q < 2; ++q) {
+            double gk[5][2];  // G K
+            for (int i = 0; i < 5; ++i) {
+              for (int b = 0; b < 2; ++b) {
+                double acc = 0.0;
+                for (int u = 0; u < 2; ++u) {
+                  if (2 * u + p <= 2 && 2 * b + q <= 2) {
+                    acc += conv::kWinogradS2G[i][u] * static_cast<double>(f[(2 * u + p) * s2 + (2 * b + q) * s3]);
+                  }
+                }
+                gk[i][b] = acc;
+              }
+            }
+            for (int i = 0; i < 5; ++i) {
+              for (int jj = 0; jj < 5; ++jj) {
+                const int xi = i * 5 + jj, slot = conv::s2_slot(xi, 2 * p + q), phases = conv::s2_phases(xi);
+                if (slot >= phases) continue;  // zero
+                const double v = gk[i][0] * conv::kWinogradS2G[jj][0] + gk[i][1] * conv::kWinogradS2G[jj][1];
+                const int64_t k = slot * in_w + c;
+                a[xi * xi_pitch + blk_row0[o] * phases * in_w + k * blk_rows[o] + (o - blk_row0[o])] =
+                    static_cast<float>(v);
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+  g.num_segments = static_cast<int64_t>(pl.segments.size());
+  g.segments = pl.segments.data();
+  g.num_blocks = static_cast<int64_t>(pl.blocks.size());
+  g.blocks = pl.blocks.data();
+  g.a = pl.a.data();
+  g.block_chunks = 1;
+  g.blocks_per_chunk = g.num_blocks;
+  for (int64_t k = 0; k < chans; ++k) pl.tap_off.push_back(k * pixels);
+  g.tap_off = pl.tap_off.data();
+  for (int64_t v = 0; v < pixels; v += Blocking<float>::kLanes) {
+    pl.vec_src.push_back(v);
+    pl.vec_dst.push_back(v);
+    pl.vec_len.push_back(Blocking<float>::kLanes);
+  }
+  g.num_vecs = static_cast<int64_t>(pl.vec_src.size());
+  g.vec_src = pl.vec_src.data();
+  g.vec_dst = pl.vec_dst.data();
+  g.vec_len = pl.vec_len.data();
+  g.all_vecs_full = true;
+  pl.job.gemm = &pl.gemm;
+}
+
+// The candidates k with use[k] of a float32 multi_conv2d call of winograd_s2_shape: their rows
+// of `out` by F(4x4, 2x2) on the stride phases (conv_winograd_s2.cpp).
+void multi_conv2d_winograd_s2(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef in_offsets,
+                              at::IntArrayRef in_widths, at::IntArrayRef out_widths, at::IntArrayRef row_offsets,
+                              const std::vector<char>& use, const std::vector<int64_t>& row_start,
+                              const at::Tensor& scale, const at::Tensor& shift, int activation,
+                              const std::vector<float>& slope, at::Tensor& out) {
+  const int64_t N = x.size(0), M = row_start.back();
+  std::vector<std::unique_ptr<WinogradS2Plan>> plans;
+  int64_t scratch_n = 0, macs = 0;
+  for (size_t k = 0; k < use.size(); ++k) {
+    if (!use[k]) continue;
+    plans.push_back(std::make_unique<WinogradS2Plan>());
+    WinogradS2Plan& pl = *plans.back();
+    plan_winograd_s2(pl, weight, in_widths[k], out_widths[k], row_offsets[k]);
+    conv::WinogradS2Job& j = pl.job;
+    j.x = x.const_data_ptr<float>();
+    j.x_sN = x.stride(0);
+    j.x_sC = x.stride(1);
+    j.x_sH = x.stride(2);
+    j.N = N;
+    j.c0 = in_offsets[k];
+    j.in_w = in_widths[k];
+    j.out_w = out_widths[k];
+    j.out = out.mutable_data_ptr<float>();
+    j.M = M;
+    j.row0 = row_start[k];
+    j.scale = scale.defined() ? scale.const_data_ptr<float>() + row_start[k] : nullptr;
+    j.shift = shift.defined() ? shift.const_data_ptr<float>() + row_start[k] : nullptr;
+    j.slope = slope.empty() ? 0.0f : slope[row_start[k]];
+    j.activation = activation;
+    j.stream_out = conv::stream_output(out.numel() * static_cast<int64_t>(sizeof(float)));
+    scratch_n = std::max(scratch_n, conv::winograd_s2_scratch_floats(j));
+    macs += N * 64 * out_widths[k] * in_widths[k] * 9;
+  }
+  const int64_t chunks = div_up(N, conv::kS2Images);
+  auto body = [&](int64_t begin, int64_t end) {
+    // not zeroed: every value is written before it is read
+    std::unique_ptr<float[]> scratch(new float[static_cast<size_t>(scratch_n + 16)]);
+    float* s = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch.get()) + 63) & ~uintptr_t(63));
+    double lanes[2 * conv::kStatLanes];  // unused: the GEMM takes no statistics
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      for (const auto& pl : plans) conv::winograd_s2_run_avx512(pl->job, chunk, chunk + 1, s, lanes);
+    }
+  };
+  if (macs < kParallelMinMacs || chunks == 1) {
+    body(0, chunks);
+  } else {
+    at::parallel_for(0, chunks, 1, body);
+  }
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_impl(
     const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef in_offsets, at::IntArrayRef in_widths,
@@ -734,6 +924,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_impl(
         multi_conv2d_winograd(tile, x, weight, in_offsets, in_widths, out_widths, row_offsets, wino, row_start, scale,
                               shift, res, activation, slope, out, stats ? part_sum.data() : nullptr,
                               stats ? part_sq.data() : nullptr);
+      }
+    }
+  }
+  if constexpr (std::is_same<T, float>::value) {
+    if (conv::winograd_s2_shape(kh, kw, stride, padding, x.size(2), x.size(3), x.stride(3), res.defined(), stats)) {
+      std::vector<char> ws2(static_cast<size_t>(K), 0);
+      bool any = false;
+      const int64_t least = conv::winograd_s2_min_width();
+      for (int64_t k = 0; k < K; ++k) {
+        ws2[k] = direct_cand[k] && in_widths[k] >= least;
+        direct_cand[k] = direct_cand[k] && !ws2[k];
+        any = any || ws2[k];
+      }
+      if (any) {
+        multi_conv2d_winograd_s2(x, weight, in_offsets, in_widths, out_widths, row_offsets, ws2, row_start, scale,
+                                 shift, activation, slope, out);
       }
     }
   }

@@ -1,0 +1,98 @@
+// Plan of the stride-2 Winograd path of fastsupernet::multi_conv2d on CPU (float32, AVX-512):
+// a 3x3 stride-2 padding-1 layer on 16x16 inputs (8x8 outputs) as Winograd F(4x4, 2x2) on
+// the four stride phases of the input. Shared by the host code (conv.cpp) and the kernel
+// (conv_winograd_s2.cpp). Plain C++ (no torch), like conv_plan.h.
+//
+// The layer is y[i][j] = sum over the phases (p, q) of sum_(u, v < 2) P_pq[i + u][j + v]
+// K_pq[u][v], with P_pq[a][b] = x_pad[2a + p][2b + q] (x padded by one zero row and column
+// before, zeros after) and K_pq[u][v] = w[2u + p][2v + q] (zero where 2u + p or 2v + q is 3):
+// four stride-1 2x2 correlations over 9x9 planes, one 4 C_in-channel 2x2 convolution. Each 4x4
+// output tile is then A^T [ sum over (phase, channel) of (G K G^T) . (B^T d B) ] A with d the
+// 5x5 patch of the phase plane (25 multiplies per channel and phase for 16 outputs: 6.25 per
+// output and input channel, where the direct kernel does 9).
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/conv_plan.h"
+
+namespace fastsupernet {
+namespace conv {
+
+// Images per chunk: the lanes of a 512-bit register (the transforms run on vectors of one
+// value of 16 images).
+constexpr int kS2Images = 16;
+// Points of a transformed tile (5 x 5) and tiles of an 8x8 output (2 x 2).
+constexpr int kS2Points = 25;
+constexpr int kS2Tiles = 4;
+
+// G of F(4, 2) (points 0, 1, -1, 2 and infinity): the filter transform U = G K G^T (conv.cpp).
+inline constexpr double kWinogradS2G[5][2] = {
+    {0.5, 0}, {0.5, 0.5}, {1.0 / 6, -1.0 / 6}, {1.0 / 6, 1.0 / 3}, {0, 1}};
+
+// One candidate of one call.
+struct WinogradS2Job {
+  // Input: x (unit column stride), N images of 16x16; the candidate reads channels [c0, + in_w).
+  const float* x = nullptr;
+  int64_t x_sN = 0, x_sC = 0, x_sH = 0;
+  int64_t N = 0;
+  int64_t c0 = 0, in_w = 0, out_w = 0;
+
+  // Output (N, M, 8, 8) contiguous; the candidate's rows [row0, + out_w); epilogue per row
+  // (scale, shift: its out_w values, or nullptr) then the activation (PReLU: slope).
+  float* out = nullptr;
+  int64_t M = 0, row0 = 0;
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+  float slope = 0.0f;
+  int activation = kActNone;
+  bool stream_out = false;
+
+  // The GEMM of a chunk, one direct-kernel job: M[xi][o][pixel] = sum over the transformed
+  // channels ch = s2_slot(xi, 2p + q) in_w + c < s2_phases(xi) in_w of U[xi][o][ch]
+  // V[xi][ch][pixel] (pixel = tile * 16 + image); rows xi * (out_w + 1) + o, segment xi
+  // reads V from channel xi * (4 in_w + 1) on (s2_v_stride); x and out are set per chunk (V
+  // and M in the thread's scratch).
+  const ConvJob<float>* gemm = nullptr;
+};
+
+// The phase kernels other than K_00 are zero in their second column (K_01), row (K_10) or
+// both (K_11), and G's last row is (0, 1): so U = G K G^T is zero in column 4 for K_01 and
+// K_11 and in row 4 for K_10 and K_11, and point xi = 5 i + j takes 4 phases where i, j < 4,
+// 2 where one of them is 4 and 1 at (4, 4): 81 of 100 (5.06 multiplies per output and input
+// channel). V and U hold point xi's channels in the order of its phases' slots, the phases it
+// takes first (its GEMM's depth is a prefix): (p, q) = (0, 0), (0, 1), (1, 0), (1, 1) in
+// slots 0..3, except in column j = 4, where (1, 0) comes before (0, 1).
+inline int s2_phases(int xi) {
+  const int i = xi / 5, j = xi % 5;
+  return i < 4 && j < 4 ? 4 : (i == 4 && j == 4 ? 1 : 2);
+}
+inline int s2_slot(int xi, int pq) {
+  if (xi % 5 == 4 && (pq == 1 || pq == 2)) return 3 - pq;
+  return pq;
+}
+
+// Distance between the xi planes of V (4 in_w channels of 64 pixels) and of M (out_w rows of
+// 64): one channel or row more than they hold, so that the 25 planes a transform reads or
+// writes are not a power of two apart (which maps them to one L1 set). The GEMM's segment xi
+// starts at channel xi * (4 in_w + 1), its rows at xi * (out_w + 1) (row xi * (out_w + 1) +
+// out_w is never written).
+inline int64_t s2_v_stride(const WinogradS2Job& j) { return (4 * j.in_w + 1) * 64; }
+inline int64_t s2_m_stride(const WinogradS2Job& j) { return (j.out_w + 1) * 64; }
+
+// Whether the layer takes the path (the candidate's width aside): float32 3x3 stride-2
+// padding-1 on a 16x16 input with unit column stride, no residual, no statistics, an AVX-512
+// CPU, and FASTSUPERNET_CPU_WINOGRAD not 0 (read at every call).
+bool winograd_s2_shape(int64_t kh, int64_t kw, int64_t stride, int64_t padding, int64_t H, int64_t W, int64_t x_sW,
+                       bool residual, bool stats);
+// The least input width of a candidate that takes it (FASTSUPERNET_CPU_WINOGRAD=all: 1).
+int64_t winograd_s2_min_width();
+
+// float32 values of one thread's scratch (staged input plane, V, M, staged output).
+int64_t winograd_s2_scratch_floats(const WinogradS2Job& job);
+
+// Runs chunks [begin, end) of kS2Images images; false when the build has no AVX-512 version.
+bool winograd_s2_run_avx512(const WinogradS2Job& job, int64_t begin, int64_t end, float* scratch, double* lanes);
+
+}  // namespace conv
+}  // namespace fastsupernet
