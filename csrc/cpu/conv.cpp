@@ -305,11 +305,16 @@ bool winograd_s2_shape(int64_t kh, int64_t kw, int64_t stride, int64_t padding, 
   return use_avx512();
 }
 
-// Candidates narrower than this keep the direct kernel (the transforms cost about what they save).
-int64_t winograd_s2_min_width() {
+// Narrower candidates keep the direct kernel: the input transform's cost grows with in_w, the
+// GEMM's saving with in_w x out_w. Measured one candidate at a time, batch 256, folded BN +
+// ReLU, direct / Winograd time (FASTSUPERNET_CPU_WINOGRAD=0 vs =all alternating in one
+// process, 12 pairs): out_w 16: 0.82x at in_w 4, 0.97-1.03x from 8 to 32; out_w 32: 1.02x at
+// 12, 1.12-1.19x at 16..32; out_w 48: 1.09-1.25x from 12; out_w 64: 0.85x at 4, 0.99-1.01x at
+// 8 and 12, 1.10x at 16, 1.15x at 24 and 32.
+bool winograd_s2_width(int64_t in_w, int64_t out_w) {
   const char* env = std::getenv("FASTSUPERNET_CPU_WINOGRAD");
-  if (env != nullptr && std::strcmp(env, "all") == 0) return 1;
-  return 8;
+  if (env != nullptr && std::strcmp(env, "all") == 0) return true;
+  return in_w >= 16 && out_w >= 32;
 }
 
 }  // namespace conv
@@ -749,36 +754,49 @@ void plan_winograd_s2(WinogradS2Plan& pl, const at::Tensor& weight, int64_t in_w
   // past the kernel), in float64 and rounded once, written straight into the panels
   // (a[xi * xi_pitch + o0 * depth + k * rows + r] for row o = o0 + r of a block of `rows`).
   pl.a.assign(static_cast<size_t>(a_total + 4), 0.0f);  // + 4: as multi_conv2d_direct
+  // Two passes: G K per (o, phase, c) (10 values each), then the panels in the order they
+  // are laid out, one xi at a time.
   const float* w = weight.const_data_ptr<float>();
   const int64_t s0 = weight.stride(0), s1 = weight.stride(1), s2 = weight.stride(2), s3 = weight.stride(3);
-  float* a = pl.a.data();
+  std::vector<double> gk(static_cast<size_t>(out_w * chans * 10));  // [o][2p + q][c][i][b]
   at::parallel_for(0, out_w, 8, [&](int64_t o_begin, int64_t o_end) {
     for (int64_t o = o_begin; o < o_end; ++o) {
-      for (int64_t c = 0; c < in_w; ++c) {
-        const float* f = w + (row_offset + o) * s0 + c * s1;
-        for (int p = 0; p < 2; ++p) {
-          for (int q = 0; q < 2; ++q) {
-            double gk[5][2];  // G K
-            for (int i = 0; i < 5; ++i) {
-              for (int b = 0; b < 2; ++b) {
-                double acc = 0.0;
-                for (int u = 0; u < 2; ++u) {
-                  if (2 * u + p <= 2 && 2 * b + q <= 2) {
-                    acc += conv::kWinogradS2G[i][u] * static_cast<double>(f[(2 * u + p) * s2 + (2 * b + q) * s3]);
-                  }
+      for (int pq = 0; pq < 4; ++pq) {
+        const int p = pq / 2, q = pq % 2;
+        for (int64_t c = 0; c < in_w; ++c) {
+          const float* f = w + (row_offset + o) * s0 + c * s1;
+          double* dst = gk.data() + ((o * 4 + pq) * in_w + c) * 10;
+          for (int i = 0; i < 5; ++i) {
+            for (int b = 0; b < 2; ++b) {
+              double acc = 0.0;
+              for (int u = 0; u < 2; ++u) {
+                if (2 * u + p <= 2 && 2 * b + q <= 2) {
+                  acc += conv::kWinogradS2G[i][u] * static_cast<double>(f[(2 * u + p) * s2 + (2 * b + q) * s3]);
                 }
-                gk[i][b] = acc;
               }
+              dst[i * 2 + b] = acc;
             }
-            for (int i = 0; i < 5; ++i) {
-              for (int jj = 0; jj < 5; ++jj) {
-                const int xi = i * 5 + jj, slot = conv::s2_slot(xi, 2 * p + q), phases = conv::s2_phases(xi);
-                if (slot >= phases) continue;  // zero
-                const double v = gk[i][0] * conv::kWinogradS2G[jj][0] + gk[i][1] * conv::kWinogradS2G[jj][1];
-                const int64_t k = slot * in_w + c;
-                a[xi * xi_pitch + blk_row0[o] * phases * in_w + k * blk_rows[o] + (o - blk_row0[o])] =
-                    static_cast<float>(v);
-              }
+          }
+        }
+      }
+    }
+  });
+  float* a = pl.a.data();
+  at::parallel_for(0, P, 1, [&](int64_t xi_begin, int64_t xi_end) {
+    for (int64_t xi = xi_begin; xi < xi_end; ++xi) {
+      const int i = static_cast<int>(xi / 5), jj = static_cast<int>(xi % 5), phases = conv::s2_phases(static_cast<int>(xi));
+      const double g0 = conv::kWinogradS2G[jj][0], g1 = conv::kWinogradS2G[jj][1];
+      int pq_of_slot[4];
+      for (int pq = 0; pq < 4; ++pq) pq_of_slot[conv::s2_slot(static_cast<int>(xi), pq)] = pq;
+      for (int64_t o0 = 0; o0 < out_w; o0 += blk_rows[o0]) {
+        const int rows = blk_rows[o0];
+        float* panel = a + xi * xi_pitch + o0 * phases * in_w;
+        for (int slot = 0; slot < phases; ++slot) {
+          for (int64_t c = 0; c < in_w; ++c) {
+            const int64_t k = slot * in_w + c;
+            for (int r = 0; r < rows; ++r) {
+              const double* v = gk.data() + (((o0 + r) * 4 + pq_of_slot[slot]) * in_w + c) * 10 + i * 2;
+              panel[k * rows + r] = static_cast<float>(v[0] * g0 + v[1] * g1);
             }
           }
         }
@@ -931,9 +949,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_impl(
     if (conv::winograd_s2_shape(kh, kw, stride, padding, x.size(2), x.size(3), x.stride(3), res.defined(), stats)) {
       std::vector<char> ws2(static_cast<size_t>(K), 0);
       bool any = false;
-      const int64_t least = conv::winograd_s2_min_width();
       for (int64_t k = 0; k < K; ++k) {
-        ws2[k] = direct_cand[k] && in_widths[k] >= least;
+        ws2[k] = direct_cand[k] && conv::winograd_s2_width(in_widths[k], out_widths[k]);
         direct_cand[k] = direct_cand[k] && !ws2[k];
         any = any || ws2[k];
       }

@@ -85,8 +85,9 @@ inline int64_t s2_m_stride(const WinogradS2Job& j) { return (j.out_w + 1) * 64; 
 // CPU, and FASTSUPERNET_CPU_WINOGRAD not 0 (read at every call).
 bool winograd_s2_shape(int64_t kh, int64_t kw, int64_t stride, int64_t padding, int64_t H, int64_t W, int64_t x_sW,
                        bool residual, bool stats);
-// The least input width of a candidate that takes it (FASTSUPERNET_CPU_WINOGRAD=all: 1).
-int64_t winograd_s2_min_width();
+// Whether a candidate of such a layer takes it, by its widths (FASTSUPERNET_CPU_WINOGRAD=all:
+// every one).
+bool winograd_s2_width(int64_t in_w, int64_t out_w);
 
 // float32 values of one thread's scratch (staged input plane, V, M, staged output).
 int64_t winograd_s2_scratch_floats(const WinogradS2Job& job);
