@@ -671,7 +671,9 @@ def _s2_input_grad_oracle(g, x_shape, weight, in_offsets, in_widths, out_widths,
 @pytest.mark.parametrize("hw", [(16, 16), (32, 32), (15, 9), (8, 7), (1, 1), (2, 3), (5, 33)])
 @pytest.mark.parametrize("inputs", ["one", "packed", "shared"])
 def test_s2_input_grad(hw, inputs, dtype):
-    """``_cpu_conv2d_s2_input_grad`` against the float64 input gradient of each candidate's
+    """``_cpu_conv2d_s2_input_grad`` (the phases on the direct kernel: float32 16x16 layers on
+    AVX-512 CPUs take Winograd by default, tested in test_conv_winograd_s2.py) against the
+    float64 input gradient of each candidate's
     3x3 stride-2 padding-1 convolution: odd and even sizes, widths 1..37, candidates tiling x
     (grad_x poisoned with NaN: every element must be written) or reading one shared slice
     (accumulate into a random grad_x), a grad_out with non-unit strides. Bound per element:
@@ -695,7 +697,8 @@ def test_s2_input_grad(hw, inputs, dtype):
     accumulate = inputs == "shared"
     start = _rand(N, C, H, W, dtype=dtype, gen=gen) if accumulate else torch.full((N, C, H, W), math.nan, dtype=dtype)
     gx = start.clone()
-    OPS._cpu_conv2d_s2_input_grad(g, weight, in_off, in_w, out_w, row_off, gx, accumulate)
+    with cpu_env(FASTSUPERNET_CPU_WINOGRAD="0"):
+        OPS._cpu_conv2d_s2_input_grad(g, weight, in_off, in_w, out_w, row_off, gx, accumulate)
     exact, mag, d = _s2_input_grad_oracle(g, (N, C, H, W), weight, in_off, in_w, out_w, row_off)
     if accumulate:
         exact, mag = exact + start.double(), mag + start.double().abs()
@@ -720,17 +723,18 @@ def test_s2_input_grad_kernels_agree():
         OPS._cpu_conv2d_s2_input_grad(*args, gx, True)
         return gx
 
-    ref = run()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert torch.equal(run(), ref)
-    finally:
-        torch.set_num_threads(threads)
-    with cpu_env(FASTSUPERNET_CPU_KERNEL="avx2"):
-        assert torch.equal(run(), ref)
-    with cpu_env(FASTSUPERNET_CPU_KERNEL="generic"):
-        torch.testing.assert_close(run(), ref, rtol=1e-4, atol=1e-4)
+    with cpu_env(FASTSUPERNET_CPU_WINOGRAD="0"):  # the phases on the direct kernel
+        ref = run()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert torch.equal(run(), ref)
+        finally:
+            torch.set_num_threads(threads)
+        with cpu_env(FASTSUPERNET_CPU_KERNEL="avx2"):
+            assert torch.equal(run(), ref)
+        with cpu_env(FASTSUPERNET_CPU_KERNEL="generic"):
+            torch.testing.assert_close(run(), ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -215,3 +215,104 @@ def test_random_widths():
         weight = _rand(R, 34, 3, 3, gen=gen) * 0.2
         rows = [rng.randint(0, R - o) for o in out_w]
         _check(x, weight, (in_off, in_w, out_w, rows), expect_winograd=True)
+
+
+# --- the input gradient (fastsupernet::_cpu_conv2d_s2_input_grad) ------------------------------
+def _tap(p: int, d: int) -> int:
+    """Kernel index along an axis of grad x's parity p for g offset d (-1: none)."""
+    return (1 if d == 0 else -1) if p == 0 else (2 if d == 0 else 0)
+
+
+def winograd_s2_grad(g: torch.Tensor, w: torch.Tensor, absolute: bool = True) -> torch.Tensor:
+    """The input gradient by F(4x4, 2x2) per phase in float64 (g: (N, O, 8, 8), w: (O, C, 3, 3));
+    with ``absolute``, on absolute values and matrices: A_w."""
+    bt, gm, at = (m.abs() if absolute else m for m in (BT, G, AT))
+    g, w = (g.double().abs(), w.double().abs()) if absolute else (g.double(), w.double())
+    n, c = g.shape[0], w.shape[1]
+    d = F.pad(g, (0, 1, 0, 1)).unfold(2, 5, 4).unfold(3, 5, 4)  # (N, O, 2, 2, 5, 5)
+    v = bt @ d @ bt.T
+    gx = torch.zeros(n, c, 16, 16, dtype=torch.float64)
+    for p in range(2):
+        for q in range(2):
+            k = torch.zeros(w.shape[0], c, 2, 2, dtype=torch.float64)
+            for di in range(2):
+                for dj in range(2):
+                    if _tap(p, di) >= 0 and _tap(q, dj) >= 0:
+                        k[:, :, di, dj] = w[:, :, _tap(p, di), _tap(q, dj)]
+            m = torch.einsum("ocab,noyxab->ncyxab", gm @ k @ gm.T, v)
+            y = at @ m @ at.T  # (N, C, 2, 2, 4, 4)
+            gx[:, :, p::2, q::2] = y.permute(0, 1, 2, 4, 3, 5).reshape(n, c, 8, 8)
+    return gx
+
+
+def test_grad_oracle_is_the_gradient():
+    gen = torch.Generator().manual_seed(10)
+    g, w = torch.randn(2, 5, 8, 8, generator=gen), torch.randn(5, 3, 3, 3, generator=gen)
+    exact = torch.ops.aten.convolution_backward(g.double(), torch.zeros(2, 3, 16, 16, dtype=torch.float64),
+                                                w.double(), None, [2, 2], [1, 1], [1, 1], False, [0, 0], 1,
+                                                [True, False, False])[0]
+    torch.testing.assert_close(winograd_s2_grad(g, w, absolute=False), exact, rtol=0, atol=1e-12)
+
+
+def _grad(g, weight, meta, gx, accumulate, flag=None):
+    with cpu_env(FASTSUPERNET_CPU_WINOGRAD=flag):
+        OPS._cpu_conv2d_s2_input_grad(g, weight, *meta, gx, accumulate)
+    return gx
+
+
+@pytest.mark.parametrize("N", [1, 15, 16, 33])
+@pytest.mark.parametrize("inputs", ["one", "packed", "shared"])
+def test_input_grad(N, inputs):
+    """Every width (1..64), partial and whole chunks; candidates tiling grad x (poisoned with NaN:
+    every element written) or reading one slice (added to a random grad x). Bound per element:
+    ``(out_width + 11) u A_w`` per candidate, then one addition per candidate: ``(out_w + 11 + K)
+    u (sum A_w + |initial|)``; the Winograd path ran (differs from FASTSUPERNET_CPU_WINOGRAD=0)."""
+    gen = torch.Generator().manual_seed(N * 10 + len(inputs))
+    in_w, out_w = ([32], [64]) if inputs == "one" else ([16, 1, 7, 9], [33, 5, 2, 64])
+    in_off = [0] * len(in_w) if inputs == "shared" else [sum(in_w[:k]) for k in range(len(in_w))]
+    C = max(in_w) if inputs == "shared" else sum(in_w)
+    R = sum(out_w) + 3
+    rows = [R - sum(out_w[: k + 1]) - 1 for k in range(len(out_w))]
+    weight = _rand(R, max(in_w) + 2, 3, 3, gen=gen) * 0.2
+    g = _rand(N, sum(out_w), 8, 8, gen=gen)
+    meta = (in_off, in_w, out_w, rows)
+    accumulate = inputs == "shared"
+    start = _rand(N, C, 16, 16, gen=gen) if accumulate else torch.full((N, C, 16, 16), float("nan"))
+    out = _grad(g, weight, meta, start.clone(), accumulate)
+    direct = _grad(g, weight, meta, start.clone(), accumulate, flag="0")
+    assert torch.isfinite(out).all()
+    exact = start.double() if accumulate else torch.zeros(N, C, 16, 16, dtype=torch.float64)
+    mag = exact.abs()
+    d = torch.zeros(1, C, 1, 1, dtype=torch.float64)
+    o = 0
+    for io, iw, ow, ro in zip(in_off, in_w, out_w, rows):
+        gk, wk = g[:, o : o + ow], weight[ro : ro + ow, :iw]
+        exact[:, io : io + iw] += winograd_s2_grad(gk, wk, absolute=False)
+        mag[:, io : io + iw] += winograd_s2_grad(gk, wk)
+        d[:, io : io + iw] = torch.clamp(d[:, io : io + iw], min=ow)
+        o += ow
+    worst = ((out.double() - exact).abs() / ((d + 11 + len(in_w)) * U32 * mag + 1e-300)).max().item()
+    assert worst <= 1.0, f"error {worst:.3g} x the bound"
+    assert not torch.equal(out, direct)
+
+
+def test_input_grad_choice_and_threads():
+    """float64, other sizes and a g with non-unit column stride keep the phases on the direct
+    kernel (the bits of FASTSUPERNET_CPU_WINOGRAD=0); one thread gives the bits of two."""
+    gen = torch.Generator().manual_seed(11)
+    weight = _rand(40, 20, 3, 3, gen=gen)
+    meta = ([0], [16], [32], [4])
+    g = _rand(20, 32, 8, 8, gen=gen)
+    for gg, shape in ((g.double(), (20, 16, 16, 16)), (g, (20, 16, 15, 16)), (g, (20, 16, 16, 15)),
+                      (_rand(20, 32, 8, 16, gen=gen)[..., ::2], (20, 16, 16, 16))):
+        ww = weight.double() if gg.dtype == torch.float64 else weight
+        a = _grad(gg, ww, meta, torch.zeros(shape, dtype=gg.dtype), False)
+        b = _grad(gg, ww, meta, torch.zeros(shape, dtype=gg.dtype), False, flag="0")
+        assert torch.equal(a, b), shape
+    ref = _grad(g, weight, meta, torch.zeros(20, 16, 16, 16), False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(_grad(g, weight, meta, torch.zeros(20, 16, 16, 16), False), ref)
+    finally:
+        torch.set_num_threads(threads)

@@ -317,6 +317,17 @@ bool winograd_s2_width(int64_t in_w, int64_t out_w) {
   return in_w >= 16 && out_w >= 32;
 }
 
+// Every width: measured one candidate at a time, batch 256, against the phases on the direct
+// kernel (FASTSUPERNET_CPU_WINOGRAD=0 vs =all alternating in one process, 15 pairs): 1.32x at
+// 1 -> 4, 1.38-1.48x from 4 -> 16 to 16 -> 64, 1.40-1.51x at 32 -> 32 and 32 -> 64 (aten's
+// input gradient: 2.3x-14x slower).
+bool winograd_s2_grad_takes(int64_t H, int64_t W, int64_t g_sW) {
+  if (H != 16 || W != 16 || g_sW != 1) return false;
+  const char* env = std::getenv("FASTSUPERNET_CPU_WINOGRAD");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  return use_avx512();
+}
+
 }  // namespace conv
 
 namespace {
@@ -1263,6 +1274,122 @@ void interleave_phases(const T* __restrict buf, T* __restrict gx, int64_t in_w, 
   }
 }
 
+// One candidate of the Winograd input gradient (conv_winograd_s2.h): the GEMM's plan, rows
+// xi * (4 in_w + 1) + slot * in_w + c over V's channels xi * (out_w + 1) + o.
+struct WinogradS2GradPlan {
+  conv::WinogradS2GradJob job;
+  ConvJob<float> gemm;
+  std::vector<conv::Segment> segments;
+  std::vector<Block> blocks;
+  std::vector<float> a;
+  std::vector<int64_t> tap_off, vec_src, vec_dst;
+  std::vector<int32_t> vec_len;
+};
+
+void plan_winograd_s2_grad(WinogradS2GradPlan& pl, const at::Tensor& weight, int64_t in_w, int64_t out_w,
+                           int64_t row_offset) {
+  constexpr int MR = Blocking<float>::kRows;
+  constexpr int P = conv::kS2Points;
+  const int64_t pixels = conv::kS2Images * conv::kS2Tiles;
+  ConvJob<float>& g = pl.gemm;
+  g.N = 1;
+  g.M = P * (4 * in_w + 1);
+  g.out_plane = pixels;
+  g.x_sC = pixels;
+  g.x_sH = pixels;
+  g.x_sW = 1;
+  g.H = 1;
+  g.W = pixels;
+  g.direct = true;
+  g.panel_values = kPanelKiB * 1024 / static_cast<int64_t>(sizeof(float));
+  int64_t a_total = 0;
+  for (int xi = 0; xi < P; ++xi) {
+    conv::Segment seg{xi * (out_w + 1), out_w, static_cast<int64_t>(pl.blocks.size()), 0};
+    for (int slot = 0; slot < conv::s2g_phases(xi); ++slot) {
+      for (int64_t c = 0; c < in_w; c += pl.blocks.back().rows) {
+        Block b;
+        b.row0 = xi * (4 * in_w + 1) + slot * in_w + c;
+        b.rows = block_rows<MR>(in_w - c);
+        b.depth = out_w;
+        b.a_off = a_total;
+        a_total += b.depth * b.rows;
+        pl.blocks.push_back(b);
+      }
+    }
+    seg.block_end = static_cast<int64_t>(pl.blocks.size());
+    pl.segments.push_back(seg);
+    a_total += 16;  // xi's panels not a power of two apart
+  }
+  pl.a.assign(static_cast<size_t>(a_total + 4), 0.0f);  // + 4: as multi_conv2d_direct
+  // G K' per (o, phase, c), K'_pq[di][dj] = w[o][c][t_p(di)][t_q(dj)] (s2_tap; zero for
+  // t_0(1)); then U' = (G K') G^T into the panels, in float64 and rounded once.
+  const float* w = weight.const_data_ptr<float>();
+  const int64_t s0 = weight.stride(0), s1 = weight.stride(1), s2 = weight.stride(2), s3 = weight.stride(3);
+  std::vector<double> gk(static_cast<size_t>(out_w * 4 * in_w * 10));  // [o][2p + q][c][i][dj]
+  at::parallel_for(0, out_w, 8, [&](int64_t o_begin, int64_t o_end) {
+    for (int64_t o = o_begin; o < o_end; ++o) {
+      for (int pq = 0; pq < 4; ++pq) {
+        const int p = pq / 2, q = pq % 2;
+        for (int64_t c = 0; c < in_w; ++c) {
+          const float* f = w + (row_offset + o) * s0 + c * s1;
+          double* dst = gk.data() + ((o * 4 + pq) * in_w + c) * 10;
+          for (int i = 0; i < 5; ++i) {
+            for (int dj = 0; dj < 2; ++dj) {
+              double acc = 0.0;
+              for (int di = 0; di < 2; ++di) {
+                if ((p == 1 || di == 0) && (q == 1 || dj == 0)) {
+                  acc += conv::kWinogradS2G[i][di] * static_cast<double>(f[s2_tap(p, di) * s2 + s2_tap(q, dj) * s3]);
+                }
+              }
+              dst[i * 2 + dj] = acc;
+            }
+          }
+        }
+      }
+    }
+  });
+  float* a = pl.a.data();
+  at::parallel_for(0, P, 1, [&](int64_t xi_begin, int64_t xi_end) {
+    for (int64_t xi = xi_begin; xi < xi_end; ++xi) {
+      const int i = static_cast<int>(xi / 5), jj = static_cast<int>(xi % 5);
+      const double g0 = conv::kWinogradS2G[jj][0], g1 = conv::kWinogradS2G[jj][1];
+      for (int64_t bi = pl.segments[xi].block_begin; bi < pl.segments[xi].block_end; ++bi) {
+        const Block& b = pl.blocks[bi];
+        const int64_t first = b.row0 - xi * (4 * in_w + 1);
+        const int pq = conv::s2g_phase(static_cast<int>(xi), static_cast<int>(first / in_w));
+        const int64_t c0 = first % in_w;
+        float* panel = a + b.a_off;
+        for (int64_t o = 0; o < out_w; ++o) {
+          for (int r = 0; r < b.rows; ++r) {
+            const double* v = gk.data() + ((o * 4 + pq) * in_w + c0 + r) * 10 + i * 2;
+            panel[o * b.rows + r] = static_cast<float>(v[0] * g0 + v[1] * g1);
+          }
+        }
+      }
+    }
+  });
+  g.num_segments = static_cast<int64_t>(pl.segments.size());
+  g.segments = pl.segments.data();
+  g.num_blocks = static_cast<int64_t>(pl.blocks.size());
+  g.blocks = pl.blocks.data();
+  g.a = pl.a.data();
+  g.block_chunks = 1;
+  g.blocks_per_chunk = g.num_blocks;
+  for (int64_t k = 0; k < out_w; ++k) pl.tap_off.push_back(k * pixels);
+  g.tap_off = pl.tap_off.data();
+  for (int64_t v = 0; v < pixels; v += Blocking<float>::kLanes) {
+    pl.vec_src.push_back(v);
+    pl.vec_dst.push_back(v);
+    pl.vec_len.push_back(Blocking<float>::kLanes);
+  }
+  g.num_vecs = static_cast<int64_t>(pl.vec_src.size());
+  g.vec_src = pl.vec_src.data();
+  g.vec_dst = pl.vec_dst.data();
+  g.vec_len = pl.vec_len.data();
+  g.all_vecs_full = true;
+  pl.job.gemm = &pl.gemm;
+}
+
 template <typename T>
 void s2_input_grad_impl(const at::Tensor& g, const at::Tensor& weight, at::IntArrayRef in_offsets,
                         at::IntArrayRef in_widths, at::IntArrayRef out_widths, at::IntArrayRef row_offsets,
@@ -1271,19 +1398,64 @@ void s2_input_grad_impl(const at::Tensor& g, const at::Tensor& weight, at::IntAr
   const int64_t N = g.size(0), Ho = g.size(2), Wo = g.size(3);
   const int64_t C = grad_x.size(1), H = grad_x.size(2), W = grad_x.size(3);
   if (N == 0) return;
-  std::vector<InputGradPlan<T>> plans(static_cast<size_t>(K));
-  int64_t g_c0 = 0, scratch_n = 0, buf_n = 0, lanes_n = 0, macs = 0;
+  // Candidates by Winograd (float32 on AVX-512, 16x16, wide enough), the others by the
+  // phases on the direct kernel; with several candidates per channel, the first kind adds
+  // after the second (a fixed order).
+  std::vector<InputGradPlan<T>> plans;
+  std::vector<std::unique_ptr<WinogradS2GradPlan>> wplans;
+  int64_t g_c0 = 0, scratch_n = 0, buf_n = 0, lanes_n = 0, macs = 0, wscratch_n = 0;
+  plans.reserve(static_cast<size_t>(K));
   for (int64_t k = 0; k < K; ++k) {
-    plan_input_grad<T>(plans[k], g, weight, g_c0, in_offsets[k], in_widths[k], out_widths[k], row_offsets[k]);
+    if (std::is_same<T, float>::value &&
+        conv::winograd_s2_grad_takes(H, W, g.stride(3))) {
+      wplans.push_back(std::make_unique<WinogradS2GradPlan>());
+      WinogradS2GradPlan& wp = *wplans.back();
+      plan_winograd_s2_grad(wp, weight, in_widths[k], out_widths[k], row_offsets[k]);
+      conv::WinogradS2GradJob& j = wp.job;
+      j.g = reinterpret_cast<const float*>(g.const_data_ptr<T>());
+      j.g_sN = g.stride(0);
+      j.g_sC = g.stride(1);
+      j.g_sH = g.stride(2);
+      j.N = N;
+      j.g_c0 = g_c0;
+      j.out_w = out_widths[k];
+      j.in_w = in_widths[k];
+      j.gx = reinterpret_cast<float*>(grad_x.mutable_data_ptr<T>());
+      j.C = C;
+      j.x_c0 = in_offsets[k];
+      j.accumulate = accumulate;
+      wscratch_n = std::max(wscratch_n, conv::winograd_s2_grad_scratch_floats(j));
+    } else {
+      plans.emplace_back();
+      plan_input_grad<T>(plans.back(), g, weight, g_c0, in_offsets[k], in_widths[k], out_widths[k], row_offsets[k]);
+      scratch_n = std::max(scratch_n, conv::scratch_elements(plans.back().job, out_widths[k]));
+      buf_n = std::max(buf_n, plans.back().job.M * Ho * Wo);
+      lanes_n = std::max(lanes_n, conv::lane_elements(plans.back().job));
+    }
+    macs += 9 * in_widths[k] * out_widths[k] * Ho * Wo;
     g_c0 += out_widths[k];
-    scratch_n = std::max(scratch_n, conv::scratch_elements(plans[k].job, out_widths[k]));
-    buf_n = std::max(buf_n, plans[k].job.M * Ho * Wo);
-    lanes_n = std::max(lanes_n, conv::lane_elements(plans[k].job));
-    macs += plans[k].macs_per_image;
   }
+  const int64_t nplans = static_cast<int64_t>(plans.size());
   const T* gp = g.const_data_ptr<T>();
   T* gxp = grad_x.mutable_data_ptr<T>();
   const bool avx2 = use_avx2(), avx512 = use_avx512();
+  if (!wplans.empty()) {
+    const int64_t chunks = div_up(N, conv::kS2Images);
+    auto wbody = [&](int64_t begin, int64_t end) {
+      std::unique_ptr<float[]> scratch(new float[static_cast<size_t>(wscratch_n + 16)]);  // all written before read
+      float* s = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch.get()) + 63) & ~uintptr_t(63));
+      double lanes[2 * conv::kStatLanes];  // unused: the GEMM takes no statistics
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        for (const auto& wp : wplans) conv::winograd_s2_grad_run_avx512(wp->job, chunk, chunk + 1, s, lanes);
+      }
+    };
+    if (macs * N < kParallelMinMacs || chunks == 1) {
+      wbody(0, chunks);
+    } else {
+      at::parallel_for(0, chunks, 1, wbody);
+    }
+  }
+  if (nplans == 0) return;
   auto body = [&](int64_t begin, int64_t end) {
     std::vector<T> scratch(static_cast<size_t>(scratch_n + 64 / sizeof(T)));  // zero: the padding stays zero
     T* s = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
@@ -1291,7 +1463,7 @@ void s2_input_grad_impl(const at::Tensor& g, const at::Tensor& weight, at::IntAr
     T* b = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
     std::vector<double> lanes(static_cast<size_t>(lanes_n));
     for (int64_t n = begin; n < end; ++n) {
-      for (int64_t k = 0; k < K; ++k) {
+      for (int64_t k = 0; k < nplans; ++k) {
         ConvJob<T> job = plans[k].job;
         job.x = gp + n * g.stride(0);
         job.out = b;

@@ -240,7 +240,153 @@ FSN_TARGET void transform_output(const WinogradS2Job& j, int64_t n0, int count, 
   }
 }
 
+// --- the input gradient -------------------------------------------------------------------
+
+struct GradScratch {
+  float* gt;   // 8 x 8 vectors: the staged g plane
+  float* v;    // V[xi][o][tile * 16 + image]
+  float* m;    // M[xi][slot * in_w + c][tile * 16 + image]
+  float* gxs;  // 16 x 16 vectors: one grad x plane before the transpose
+};
+
+GradScratch carve_grad(const WinogradS2GradJob& j, float* base) {
+  GradScratch s;
+  s.gt = base;
+  s.v = s.gt + 64 * 16;
+  s.m = s.v + kS2Points * s2g_v_stride(j);
+  s.gxs = s.m + kS2Points * s2g_m_stride(j);
+  return s;
+}
+
+// g channel o of images [n0, n0 + count) staged image-minor: two 8-value rows per load.
+FSN_TARGET void stage_grad_plane(const WinogradS2GradJob& j, int64_t n0, int count, int64_t o, float* __restrict gt) {
+  const float* base = j.g + n0 * j.g_sN + (j.g_c0 + o) * j.g_sC;
+  for (int hp = 0; hp < 4; ++hp) {  // rows 2 hp and 2 hp + 1
+    Z r[16];
+#pragma GCC unroll 16
+    for (int n = 0; n < 16; ++n) {
+      if (n >= count) {
+        r[n] = _mm512_setzero_ps();
+      } else {
+        const float* row = base + n * j.g_sN + 2 * hp * j.g_sH;
+        r[n] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(row)), _mm256_loadu_ps(row + j.g_sH), 1);
+      }
+    }
+    transpose16(r);  // r[k] = value k of the two rows: (2 hp, k) for k < 8, (2 hp + 1, k - 8) after
+#pragma GCC unroll 16
+    for (int k = 0; k < 16; ++k) _mm512_store_ps(gt + (16 * hp + k) * 16, r[k]);
+  }
+}
+
+// V of g channel o for the 4 tiles: 5x5 patches g[4 ty + r][4 tx + s] (zero past the plane).
+FSN_TARGET void transform_grad_input(const WinogradS2GradJob& j, int64_t o, const float* __restrict gt,
+                                     float* __restrict v) {
+  const int64_t vs = s2g_v_stride(j);
+  const Z zero = _mm512_setzero_ps();
+  for (int tile = 0; tile < kS2Tiles; ++tile) {
+    const int ty = tile / 2, tx = tile % 2;
+    Z t[5][5];
+#pragma GCC unroll 5
+    for (int s = 0; s < 5; ++s) {
+      const int w = 4 * tx + s;
+      Z col[5];
+#pragma GCC unroll 5
+      for (int r = 0; r < 5; ++r) {
+        const int h = 4 * ty + r;
+        col[r] = (h < 8 && w < 8) ? _mm512_load_ps(gt + (h * 8 + w) * 16) : zero;
+      }
+      Z out[5];
+      bt5(col, out);
+#pragma GCC unroll 5
+      for (int i = 0; i < 5; ++i) t[i][s] = out[i];
+    }
+#pragma GCC unroll 5
+    for (int i = 0; i < 5; ++i) {
+      Z out[5];
+      bt5(t[i], out);
+#pragma GCC unroll 5
+      for (int jj = 0; jj < 5; ++jj) _mm512_store_ps(v + (i * 5 + jj) * vs + o * 64 + tile * 16, out[jj]);
+    }
+  }
+}
+
+// grad x channel c of images [n0, n0 + count): per phase and tile Y = A^T M A (M zero at the
+// points the phase does not take), placed at (2 (4 ty + i) + p, 2 (4 tx + j) + q); then each
+// row transposed back and stored (or added) as one 64-byte vector per image.
+FSN_TARGET void transform_grad_output(const WinogradS2GradJob& j, int64_t n0, int count, int64_t c,
+                                      const float* __restrict m, float* __restrict gxs) {
+  const int64_t ms = s2g_m_stride(j);
+  const Z zero = _mm512_setzero_ps();
+  for (int pq = 0; pq < 4; ++pq) {
+    const int p = pq / 2, q = pq % 2;
+    // row of (xi, this phase) in M, or -1 where the phase does not take xi
+    int64_t row[kS2Points];
+    for (int xi = 0; xi < kS2Points; ++xi) {
+      row[xi] = -1;
+      for (int slot = 0; slot < s2g_phases(xi); ++slot) {
+        if (s2g_phase(xi, slot) == pq) row[xi] = xi * ms + (slot * j.in_w + c) * 64;
+      }
+    }
+    for (int tile = 0; tile < kS2Tiles; ++tile) {
+      const int ty = tile / 2, tx = tile % 2;
+      Z z[4][5];
+#pragma GCC unroll 5
+      for (int jj = 0; jj < 5; ++jj) {
+        Z col[5];
+#pragma GCC unroll 5
+        for (int i = 0; i < 5; ++i) {
+          const int64_t at = row[i * 5 + jj];
+          col[i] = at >= 0 ? _mm512_load_ps(m + at + tile * 16) : zero;
+        }
+        Z out[4];
+        at5(col, out);
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) z[i][jj] = out[i];
+      }
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        Z y[4];
+        at5(z[i], y);
+#pragma GCC unroll 4
+        for (int jj = 0; jj < 4; ++jj) {
+          _mm512_store_ps(gxs + ((2 * (4 * ty + i) + p) * 16 + 2 * (4 * tx + jj) + q) * 16, y[jj]);
+        }
+      }
+    }
+  }
+  float* out = j.gx + (n0 * j.C + j.x_c0 + c) * 256;
+  for (int h = 0; h < 16; ++h) {
+    Z r[16];
+#pragma GCC unroll 16
+    for (int w = 0; w < 16; ++w) r[w] = _mm512_load_ps(gxs + (h * 16 + w) * 16);
+    transpose16(r);  // r[n] = image n's row h
+    for (int n = 0; n < count; ++n) {
+      float* dst = out + n * j.C * 256 + h * 16;
+      _mm512_storeu_ps(dst, j.accumulate ? _mm512_add_ps(_mm512_loadu_ps(dst), r[n]) : r[n]);
+    }
+  }
+}
+
 }  // namespace
+
+bool winograd_s2_grad_run_avx512(const WinogradS2GradJob& j, int64_t begin, int64_t end, float* scratch,
+                                 double* lanes) {
+  const GradScratch s = carve_grad(j, scratch);
+  ConvJob<float> gemm = *j.gemm;
+  gemm.x = s.v;
+  gemm.out = s.m;
+  for (int64_t chunk = begin; chunk < end; ++chunk) {
+    const int64_t n0 = chunk * kS2Images;
+    const int count = static_cast<int>(std::min<int64_t>(kS2Images, j.N - n0));
+    for (int64_t o = 0; o < j.out_w; ++o) {
+      stage_grad_plane(j, n0, count, o, s.gt);
+      transform_grad_input(j, o, s.gt, s.v);
+    }
+    run_items_avx512(gemm, 0, 1, s.v, lanes);
+    for (int64_t c = 0; c < j.in_w; ++c) transform_grad_output(j, n0, count, c, s.m, s.gxs);
+  }
+  return true;
+}
 
 bool winograd_s2_run_avx512(const WinogradS2Job& j, int64_t begin, int64_t end, float* scratch, double* lanes) {
   const Scratch s = carve(j, scratch);
@@ -270,6 +416,7 @@ namespace fastsupernet {
 namespace conv {
 
 bool winograd_s2_run_avx512(const WinogradS2Job&, int64_t, int64_t, float*, double*) { return false; }
+bool winograd_s2_grad_run_avx512(const WinogradS2GradJob&, int64_t, int64_t, float*, double*) { return false; }
 
 }  // namespace conv
 }  // namespace fastsupernet
@@ -282,6 +429,11 @@ namespace conv {
 int64_t winograd_s2_scratch_floats(const WinogradS2Job& j) {
   // xt, V, M, ys (each a whole number of vectors) + 16: the caller aligns the base to 64 bytes
   return 256 * 16 + kS2Points * (s2_v_stride(j) + s2_m_stride(j)) + 64 * 16 + 16;
+}
+
+int64_t winograd_s2_grad_scratch_floats(const WinogradS2GradJob& j) {
+  // gt, V, M, gxs + 16: the caller aligns the base to 64 bytes
+  return 64 * 16 + kS2Points * (s2g_v_stride(j) + s2g_m_stride(j)) + 256 * 16 + 16;
 }
 
 }  // namespace conv

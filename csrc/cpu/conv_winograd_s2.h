@@ -80,6 +80,47 @@ inline int s2_slot(int xi, int pq) {
 inline int64_t s2_v_stride(const WinogradS2Job& j) { return (4 * j.in_w + 1) * 64; }
 inline int64_t s2_m_stride(const WinogradS2Job& j) { return (j.out_w + 1) * 64; }
 
+// The input gradient of such a layer by the same transform (conv.cpp s2_input_grad_impl): grad x
+// in phase (p, q) is a 2x2 correlation of the output gradient g over 8x8 planes,
+// gx[c][2a + p][2b + q] = sum_o sum_(di, dj < 2) g[o][a + di][b + dj] K'_pq[di][dj] with
+// K'_pq[di][dj] = w[o][c][t_p(di)][t_q(dj)], t_0(0) = 1, t_1(0) = 2, t_1(1) = 0 (zero for
+// t_0(1)): one F(4x4, 2x2) transform of each g channel serves the four phases. K'_0q is zero
+// in its second row and K'_p0 in its second column, so point xi = 5 i + j takes the phases
+// with (i < 4 or p = 1) and (j < 4 or q = 1): 81 of 100. The GEMM's rows are, per point, the
+// in_w channels of each phase it takes (in order of 2p + q: slot s2g_phase(xi, slot)).
+inline int s2g_phases(int xi) { return s2_phases(xi); }
+inline int s2g_phase(int xi, int slot) {
+  const int i = xi / 5, j = xi % 5;
+  if (i < 4 && j < 4) return slot;
+  if (i < 4) return slot == 0 ? 1 : 3;  // j = 4: q = 1
+  if (j < 4) return slot == 0 ? 2 : 3;  // i = 4: p = 1
+  return 3;
+}
+
+struct WinogradS2GradJob {
+  // Output gradient g (unit column stride), N images of 8x8; the candidate reads its
+  // channels [g_c0, + out_w).
+  const float* g = nullptr;
+  int64_t g_sN = 0, g_sC = 0, g_sH = 0;
+  int64_t N = 0, g_c0 = 0, out_w = 0, in_w = 0;
+  // grad x (N, C, 16, 16) contiguous: channels [x_c0, + in_w) are written, or added to.
+  float* gx = nullptr;
+  int64_t C = 0, x_c0 = 0;
+  bool accumulate = false;
+  // The GEMM of a chunk: rows xi * (4 in_w + 1) + slot * in_w + c (slot < s2g_phases(xi)),
+  // segment xi reads V's channels [xi * (out_w + 1), + out_w) (one per g channel); x and out
+  // set per chunk.
+  const ConvJob<float>* gemm = nullptr;
+};
+inline int64_t s2g_v_stride(const WinogradS2GradJob& j) { return (j.out_w + 1) * 64; }
+inline int64_t s2g_m_stride(const WinogradS2GradJob& j) { return (4 * j.in_w + 1) * 64; }
+int64_t winograd_s2_grad_scratch_floats(const WinogradS2GradJob& job);
+bool winograd_s2_grad_run_avx512(const WinogradS2GradJob& job, int64_t begin, int64_t end, float* scratch,
+                                 double* lanes);
+// Whether a float32 input gradient takes it: a 16x16 input, g with unit column stride, an
+// AVX-512 CPU and FASTSUPERNET_CPU_WINOGRAD not 0 (every width: conv.cpp).
+bool winograd_s2_grad_takes(int64_t H, int64_t W, int64_t g_sW);
+
 // Whether the layer takes the path (the candidate's width aside): float32 3x3 stride-2
 // padding-1 on a 16x16 input with unit column stride, no residual, no statistics, an AVX-512
 // CPU, and FASTSUPERNET_CPU_WINOGRAD not 0 (read at every call).
