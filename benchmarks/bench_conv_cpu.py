@@ -79,11 +79,17 @@ def machine_rates() -> tuple[float, float]:
     return gemm, bandwidth
 
 
-def winograd_mult_ratio(in_width: int, out_hw: int, k: int, stride: int) -> float:
-    """Multiplies of the CPU kernel's algorithm for this candidate over the direct algorithm's:
-    16/36 for Winograd F(2x2, 3x3), 36/144 for F(4x4, 3x3), 1 for the direct kernel
+def winograd_mult_ratio(in_width: int, out_hw: int, k: int, stride: int, out_width: int | None = None) -> float:
+    """Multiplies of the CPU kernel's forward algorithm for this candidate over the direct
+    algorithm's: 16/36 for Winograd F(2x2, 3x3), 36/144 for F(4x4, 3x3), 81/144 for F(4x4, 2x2)
+    on the stride phases (3x3 stride 2 on 16x16 inputs), 1 for the direct kernel
     (csrc/cpu/conv.cpp chooses)."""
-    if not HAVE_EXT or k != 3 or stride != 1:
+    if not HAVE_EXT or k != 3:
+        return 1.0
+    if stride == 2:
+        s2 = out_width is not None and torch.ops.fastsupernet._cpu_winograd_s2(2 * out_hw, 2 * out_hw, in_width, out_width)
+        return 81 / 144 if s2 else 1.0
+    if stride != 1:
         return 1.0
     ops = torch.ops.fastsupernet
     least, tile = ops._cpu_winograd_min_width(out_hw, out_hw), ops._cpu_winograd_tile(out_hw, out_hw)
@@ -164,7 +170,7 @@ def _sliced_setup(name: str):
     ho = (h + 2 * (k // 2) - k) // stride + 1
     flops = 2 * BATCH * ho * ho * cout * cin * k * k
     nbytes = 4 * (x.numel() + BATCH * cout * ho * ho)
-    alg = flops * winograd_mult_ratio(cin, ho, k, stride)
+    alg = flops * winograd_mult_ratio(cin, ho, k, stride, cout)
     return x, weight, bn, cout, k, stride, flops, nbytes, alg
 
 

@@ -168,6 +168,13 @@ def test_choice():
     assert torch.equal(call(stats=True)[0], base)
     x32 = _rand(2, 32, 32, 32, gen=gen)
     assert torch.equal(call(x=x32)[0], call(x=x32, flag="0")[0])
+    # the choice as the benchmarks read it
+    assert OPS._cpu_winograd_s2(16, 16, 16, 32) and not OPS._cpu_winograd_s2(16, 16, 12, 64)
+    assert not OPS._cpu_winograd_s2(16, 16, 32, 16) and not OPS._cpu_winograd_s2(32, 32, 16, 32)
+    with cpu_env(FASTSUPERNET_CPU_WINOGRAD="0"):
+        assert not OPS._cpu_winograd_s2(16, 16, 32, 64)
+    with cpu_env(FASTSUPERNET_CPU_WINOGRAD="all"):
+        assert OPS._cpu_winograd_s2(16, 16, 1, 1)
 
 
 def test_threads_and_other_candidates_change_nothing():

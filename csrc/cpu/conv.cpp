@@ -1548,8 +1548,16 @@ int64_t cpu_winograd_min_width(int64_t out_height, int64_t out_width) {
   return tile != 0 ? winograd_min_width(out_width, tile, use_avx512()) : -1;
 }
 
+// Whether a float32 candidate of a 3x3 stride-2 padding-1 layer on an NCHW input of this size
+// runs the stride-2 Winograd path (conv_winograd_s2.h) in the forward.
+bool cpu_winograd_s2(int64_t height, int64_t width, int64_t in_width, int64_t out_width) {
+  return conv::winograd_s2_shape(3, 3, 2, 1, height, width, 1, false, false) &&
+         conv::winograd_s2_width(in_width, out_width);
+}
+
 TORCH_LIBRARY_FRAGMENT(fastsupernet, m) {
   m.def("_cpu_conv_isa() -> str", &cpu_conv_isa);
+  m.def("_cpu_winograd_s2(int height, int width, int in_width, int out_width) -> bool", &cpu_winograd_s2);
   m.def("_cpu_winograd_tile(int out_height, int out_width) -> int", &cpu_winograd_tile);
   m.def("_cpu_winograd_min_width(int out_height, int out_width) -> int", &cpu_winograd_min_width);
   m.def("_cpu_conv2d_s2_input_grad(Tensor grad_out, Tensor weight, int[] in_offsets, int[] in_widths, "
