@@ -87,7 +87,9 @@ def winograd_mult_ratio(in_width: int, out_hw: int, k: int, stride: int, out_wid
     if not HAVE_EXT or k != 3:
         return 1.0
     if stride == 2:
-        s2 = out_width is not None and torch.ops.fastsupernet._cpu_winograd_s2(2 * out_hw, 2 * out_hw, in_width, out_width)
+        ops = torch.ops.fastsupernet
+        s2 = (out_width is not None and hasattr(ops, "_cpu_winograd_s2")  # (builds before it: never)
+              and ops._cpu_winograd_s2(2 * out_hw, 2 * out_hw, in_width, out_width))
         return 81 / 144 if s2 else 1.0
     if stride != 1:
         return 1.0

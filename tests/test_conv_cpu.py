@@ -737,6 +737,17 @@ def test_s2_input_grad_kernels_agree():
             torch.testing.assert_close(run(), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_s2_input_grad_opcheck():
+    """The mutating schema (grad_x written in place) is what the op does."""
+    opcheck = getattr(torch.library, "opcheck", None)
+    if opcheck is None:  # pragma: no cover
+        pytest.skip("torch.library.opcheck not available")
+    gen = torch.Generator().manual_seed(1)
+    args = (_rand(2, 9, 8, 8, gen=gen), _rand(20, 8, 3, 3, gen=gen), [0, 6], [6, 3], [4, 5], [0, 4],
+            torch.zeros(2, 9, 16, 16), True)
+    opcheck(OPS._cpu_conv2d_s2_input_grad.default, args, test_utils=("test_schema",))
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(gx_shape=(2, 6, 16, 16), accumulate=False, in_off=[0, 0]), "exactly once"),
     (dict(g_hw=(7, 8)), "not the output of a 3x3 stride-2"),

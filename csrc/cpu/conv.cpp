@@ -22,9 +22,11 @@
 // 8, 16 or 32 wide and its height a multiple of 4 (x with unit column stride; AVX2: from 8
 // channels; AVX-512: 20 on 32-wide outputs, 16 on 16-wide, 8 on 8-wide), F(2x2, 3x3)
 // elsewhere (AVX2: 20, or 8 on 8-wide outputs; AVX-512: 36, or 20 on 8-wide outputs); every
-// other candidate, below. FASTSUPERNET_CPU_WINOGRAD=0 turns Winograd off, =all takes it for
-// every candidate of a suitable layer whatever its width; FASTSUPERNET_CPU_WINOGRAD_TILE=2
-// keeps F(2x2).
+// other candidate, below. Float32 3x3 stride-2 padding-1 layers on 16x16 inputs (unit column
+// stride, no residual, no statistics) on AVX-512 CPUs take F(4x4, 2x2) on the input's stride
+// phases (conv_winograd_s2.cpp) per candidate from input width 16 and output width 32.
+// FASTSUPERNET_CPU_WINOGRAD=0 turns Winograd off, =all takes it for every candidate of a
+// suitable layer whatever its width; FASTSUPERNET_CPU_WINOGRAD_TILE=2 keeps F(2x2).
 //
 // Direct algorithm: an implicit GEMM per image, C[row, pixel] = sum_k A[row, k] * B[k, pixel],
 // k = (ci, i, j) running over the candidate's in_width * kh * kw taps.

@@ -126,7 +126,8 @@ def backward_mode(device: torch.device) -> str:
     """How the conv part of the backward runs: ``"batched"`` or ``"loop"``.
 
     ``batched``: the input gradient of all K candidates is one ``multi_conv2d`` call (compiled
-    kernel) on transposed, flipped weights (strided 3x3 layers loop), the weight gradient one
+    kernel) on transposed, flipped weights, or for 3x3 stride-2 padding-1 layers one
+    ``_cpu_conv2d_s2_input_grad`` call (other strided 3x3 layers loop), the weight gradient one
     ``multi_conv2d_weight_grad`` call, where the device has those kernels (else that part
     loops). ``loop``: aten's convolution backward per candidate. Set by the environment
     variable ``FASTSUPERNET_CONV_BACKWARD`` (read at every call); ``auto`` (default) is
@@ -248,9 +249,10 @@ def _input_grad_batched(g, x, weight, meta, stride, padding):
 
 
 def _input_grad_s2(g, x, weight, meta):
-    """grad x of all candidates of a 3x3 stride-2 padding-1 layer: the compiled polyphase kernel
-    (``_cpu_conv2d_s2_input_grad``: the four parity phases of grad x as stride-1 passes over g
-    with only the taps each phase uses)."""
+    """grad x of all candidates of a 3x3 stride-2 padding-1 layer in one compiled call
+    (``_cpu_conv2d_s2_input_grad``: the four parity phases of grad x as stride-1 correlations of
+    g with only the taps each phase uses, on the direct kernel or, for 16x16 float32 inputs on
+    AVX-512, by one Winograd F(4x4, 2x2) transform of each g channel)."""
     in_offsets, in_widths, out_widths, row_offsets = meta
     tiles = list(in_offsets) == list(accumulate(in_widths, initial=0))[:-1] and sum(in_widths) == x.shape[1]
     gx = (torch.empty if tiles else torch.zeros)(x.shape, dtype=x.dtype, device=x.device)
