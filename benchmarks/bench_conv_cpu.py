@@ -89,7 +89,7 @@ def winograd_mult_ratio(in_width: int, out_hw: int, k: int, stride: int, out_wid
     if stride == 2:
         ops = torch.ops.fastsupernet
         s2 = (out_width is not None and hasattr(ops, "_cpu_winograd_s2")  # (builds before it: never)
-              and ops._cpu_winograd_s2(2 * out_hw, 2 * out_hw, in_width, out_width))
+              and ops._cpu_winograd_s2(BATCH, 2 * out_hw, 2 * out_hw, in_width, out_width))
         return 81 / 144 if s2 else 1.0
     if stride != 1:
         return 1.0

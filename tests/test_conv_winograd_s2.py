@@ -144,13 +144,15 @@ def test_layouts(layout):
 
 
 def test_choice():
-    """By default: in_width >= 16 and out_width >= 32 take it (differs from the direct kernel),
-    others keep the direct kernel (equal bit for bit); channels_last inputs, 32x32 inputs, a
-    residual, statistics and FASTSUPERNET_CPU_WINOGRAD=0 keep it everywhere."""
+    """By default a candidate takes it where the call has at least 64 images, its widths are
+    in >= 16 and out >= 32 and no other candidate reads its input slice (it then differs from
+    the direct kernel); the others keep the direct kernel (equal bit for bit); channels_last
+    inputs, 32x32 inputs, a residual, statistics and FASTSUPERNET_CPU_WINOGRAD=0 keep it
+    everywhere."""
     gen = torch.Generator().manual_seed(4)
-    x = _rand(20, 32, 16, 16, gen=gen)
-    weight = _rand(140, 32, 3, 3, gen=gen) * 0.2
-    meta = ([0, 0, 0, 16], [16, 12, 32, 16], [32, 64, 16, 40], [0, 32, 96, 100])
+    x = _rand(64, 76, 16, 16, gen=gen)
+    weight = _rand(200, 32, 3, 3, gen=gen) * 0.2
+    meta = ([0, 16, 28, 60, 60], [16, 12, 32, 16, 16], [32, 64, 16, 40, 40], [0, 32, 96, 100, 140])
     M = sum(meta[2])
 
     def call(x=x, residual=None, stats=False, flag=None):
@@ -159,22 +161,24 @@ def test_choice():
 
     base = call(flag="0")[0]
     out = call()[0]
-    starts = [0, 32, 96, 112, 152]
+    starts = [0, 32, 96, 112, 152, 192]
     took = [not torch.equal(out[:, a:b], base[:, a:b]) for a, b in zip(starts, starts[1:])]
-    assert took == [True, False, False, True]
+    assert took == [True, False, False, False, False]
+    assert torch.equal(call(x=x[:63])[0], base[:63])
     assert torch.equal(call(x=x.contiguous(memory_format=torch.channels_last))[0], base)
-    res = _rand(20, M, 8, 8, gen=gen)
+    res = _rand(64, M, 8, 8, gen=gen)
     assert torch.equal(call(residual=res)[0], call(residual=res, flag="0")[0])
     assert torch.equal(call(stats=True)[0], base)
-    x32 = _rand(2, 32, 32, 32, gen=gen)
+    x32 = _rand(2, 76, 32, 32, gen=gen)
     assert torch.equal(call(x=x32)[0], call(x=x32, flag="0")[0])
     # the choice as the benchmarks read it
-    assert OPS._cpu_winograd_s2(16, 16, 16, 32) and not OPS._cpu_winograd_s2(16, 16, 12, 64)
-    assert not OPS._cpu_winograd_s2(16, 16, 32, 16) and not OPS._cpu_winograd_s2(32, 32, 16, 32)
+    assert OPS._cpu_winograd_s2(64, 16, 16, 16, 32) and not OPS._cpu_winograd_s2(64, 16, 16, 12, 64)
+    assert not OPS._cpu_winograd_s2(64, 16, 16, 32, 16) and not OPS._cpu_winograd_s2(64, 32, 32, 16, 32)
+    assert not OPS._cpu_winograd_s2(63, 16, 16, 32, 64)
     with cpu_env(FASTSUPERNET_CPU_WINOGRAD="0"):
-        assert not OPS._cpu_winograd_s2(16, 16, 32, 64)
+        assert not OPS._cpu_winograd_s2(256, 16, 16, 32, 64)
     with cpu_env(FASTSUPERNET_CPU_WINOGRAD="all"):
-        assert OPS._cpu_winograd_s2(16, 16, 1, 1)
+        assert OPS._cpu_winograd_s2(1, 16, 16, 1, 1)
 
 
 def test_threads_and_other_candidates_change_nothing():
@@ -183,14 +187,14 @@ def test_threads_and_other_candidates_change_nothing():
     x = _rand(35, 32, 16, 16, gen=gen)
     weight = _rand(100, 32, 3, 3, gen=gen) * 0.2
     meta = ([0, 0], [32, 16], [64, 32], [2, 66])
-    ref = _run(x, weight, meta, None, None, "none", None, None)
+    ref = _run(x, weight, meta, None, None, "none", None, "all")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert torch.equal(_run(x, weight, meta, None, None, "none", None, None), ref)
+        assert torch.equal(_run(x, weight, meta, None, None, "none", None, "all"), ref)
     finally:
         torch.set_num_threads(threads)
-    alone = _run(x, weight, ([0], [16], [32], [66]), None, None, "none", None, None)
+    alone = _run(x, weight, ([0], [16], [32], [66]), None, None, "none", None, "all")
     assert torch.equal(alone, ref[:, 64:])
 
 
@@ -285,7 +289,7 @@ def test_input_grad(N, inputs):
     meta = (in_off, in_w, out_w, rows)
     accumulate = inputs == "shared"
     start = _rand(N, C, 16, 16, gen=gen) if accumulate else torch.full((N, C, 16, 16), float("nan"))
-    out = _grad(g, weight, meta, start.clone(), accumulate)
+    out = _grad(g, weight, meta, start.clone(), accumulate, flag="all")  # by default from 64 images
     direct = _grad(g, weight, meta, start.clone(), accumulate, flag="0")
     assert torch.isfinite(out).all()
     exact = start.double() if accumulate else torch.zeros(N, C, 16, 16, dtype=torch.float64)
@@ -304,22 +308,25 @@ def test_input_grad(N, inputs):
 
 
 def test_input_grad_choice_and_threads():
-    """float64, other sizes and a g with non-unit column stride keep the phases on the direct
-    kernel (the bits of FASTSUPERNET_CPU_WINOGRAD=0); one thread gives the bits of two."""
+    """By default from 64 images; fewer images, float64, other sizes and a g with non-unit
+    column stride keep the phases on the direct kernel (the bits of FASTSUPERNET_CPU_WINOGRAD=0);
+    one thread gives the bits of two."""
     gen = torch.Generator().manual_seed(11)
     weight = _rand(40, 20, 3, 3, gen=gen)
     meta = ([0], [16], [32], [4])
-    g = _rand(20, 32, 8, 8, gen=gen)
-    for gg, shape in ((g.double(), (20, 16, 16, 16)), (g, (20, 16, 15, 16)), (g, (20, 16, 16, 15)),
-                      (_rand(20, 32, 8, 16, gen=gen)[..., ::2], (20, 16, 16, 16))):
+    g = _rand(64, 32, 8, 8, gen=gen)
+    a = _grad(g, weight, meta, torch.zeros(64, 16, 16, 16), False)
+    assert not torch.equal(a, _grad(g, weight, meta, torch.zeros(64, 16, 16, 16), False, flag="0"))
+    for gg, shape in ((g[:63], (63, 16, 16, 16)), (g.double(), (64, 16, 16, 16)), (g, (64, 16, 15, 16)),
+                      (g, (64, 16, 16, 15)), (_rand(64, 32, 8, 16, gen=gen)[..., ::2], (64, 16, 16, 16))):
         ww = weight.double() if gg.dtype == torch.float64 else weight
         a = _grad(gg, ww, meta, torch.zeros(shape, dtype=gg.dtype), False)
         b = _grad(gg, ww, meta, torch.zeros(shape, dtype=gg.dtype), False, flag="0")
         assert torch.equal(a, b), shape
-    ref = _grad(g, weight, meta, torch.zeros(20, 16, 16, 16), False)
+    ref = _grad(g, weight, meta, torch.zeros(64, 16, 16, 16), False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert torch.equal(_grad(g, weight, meta, torch.zeros(20, 16, 16, 16), False), ref)
+        assert torch.equal(_grad(g, weight, meta, torch.zeros(64, 16, 16, 16), False), ref)
     finally:
         torch.set_num_threads(threads)

@@ -24,7 +24,8 @@
 // elsewhere (AVX2: 20, or 8 on 8-wide outputs; AVX-512: 36, or 20 on 8-wide outputs); every
 // other candidate, below. Float32 3x3 stride-2 padding-1 layers on 16x16 inputs (unit column
 // stride, no residual, no statistics) on AVX-512 CPUs take F(4x4, 2x2) on the input's stride
-// phases (conv_winograd_s2.cpp) per candidate from input width 16 and output width 32.
+// phases (conv_winograd_s2.cpp) per candidate from input width 16 and output width 32 (calls
+// of 64 images or more; a candidate sharing its input slice with others keeps the direct kernel).
 // FASTSUPERNET_CPU_WINOGRAD=0 turns Winograd off, =all takes it for every candidate of a
 // suitable layer whatever its width; FASTSUPERNET_CPU_WINOGRAD_TILE=2 keeps F(2x2).
 //
@@ -307,27 +308,32 @@ bool winograd_s2_shape(int64_t kh, int64_t kw, int64_t stride, int64_t padding, 
   return use_avx512();
 }
 
-// Narrower candidates keep the direct kernel: the input transform's cost grows with in_w, the
-// GEMM's saving with in_w x out_w. Measured one candidate at a time, batch 256, folded BN +
-// ReLU, direct / Winograd time (FASTSUPERNET_CPU_WINOGRAD=0 vs =all alternating in one
-// process, 12 pairs): out_w 16: 0.82x at in_w 4, 0.97-1.03x from 8 to 32; out_w 32: 1.02x at
-// 12, 1.12-1.19x at 16..32; out_w 48: 1.09-1.25x from 12; out_w 64: 0.85x at 4, 0.99-1.01x at
-// 8 and 12, 1.10x at 16, 1.15x at 24 and 32.
-bool winograd_s2_width(int64_t in_w, int64_t out_w) {
+// Which candidates take it. Narrower ones keep the direct kernel: the input transform's cost
+// grows with in_w, the GEMM's saving with in_w x out_w. Measured one candidate at a time, batch
+// 256, folded BN + ReLU, direct / Winograd time (FASTSUPERNET_CPU_WINOGRAD=0 vs =all
+// alternating in one process, 12 pairs): out_w 16: 0.82x at in_w 4, 0.97-1.03x from 8 to 32;
+// out_w 32: 1.02x at 12, 1.12-1.19x at 16..32; out_w 48: 1.09-1.25x from 12; out_w 64: 0.85x
+// at 4, 0.99-1.01x at 8 and 12, 1.10x at 16, 1.15x at 24 and 32. Small batches keep it too
+// (32 -> 64: 0.79x at 32 images, 0.98x at 64, 1.22x-1.29x from 128: the per-call filter
+// transform), and so do candidates that share their input slice with others of the call (the
+// direct kernel copies a shared input once; K = 8 children of one input at batch 128: 0.93x).
+bool winograd_s2_takes(int64_t N, int64_t in_w, int64_t out_w, bool sole_reader) {
   const char* env = std::getenv("FASTSUPERNET_CPU_WINOGRAD");
   if (env != nullptr && std::strcmp(env, "all") == 0) return true;
-  return in_w >= 16 && out_w >= 32;
+  return N >= kS2MinImages && in_w >= 16 && out_w >= 32 && sole_reader;
 }
 
-// Every width: measured one candidate at a time, batch 256, against the phases on the direct
-// kernel (FASTSUPERNET_CPU_WINOGRAD=0 vs =all alternating in one process, 15 pairs): 1.32x at
-// 1 -> 4, 1.38-1.48x from 4 -> 16 to 16 -> 64, 1.40-1.51x at 32 -> 32 and 32 -> 64 (aten's
-// input gradient: 2.3x-14x slower).
-bool winograd_s2_grad_takes(int64_t H, int64_t W, int64_t g_sW) {
+// The input gradient takes it at every width: measured one candidate at a time, batch 256,
+// against the phases on the direct kernel (FASTSUPERNET_CPU_WINOGRAD=0 vs =all alternating in
+// one process, 15 pairs): 1.32x at 1 -> 4, 1.38-1.48x from 4 -> 16 to 16 -> 64, 1.40-1.51x at
+// 32 -> 32 and 32 -> 64 (aten's input gradient: 2.3x-14x slower); from 64 images (32 -> 64:
+// 0.55x at 16, 0.74x at 32, 1.03x at 64, 1.31x at 128; 8 -> 16: 0.69x, 0.86x, 1.08x, 1.29x).
+bool winograd_s2_grad_takes(int64_t N, int64_t H, int64_t W, int64_t g_sW) {
   if (H != 16 || W != 16 || g_sW != 1) return false;
   const char* env = std::getenv("FASTSUPERNET_CPU_WINOGRAD");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  return use_avx512();
+  if (!use_avx512()) return false;
+  return N >= kS2MinImages || (env != nullptr && std::strcmp(env, "all") == 0);
 }
 
 }  // namespace conv
@@ -771,14 +777,14 @@ void plan_winograd_s2(WinogradS2Plan& pl, const at::Tensor& weight, int64_t in_w
   // are laid out, one xi at a time.
   const float* w = weight.const_data_ptr<float>();
   const int64_t s0 = weight.stride(0), s1 = weight.stride(1), s2 = weight.stride(2), s3 = weight.stride(3);
-  std::vector<double> gk(static_cast<size_t>(out_w * chans * 10));  // [o][2p + q][c][i][b]
+  std::vector<double> gk(static_cast<size_t>(out_w * chans * 10));  // [2p + q][c][o][i][b]
   at::parallel_for(0, out_w, 8, [&](int64_t o_begin, int64_t o_end) {
     for (int64_t o = o_begin; o < o_end; ++o) {
       for (int pq = 0; pq < 4; ++pq) {
         const int p = pq / 2, q = pq % 2;
         for (int64_t c = 0; c < in_w; ++c) {
           const float* f = w + (row_offset + o) * s0 + c * s1;
-          double* dst = gk.data() + ((o * 4 + pq) * in_w + c) * 10;
+          double* dst = gk.data() + ((pq * in_w + c) * out_w + o) * 10;
           for (int i = 0; i < 5; ++i) {
             for (int b = 0; b < 2; ++b) {
               double acc = 0.0;
@@ -807,10 +813,8 @@ void plan_winograd_s2(WinogradS2Plan& pl, const at::Tensor& weight, int64_t in_w
         for (int slot = 0; slot < phases; ++slot) {
           for (int64_t c = 0; c < in_w; ++c) {
             const int64_t k = slot * in_w + c;
-            for (int r = 0; r < rows; ++r) {
-              const double* v = gk.data() + (((o0 + r) * 4 + pq_of_slot[slot]) * in_w + c) * 10 + i * 2;
-              panel[k * rows + r] = static_cast<float>(v[0] * g0 + v[1] * g1);
-            }
+            const double* v = gk.data() + ((pq_of_slot[slot] * in_w + c) * out_w + o0) * 10 + i * 2;
+            for (int r = 0; r < rows; ++r) panel[k * rows + r] = static_cast<float>(v[10 * r] * g0 + v[10 * r + 1] * g1);
           }
         }
       }
@@ -963,7 +967,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_impl(
       std::vector<char> ws2(static_cast<size_t>(K), 0);
       bool any = false;
       for (int64_t k = 0; k < K; ++k) {
-        ws2[k] = direct_cand[k] && conv::winograd_s2_width(in_widths[k], out_widths[k]);
+        bool sole = true;  // the only candidate of the call reading its input slice
+        for (int64_t k2 = 0; k2 < K && sole; ++k2) sole = k2 == k || in_offsets[k2] != in_offsets[k];
+        ws2[k] = direct_cand[k] && conv::winograd_s2_takes(x.size(0), in_widths[k], out_widths[k], sole);
         direct_cand[k] = direct_cand[k] && !ws2[k];
         any = any || ws2[k];
       }
@@ -1327,14 +1333,14 @@ void plan_winograd_s2_grad(WinogradS2GradPlan& pl, const at::Tensor& weight, int
   // t_0(1)); then U' = (G K') G^T into the panels, in float64 and rounded once.
   const float* w = weight.const_data_ptr<float>();
   const int64_t s0 = weight.stride(0), s1 = weight.stride(1), s2 = weight.stride(2), s3 = weight.stride(3);
-  std::vector<double> gk(static_cast<size_t>(out_w * 4 * in_w * 10));  // [o][2p + q][c][i][dj]
+  std::vector<double> gk(static_cast<size_t>(out_w * 4 * in_w * 10));  // [2p + q][o][c][i][dj]
   at::parallel_for(0, out_w, 8, [&](int64_t o_begin, int64_t o_end) {
     for (int64_t o = o_begin; o < o_end; ++o) {
       for (int pq = 0; pq < 4; ++pq) {
         const int p = pq / 2, q = pq % 2;
         for (int64_t c = 0; c < in_w; ++c) {
           const float* f = w + (row_offset + o) * s0 + c * s1;
-          double* dst = gk.data() + ((o * 4 + pq) * in_w + c) * 10;
+          double* dst = gk.data() + ((pq * out_w + o) * in_w + c) * 10;
           for (int i = 0; i < 5; ++i) {
             for (int dj = 0; dj < 2; ++dj) {
               double acc = 0.0;
@@ -1362,10 +1368,8 @@ void plan_winograd_s2_grad(WinogradS2GradPlan& pl, const at::Tensor& weight, int
         const int64_t c0 = first % in_w;
         float* panel = a + b.a_off;
         for (int64_t o = 0; o < out_w; ++o) {
-          for (int r = 0; r < b.rows; ++r) {
-            const double* v = gk.data() + ((o * 4 + pq) * in_w + c0 + r) * 10 + i * 2;
-            panel[o * b.rows + r] = static_cast<float>(v[0] * g0 + v[1] * g1);
-          }
+          const double* v = gk.data() + ((pq * out_w + o) * in_w + c0) * 10 + i * 2;
+          for (int r = 0; r < b.rows; ++r) panel[o * b.rows + r] = static_cast<float>(v[10 * r] * g0 + v[10 * r + 1] * g1);
         }
       }
     }
@@ -1409,7 +1413,7 @@ void s2_input_grad_impl(const at::Tensor& g, const at::Tensor& weight, at::IntAr
   plans.reserve(static_cast<size_t>(K));
   for (int64_t k = 0; k < K; ++k) {
     if (std::is_same<T, float>::value &&
-        conv::winograd_s2_grad_takes(H, W, g.stride(3))) {
+        conv::winograd_s2_grad_takes(N, H, W, g.stride(3))) {
       wplans.push_back(std::make_unique<WinogradS2GradPlan>());
       WinogradS2GradPlan& wp = *wplans.back();
       plan_winograd_s2_grad(wp, weight, in_widths[k], out_widths[k], row_offsets[k]);
@@ -1550,16 +1554,17 @@ int64_t cpu_winograd_min_width(int64_t out_height, int64_t out_width) {
   return tile != 0 ? winograd_min_width(out_width, tile, use_avx512()) : -1;
 }
 
-// Whether a float32 candidate of a 3x3 stride-2 padding-1 layer on an NCHW input of this size
-// runs the stride-2 Winograd path (conv_winograd_s2.h) in the forward.
-bool cpu_winograd_s2(int64_t height, int64_t width, int64_t in_width, int64_t out_width) {
+// Whether a float32 candidate of a 3x3 stride-2 padding-1 layer on an NCHW input of this size,
+// the only one of its call reading its input, runs the stride-2 Winograd path
+// (conv_winograd_s2.h) in the forward.
+bool cpu_winograd_s2(int64_t batch, int64_t height, int64_t width, int64_t in_width, int64_t out_width) {
   return conv::winograd_s2_shape(3, 3, 2, 1, height, width, 1, false, false) &&
-         conv::winograd_s2_width(in_width, out_width);
+         conv::winograd_s2_takes(batch, in_width, out_width, true);
 }
 
 TORCH_LIBRARY_FRAGMENT(fastsupernet, m) {
   m.def("_cpu_conv_isa() -> str", &cpu_conv_isa);
-  m.def("_cpu_winograd_s2(int height, int width, int in_width, int out_width) -> bool", &cpu_winograd_s2);
+  m.def("_cpu_winograd_s2(int batch, int height, int width, int in_width, int out_width) -> bool", &cpu_winograd_s2);
   m.def("_cpu_winograd_tile(int out_height, int out_width) -> int", &cpu_winograd_tile);
   m.def("_cpu_winograd_min_width(int out_height, int out_width) -> int", &cpu_winograd_min_width);
   m.def("_cpu_conv2d_s2_input_grad(Tensor grad_out, Tensor weight, int[] in_offsets, int[] in_widths, "

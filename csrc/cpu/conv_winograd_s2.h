@@ -25,6 +25,8 @@ constexpr int kS2Images = 16;
 // Points of a transformed tile (5 x 5) and tiles of an 8x8 output (2 x 2).
 constexpr int kS2Points = 25;
 constexpr int kS2Tiles = 4;
+// Fewer images per call keep the direct kernel: the filter transform is per call (conv.cpp).
+constexpr int64_t kS2MinImages = 64;
 
 // G of F(4, 2) (points 0, 1, -1, 2 and infinity): the filter transform U = G K G^T (conv.cpp).
 inline constexpr double kWinogradS2G[5][2] = {
@@ -118,17 +120,19 @@ int64_t winograd_s2_grad_scratch_floats(const WinogradS2GradJob& job);
 bool winograd_s2_grad_run_avx512(const WinogradS2GradJob& job, int64_t begin, int64_t end, float* scratch,
                                  double* lanes);
 // Whether a float32 input gradient takes it: a 16x16 input, g with unit column stride, an
-// AVX-512 CPU and FASTSUPERNET_CPU_WINOGRAD not 0 (every width: conv.cpp).
-bool winograd_s2_grad_takes(int64_t H, int64_t W, int64_t g_sW);
+// AVX-512 CPU, FASTSUPERNET_CPU_WINOGRAD not 0, and N >= kS2MinImages (=all: any N; every
+// width: conv.cpp).
+bool winograd_s2_grad_takes(int64_t N, int64_t H, int64_t W, int64_t g_sW);
 
 // Whether the layer takes the path (the candidate's width aside): float32 3x3 stride-2
 // padding-1 on a 16x16 input with unit column stride, no residual, no statistics, an AVX-512
 // CPU, and FASTSUPERNET_CPU_WINOGRAD not 0 (read at every call).
 bool winograd_s2_shape(int64_t kh, int64_t kw, int64_t stride, int64_t padding, int64_t H, int64_t W, int64_t x_sW,
                        bool residual, bool stats);
-// Whether a candidate of such a layer takes it, by its widths (FASTSUPERNET_CPU_WINOGRAD=all:
+// Whether a candidate of such a layer takes it: N >= kS2MinImages, in_w >= 16, out_w >= 32,
+// and no other candidate of the call reads its input slice (FASTSUPERNET_CPU_WINOGRAD=all:
 // every one).
-bool winograd_s2_width(int64_t in_w, int64_t out_w);
+bool winograd_s2_takes(int64_t N, int64_t in_w, int64_t out_w, bool sole_reader);
 
 // float32 values of one thread's scratch (staged input plane, V, M, staged output).
 int64_t winograd_s2_scratch_floats(const WinogradS2Job& job);
