@@ -1107,7 +1107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sliced_conv2d_cpu(
 // reduction ordered tap-major, k = t * out_width + o, over the phase's taps (di, dj):
 // (even, even) (0, 0); (even, odd) (0, 0), (0, 1); (odd, even) (0, 0), (1, 0); (odd, odd) all
 // four: the layer's 9 taps per (o, c) and no more, where a stride-1 pass over the gradient with
-// zeros inserted (aten's transposed convolution) has 36. Each image's phases go to a per-thread
+// zeros inserted would have 36. Each image's phases go to a per-thread
 // buffer (in L1/L2), and are interleaved (or added) into grad_x from there. A value is one
 // chain of fused multiply-adds over the candidate's out_width * (taps of its phase) terms, in a
 // fixed order, then (with several candidates reading one channel) added in candidate order:
