@@ -19,12 +19,7 @@
 
 #ifdef FASTSUPERNET_HAVE_AVX2
 
-// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() and warn about it when inlined
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-
-#define FSN_TARGET __attribute__((target("avx2,fma,avx512f,avx512dq,avx512vl")))
-#define FSN_INLINE inline __attribute__((always_inline))
+#include "cpu/isa_avx512.h"
 
 #include "cpu/conv_vec_avx2.h"
 

@@ -33,14 +33,9 @@
 
 #ifdef FASTSUPERNET_HAVE_AVX2
 
-// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() and warn about it when inlined
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include "cpu/isa_avx512.h"
 
 #include <immintrin.h>
-
-#define FSN_TARGET __attribute__((target("avx2,fma,avx512f,avx512dq,avx512vl")))
-#define FSN_INLINE inline __attribute__((always_inline))
 
 namespace fastsupernet {
 namespace conv {
@@ -101,21 +96,61 @@ FSN_TARGET FSN_INLINE void at5(const Z (&m)[5], Z (&y)[4]) {
   y[3] = _mm512_fmadd_ps(_mm512_set1_ps(8.0f), m[3], _mm512_add_ps(d, m[4]));
 }
 
+// V = B^T d B of one 5x5 patch, d[r][s] = load(r, s); store(xi, V[xi]) for xi = 5 i + j.
+template <typename Load, typename Store>
+FSN_TARGET FSN_INLINE void transform_patch(Load&& load, Store&& store) {
+  Z t[5][5];  // t[i][s] = (B^T d)[i][s]
+#pragma GCC unroll 5
+  for (int s = 0; s < 5; ++s) {
+    Z col[5];
+#pragma GCC unroll 5
+    for (int r = 0; r < 5; ++r) col[r] = load(r, s);
+    Z out[5];
+    bt5(col, out);
+#pragma GCC unroll 5
+    for (int i = 0; i < 5; ++i) t[i][s] = out[i];
+  }
+#pragma GCC unroll 5
+  for (int i = 0; i < 5; ++i) {
+    Z out[5];
+    bt5(t[i], out);
+#pragma GCC unroll 5
+    for (int jj = 0; jj < 5; ++jj) store(i * 5 + jj, out[jj]);
+  }
+}
+
+// y = A^T M A of one tile, M[xi] = load(xi) for xi = 5 i + j.
+template <typename Load>
+FSN_TARGET FSN_INLINE void transform_tile_output(Load&& load, Z (&y)[4][4]) {
+  Z z[4][5];  // z = A^T M (4 x 5)
+#pragma GCC unroll 5
+  for (int jj = 0; jj < 5; ++jj) {
+    Z col[5];
+#pragma GCC unroll 5
+    for (int i = 0; i < 5; ++i) col[i] = load(i * 5 + jj);
+    Z out[4];
+    at5(col, out);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) z[i][jj] = out[i];
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) at5(z[i], y[i]);
+}
+
+// Scratch of one thread: the staged plane, V, M, the output plane before its transpose.
 struct Scratch {
-  float* xt;  // 16 x 16 vectors: the staged plane, xt[(h * 16 + w) * 16 + image]
-  float* v;   // V[xi][ch][tile * 16 + image], ch < 4 in_w
-  float* m;   // M[xi * out_w + o][tile * 16 + image]
-  float* ys;  // 8 x 8 vectors: one output plane of the 16 images before the transpose
+  float* staged;  // image-minor plane: forward 16 x 16 vectors ((h * 16 + w) * 16 + image), gradient 8 x 8
+  float* v;       // V[xi][channel][tile * 16 + image], xi planes v_stride apart
+  float* m;       // M[xi][row][tile * 16 + image], xi planes m_stride apart
+  float* planes;  // one output plane of the 16 images as vectors, before the transpose
 };
 
-inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
-
-Scratch carve(const WinogradS2Job& j, float* base) {
+Scratch carve(float* base, int64_t staged_vectors, int64_t v_stride, int64_t m_stride) {
   Scratch s;
-  s.xt = base;
-  s.v = s.xt + 256 * 16;
-  s.m = s.v + kS2Points * s2_v_stride(j);
-  s.ys = s.m + kS2Points * s2_m_stride(j);
+  s.staged = base;
+  s.v = s.staged + staged_vectors * 16;
+  s.m = s.v + kS2Points * v_stride;
+  s.planes = s.m + kS2Points * m_stride;
   return s;
 }
 
@@ -141,35 +176,15 @@ FSN_TARGET void transform_input(const WinogradS2Job& j, int64_t c, const float* 
       const int pq = 2 * p + q;
       for (int tile = 0; tile < kS2Tiles; ++tile) {
         const int ty = tile / 2, tx = tile % 2;
-        Z d[5][5];
-#pragma GCC unroll 5
-        for (int r = 0; r < 5; ++r) {
-          const int h = 8 * ty + 2 * r + p - 1;
-#pragma GCC unroll 5
-          for (int s = 0; s < 5; ++s) {
-            const int w = 8 * tx + 2 * s + q - 1;
-            d[r][s] = (h >= 0 && h < 16 && w >= 0 && w < 16) ? _mm512_load_ps(xt + (h * 16 + w) * 16) : zero;
-          }
-        }
-        Z t[5][5];  // t[i][s] = (B^T d)[i][s]
-#pragma GCC unroll 5
-        for (int s = 0; s < 5; ++s) {
-          const Z col[5] = {d[0][s], d[1][s], d[2][s], d[3][s], d[4][s]};
-          Z out[5];
-          bt5(col, out);
-#pragma GCC unroll 5
-          for (int i = 0; i < 5; ++i) t[i][s] = out[i];
-        }
-#pragma GCC unroll 5
-        for (int i = 0; i < 5; ++i) {
-          Z out[5];
-          bt5(t[i], out);
-#pragma GCC unroll 5
-          for (int jj = 0; jj < 5; ++jj) {
-            const int xi = i * 5 + jj, slot = s2_slot(xi, pq);
-            if (slot < s2_phases(xi)) _mm512_store_ps(v + xi * vs + (slot * j.in_w + c) * 64 + tile * 16, out[jj]);
-          }
-        }
+        transform_patch(
+            [&](int r, int s) FSN_TARGET {
+              const int h = 8 * ty + 2 * r + p - 1, w = 8 * tx + 2 * s + q - 1;
+              return (h >= 0 && h < 16 && w >= 0 && w < 16) ? _mm512_load_ps(xt + (h * 16 + w) * 16) : zero;
+            },
+            [&](int xi, Z value) FSN_TARGET {
+              const int slot = s2_slot(xi, pq);
+              if (slot < s2_phases(xi)) _mm512_store_ps(v + xi * vs + (slot * j.in_w + c) * 64 + tile * 16, value);
+            });
       }
     }
   }
@@ -202,24 +217,14 @@ FSN_TARGET void transform_output(const WinogradS2Job& j, int64_t n0, int count, 
   const int64_t ms = s2_m_stride(j);
   for (int tile = 0; tile < kS2Tiles; ++tile) {
     const int ty = tile / 2, tx = tile % 2;
-    Z z[4][5];  // z = A^T M (4 x 5)
-#pragma GCC unroll 5
-    for (int jj = 0; jj < 5; ++jj) {
-      Z col[5];
-#pragma GCC unroll 5
-      for (int i = 0; i < 5; ++i) col[i] = _mm512_load_ps(m + (i * 5 + jj) * ms + o * 64 + tile * 16);
-      Z out[4];
-      at5(col, out);
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) z[i][jj] = out[i];
-    }
+    Z y[4][4];
+    transform_tile_output([&](int xi) FSN_TARGET { return _mm512_load_ps(m + xi * ms + o * 64 + tile * 16); }, y);
 #pragma GCC unroll 4
     for (int i = 0; i < 4; ++i) {
-      Z y[4];
-      at5(z[i], y);
 #pragma GCC unroll 4
       for (int jj = 0; jj < 4; ++jj) {
-        _mm512_store_ps(ys + ((4 * ty + i) * 8 + 4 * tx + jj) * 16, epilogue(y[jj], sc, sh, scale, shift, j.activation, slope));
+        _mm512_store_ps(ys + ((4 * ty + i) * 8 + 4 * tx + jj) * 16,
+                        epilogue(y[i][jj], sc, sh, scale, shift, j.activation, slope));
       }
     }
   }
@@ -241,22 +246,6 @@ FSN_TARGET void transform_output(const WinogradS2Job& j, int64_t n0, int count, 
 }
 
 // --- the input gradient -------------------------------------------------------------------
-
-struct GradScratch {
-  float* gt;   // 8 x 8 vectors: the staged g plane
-  float* v;    // V[xi][o][tile * 16 + image]
-  float* m;    // M[xi][slot * in_w + c][tile * 16 + image]
-  float* gxs;  // 16 x 16 vectors: one grad x plane before the transpose
-};
-
-GradScratch carve_grad(const WinogradS2GradJob& j, float* base) {
-  GradScratch s;
-  s.gt = base;
-  s.v = s.gt + 64 * 16;
-  s.m = s.v + kS2Points * s2g_v_stride(j);
-  s.gxs = s.m + kS2Points * s2g_m_stride(j);
-  return s;
-}
 
 // g channel o of images [n0, n0 + count) staged image-minor: two 8-value rows per load.
 FSN_TARGET void stage_grad_plane(const WinogradS2GradJob& j, int64_t n0, int count, int64_t o, float* __restrict gt) {
@@ -285,28 +274,12 @@ FSN_TARGET void transform_grad_input(const WinogradS2GradJob& j, int64_t o, cons
   const Z zero = _mm512_setzero_ps();
   for (int tile = 0; tile < kS2Tiles; ++tile) {
     const int ty = tile / 2, tx = tile % 2;
-    Z t[5][5];
-#pragma GCC unroll 5
-    for (int s = 0; s < 5; ++s) {
-      const int w = 4 * tx + s;
-      Z col[5];
-#pragma GCC unroll 5
-      for (int r = 0; r < 5; ++r) {
-        const int h = 4 * ty + r;
-        col[r] = (h < 8 && w < 8) ? _mm512_load_ps(gt + (h * 8 + w) * 16) : zero;
-      }
-      Z out[5];
-      bt5(col, out);
-#pragma GCC unroll 5
-      for (int i = 0; i < 5; ++i) t[i][s] = out[i];
-    }
-#pragma GCC unroll 5
-    for (int i = 0; i < 5; ++i) {
-      Z out[5];
-      bt5(t[i], out);
-#pragma GCC unroll 5
-      for (int jj = 0; jj < 5; ++jj) _mm512_store_ps(v + (i * 5 + jj) * vs + o * 64 + tile * 16, out[jj]);
-    }
+    transform_patch(
+        [&](int r, int s) FSN_TARGET {
+          const int h = 4 * ty + r, w = 4 * tx + s;
+          return (h < 8 && w < 8) ? _mm512_load_ps(gt + (h * 8 + w) * 16) : zero;
+        },
+        [&](int xi, Z value) FSN_TARGET { _mm512_store_ps(v + xi * vs + o * 64 + tile * 16, value); });
   }
 }
 
@@ -329,27 +302,13 @@ FSN_TARGET void transform_grad_output(const WinogradS2GradJob& j, int64_t n0, in
     }
     for (int tile = 0; tile < kS2Tiles; ++tile) {
       const int ty = tile / 2, tx = tile % 2;
-      Z z[4][5];
-#pragma GCC unroll 5
-      for (int jj = 0; jj < 5; ++jj) {
-        Z col[5];
-#pragma GCC unroll 5
-        for (int i = 0; i < 5; ++i) {
-          const int64_t at = row[i * 5 + jj];
-          col[i] = at >= 0 ? _mm512_load_ps(m + at + tile * 16) : zero;
-        }
-        Z out[4];
-        at5(col, out);
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; ++i) z[i][jj] = out[i];
-      }
+      Z y[4][4];
+      transform_tile_output([&](int xi) FSN_TARGET { return row[xi] >= 0 ? _mm512_load_ps(m + row[xi] + tile * 16) : zero; }, y);
 #pragma GCC unroll 4
       for (int i = 0; i < 4; ++i) {
-        Z y[4];
-        at5(z[i], y);
 #pragma GCC unroll 4
         for (int jj = 0; jj < 4; ++jj) {
-          _mm512_store_ps(gxs + ((2 * (4 * ty + i) + p) * 16 + 2 * (4 * tx + jj) + q) * 16, y[jj]);
+          _mm512_store_ps(gxs + ((2 * (4 * ty + i) + p) * 16 + 2 * (4 * tx + jj) + q) * 16, y[i][jj]);
         }
       }
     }
@@ -367,42 +326,55 @@ FSN_TARGET void transform_grad_output(const WinogradS2GradJob& j, int64_t n0, in
   }
 }
 
+// Chunks [begin, end) of kS2Images images: transform(n0, count) fills V, the GEMM makes M,
+// output(n0, count) writes from M.
+template <typename In, typename Out>
+FSN_TARGET void run_chunks(const ConvJob<float>& plan, int64_t N, int64_t begin, int64_t end, float* v, float* m,
+                           double* lanes, In&& transform, Out&& output) {
+  ConvJob<float> gemm = plan;
+  gemm.x = v;
+  gemm.out = m;
+  for (int64_t chunk = begin; chunk < end; ++chunk) {
+    const int64_t n0 = chunk * kS2Images;
+    const int count = static_cast<int>(std::min<int64_t>(kS2Images, N - n0));
+    transform(n0, count);
+    run_items_avx512(gemm, 0, 1, v, lanes);
+    output(n0, count);
+  }
+}
+
 }  // namespace
 
 bool winograd_s2_grad_run_avx512(const WinogradS2GradJob& j, int64_t begin, int64_t end, float* scratch,
                                  double* lanes) {
-  const GradScratch s = carve_grad(j, scratch);
-  ConvJob<float> gemm = *j.gemm;
-  gemm.x = s.v;
-  gemm.out = s.m;
-  for (int64_t chunk = begin; chunk < end; ++chunk) {
-    const int64_t n0 = chunk * kS2Images;
-    const int count = static_cast<int>(std::min<int64_t>(kS2Images, j.N - n0));
-    for (int64_t o = 0; o < j.out_w; ++o) {
-      stage_grad_plane(j, n0, count, o, s.gt);
-      transform_grad_input(j, o, s.gt, s.v);
-    }
-    run_items_avx512(gemm, 0, 1, s.v, lanes);
-    for (int64_t c = 0; c < j.in_w; ++c) transform_grad_output(j, n0, count, c, s.m, s.gxs);
-  }
+  const Scratch s = carve(scratch, 64, s2g_v_stride(j), s2g_m_stride(j));
+  run_chunks(
+      *j.gemm, j.N, begin, end, s.v, s.m, lanes,
+      [&](int64_t n0, int count) {
+        for (int64_t o = 0; o < j.out_w; ++o) {
+          stage_grad_plane(j, n0, count, o, s.staged);
+          transform_grad_input(j, o, s.staged, s.v);
+        }
+      },
+      [&](int64_t n0, int count) {
+        for (int64_t c = 0; c < j.in_w; ++c) transform_grad_output(j, n0, count, c, s.m, s.planes);
+      });
   return true;
 }
 
 bool winograd_s2_run_avx512(const WinogradS2Job& j, int64_t begin, int64_t end, float* scratch, double* lanes) {
-  const Scratch s = carve(j, scratch);
-  ConvJob<float> gemm = *j.gemm;
-  gemm.x = s.v;
-  gemm.out = s.m;
-  for (int64_t chunk = begin; chunk < end; ++chunk) {
-    const int64_t n0 = chunk * kS2Images;
-    const int count = static_cast<int>(std::min<int64_t>(kS2Images, j.N - n0));
-    for (int64_t c = 0; c < j.in_w; ++c) {
-      stage_plane(j, n0, count, c, s.xt);
-      transform_input(j, c, s.xt, s.v);
-    }
-    run_items_avx512(gemm, 0, 1, s.v, lanes);
-    for (int64_t o = 0; o < j.out_w; ++o) transform_output(j, n0, count, o, s.m, s.ys);
-  }
+  const Scratch s = carve(scratch, 256, s2_v_stride(j), s2_m_stride(j));
+  run_chunks(
+      *j.gemm, j.N, begin, end, s.v, s.m, lanes,
+      [&](int64_t n0, int count) {
+        for (int64_t c = 0; c < j.in_w; ++c) {
+          stage_plane(j, n0, count, c, s.staged);
+          transform_input(j, c, s.staged, s.v);
+        }
+      },
+      [&](int64_t n0, int count) {
+        for (int64_t o = 0; o < j.out_w; ++o) transform_output(j, n0, count, o, s.m, s.planes);
+      });
   if (j.stream_out) std::atomic_thread_fence(std::memory_order_seq_cst);  // order the streaming stores
   return true;
 }
