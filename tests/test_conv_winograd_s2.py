@@ -144,8 +144,8 @@ def test_layouts(layout):
 
 
 def test_choice():
-    """By default a candidate takes it where the call has at least 64 images, its widths are
-    in >= 16 and out >= 32 and no other candidate reads its input slice (it then differs from
+    """By default a candidate takes it where the call has at least 64 images and its widths are
+    in >= 16 and out >= 32, whether or not others read its input slice (it then differs from
     the direct kernel); the others keep the direct kernel (equal bit for bit); channels_last
     inputs, 32x32 inputs, a residual, statistics and FASTSUPERNET_CPU_WINOGRAD=0 keep it
     everywhere."""
@@ -163,7 +163,7 @@ def test_choice():
     out = call()[0]
     starts = [0, 32, 96, 112, 152, 192]
     took = [not torch.equal(out[:, a:b], base[:, a:b]) for a, b in zip(starts, starts[1:])]
-    assert took == [True, False, False, False, False]
+    assert took == [True, False, False, True, True]
     assert torch.equal(call(x=x[:63])[0], base[:63])
     assert torch.equal(call(x=x.contiguous(memory_format=torch.channels_last))[0], base)
     res = _rand(64, M, 8, 8, gen=gen)
@@ -182,7 +182,8 @@ def test_choice():
 
 
 def test_threads_and_other_candidates_change_nothing():
-    """One thread gives the bits of two; a candidate's values are the same alone as with others."""
+    """One thread gives the bits of two; a candidate's values are the same alone as with others
+    (here a wider candidate on the same input: the input is transformed once for both)."""
     gen = torch.Generator().manual_seed(5)
     x = _rand(35, 32, 16, 16, gen=gen)
     weight = _rand(100, 32, 3, 3, gen=gen) * 0.2

@@ -25,7 +25,7 @@
 // other candidate, below. Float32 3x3 stride-2 padding-1 layers on 16x16 inputs (unit column
 // stride, no residual, no statistics) on AVX-512 CPUs take F(4x4, 2x2) on the input's stride
 // phases (conv_winograd_s2.cpp) per candidate from input width 16 and output width 32 (calls
-// of 64 images or more; a candidate sharing its input slice with others keeps the direct kernel).
+// of 64 images or more; candidates reading one input slice share its transform).
 // FASTSUPERNET_CPU_WINOGRAD=0 turns Winograd off, =all takes it for every candidate of a
 // suitable layer whatever its width; FASTSUPERNET_CPU_WINOGRAD_TILE=2 keeps F(2x2).
 //
@@ -287,12 +287,12 @@ bool winograd_s2_shape(int64_t kh, int64_t kw, int64_t stride, int64_t padding, 
 // out_w 32: 1.02x at 12, 1.12-1.19x at 16..32; out_w 48: 1.09-1.25x from 12; out_w 64: 0.85x
 // at 4, 0.99-1.01x at 8 and 12, 1.10x at 16, 1.15x at 24 and 32. Small batches keep it too
 // (32 -> 64: 0.79x at 32 images, 0.98x at 64, 1.22x-1.29x from 128: the per-call filter
-// transform), and so do candidates that share their input slice with others of the call (the
-// direct kernel copies a shared input once; K = 8 children of one input at batch 128: 0.93x).
-bool winograd_s2_takes(int64_t N, int64_t in_w, int64_t out_w, bool sole_reader) {
+// transform). Candidates reading one input slice share its transform (a segment), so the
+// choice depends on nothing but the candidate and the batch.
+bool winograd_s2_takes(int64_t N, int64_t in_w, int64_t out_w) {
   const char* env = std::getenv("FASTSUPERNET_CPU_WINOGRAD");
   if (env != nullptr && std::strcmp(env, "all") == 0) return true;
-  return N >= kS2MinImages && in_w >= 16 && out_w >= 32 && sole_reader;
+  return N >= kS2MinImages && in_w >= 16 && out_w >= 32;
 }
 
 // The input gradient takes it at every width: measured one candidate at a time, batch 256,
@@ -685,14 +685,15 @@ void multi_conv2d_direct(const at::Tensor& x, const at::Tensor& weight, at::IntA
   run_job(job, items, max_width, macs_per_pixel * N * Ho * Wo);
 }
 
-// One candidate of the stride-2 Winograd path: its job and its GEMM (rows xi * (out_w + 1) + o,
-// segment xi over V's channels from xi * (4 in_w + 1)).
+// One candidate of the stride-2 Winograd path: its output and its GEMM (rows xi * (out_w + 1)
+// + o, segment xi over V's channels from xi * (4 W + 1), W the width its segment transforms).
 struct WinogradS2Plan {
-  conv::WinogradS2Job job;
+  conv::WinogradS2Output output;
   conv::S2Gemm gemm;
 };
 
-void plan_winograd_s2(WinogradS2Plan& pl, const at::Tensor& weight, int64_t in_w, int64_t out_w, int64_t row_offset) {
+void plan_winograd_s2(WinogradS2Plan& pl, const at::Tensor& weight, int64_t in_w, int64_t out_w, int64_t row_offset,
+                      int64_t seg_w) {
   constexpr int MR = Blocking<float>::kRows;
   constexpr int P = conv::kS2Points;
   const int64_t chans = 4 * in_w;
@@ -712,7 +713,7 @@ void plan_winograd_s2(WinogradS2Plan& pl, const at::Tensor& weight, int64_t in_w
   }
   for (int xi = 0; xi < P; ++xi) {
     const int64_t depth = conv::s2_phases(xi) * in_w;
-    conv::Segment seg{xi * (chans + 1), depth, static_cast<int64_t>(gm.blocks.size()), 0};  // conv::s2_v_stride
+    conv::Segment seg{xi * (4 * seg_w + 1), depth, static_cast<int64_t>(gm.blocks.size()), 0};  // conv::s2_v_stride
     for (int64_t o = 0; o < out_w; o += blk_rows[o]) {
       Block b;
       b.row0 = xi * (out_w + 1) + o;
@@ -760,8 +761,8 @@ void plan_winograd_s2(WinogradS2Plan& pl, const at::Tensor& weight, int64_t in_w
       }
     }
   });
-  gm.finish(P * (out_w + 1), chans);  // conv::s2_m_stride: a spare row after each xi's out_w
-  pl.job.gemm = &gm.job;
+  gm.finish(P * (out_w + 1), 4, in_w, seg_w);  // conv::s2_m_stride: a spare row after each xi's out_w
+  pl.output.gemm = &gm.job;
 }
 
 // The candidates k with use[k] of a float32 multi_conv2d call of winograd_s2_shape: their rows
@@ -772,32 +773,58 @@ void multi_conv2d_winograd_s2(const at::Tensor& x, const at::Tensor& weight, at:
                               const at::Tensor& scale, const at::Tensor& shift, int activation,
                               const std::vector<float>& slope, at::Tensor& out) {
   const int64_t N = x.size(0), M = row_start.back();
+  // Segments: the candidates reading one input slice, in call order; each candidate's plan.
+  std::vector<int64_t> seg_of(use.size(), -1), seg_c0, seg_w;
+  for (size_t k = 0; k < use.size(); ++k) {
+    if (!use[k]) continue;
+    const auto it = std::find(seg_c0.begin(), seg_c0.end(), in_offsets[k]);
+    if (it == seg_c0.end()) {
+      seg_of[k] = static_cast<int64_t>(seg_c0.size());
+      seg_c0.push_back(in_offsets[k]);
+      seg_w.push_back(in_widths[k]);
+    } else {
+      seg_of[k] = it - seg_c0.begin();
+      seg_w[seg_of[k]] = std::max(seg_w[seg_of[k]], in_widths[k]);
+    }
+  }
+  const int64_t S = static_cast<int64_t>(seg_c0.size());
   std::vector<std::unique_ptr<WinogradS2Plan>> plans;
-  int64_t scratch_n = 0, macs = 0;
+  std::vector<std::vector<conv::WinogradS2Output>> outputs(static_cast<size_t>(S));
+  int64_t macs = 0;
   for (size_t k = 0; k < use.size(); ++k) {
     if (!use[k]) continue;
     plans.push_back(std::make_unique<WinogradS2Plan>());
     WinogradS2Plan& pl = *plans.back();
-    plan_winograd_s2(pl, weight, in_widths[k], out_widths[k], row_offsets[k]);
-    conv::WinogradS2Job& j = pl.job;
+    plan_winograd_s2(pl, weight, in_widths[k], out_widths[k], row_offsets[k], seg_w[seg_of[k]]);
+    conv::WinogradS2Output& o = pl.output;
+    o.in_w = in_widths[k];
+    o.out_w = out_widths[k];
+    o.row0 = row_start[k];
+    o.scale = scale.defined() ? scale.const_data_ptr<float>() + row_start[k] : nullptr;
+    o.shift = shift.defined() ? shift.const_data_ptr<float>() + row_start[k] : nullptr;
+    o.slope = slope.empty() ? 0.0f : slope[row_start[k]];
+    outputs[seg_of[k]].push_back(o);
+    macs += N * 64 * out_widths[k] * in_widths[k] * 9;
+  }
+  std::vector<conv::WinogradS2Job> jobs(static_cast<size_t>(S));
+  int64_t scratch_n = 0;
+  for (int64_t si = 0; si < S; ++si) {
+    conv::WinogradS2Job& j = jobs[si];
     j.x = x.const_data_ptr<float>();
     j.x_sN = x.stride(0);
     j.x_sC = x.stride(1);
     j.x_sH = x.stride(2);
     j.N = N;
-    j.c0 = in_offsets[k];
-    j.in_w = in_widths[k];
-    j.out_w = out_widths[k];
+    j.c0 = seg_c0[si];
+    j.in_w = seg_w[si];
     j.out = out.mutable_data_ptr<float>();
     j.M = M;
-    j.row0 = row_start[k];
-    j.scale = scale.defined() ? scale.const_data_ptr<float>() + row_start[k] : nullptr;
-    j.shift = shift.defined() ? shift.const_data_ptr<float>() + row_start[k] : nullptr;
-    j.slope = slope.empty() ? 0.0f : slope[row_start[k]];
     j.activation = activation;
     j.stream_out = conv::stream_output(out.numel() * static_cast<int64_t>(sizeof(float)));
+    j.num_outputs = static_cast<int64_t>(outputs[si].size());
+    j.outputs = outputs[si].data();
+    for (const auto& o : outputs[si]) j.max_out_w = std::max(j.max_out_w, o.out_w);
     scratch_n = std::max(scratch_n, conv::winograd_s2_scratch_floats(j));
-    macs += N * 64 * out_widths[k] * in_widths[k] * 9;
   }
   const int64_t chunks = div_up(N, conv::kS2Images);
   auto body = [&](int64_t begin, int64_t end) {
@@ -806,7 +833,7 @@ void multi_conv2d_winograd_s2(const at::Tensor& x, const at::Tensor& weight, at:
     float* s = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch.get()) + 63) & ~uintptr_t(63));
     double lanes[2 * conv::kStatLanes];  // unused: the GEMM takes no statistics
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      for (const auto& pl : plans) conv::winograd_s2_run_avx512(pl->job, chunk, chunk + 1, s, lanes);
+      for (const auto& j : jobs) conv::winograd_s2_run_avx512(j, chunk, chunk + 1, s, lanes);
     }
   };
   if (macs < kParallelMinMacs || chunks == 1) {
@@ -889,9 +916,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_conv2d_impl(
       std::vector<char> ws2(static_cast<size_t>(K), 0);
       bool any = false;
       for (int64_t k = 0; k < K; ++k) {
-        bool sole = true;  // the only candidate of the call reading its input slice
-        for (int64_t k2 = 0; k2 < K && sole; ++k2) sole = k2 == k || in_offsets[k2] != in_offsets[k];
-        ws2[k] = direct_cand[k] && conv::winograd_s2_takes(x.size(0), in_widths[k], out_widths[k], sole);
+        ws2[k] = direct_cand[k] && conv::winograd_s2_takes(x.size(0), in_widths[k], out_widths[k]);
         direct_cand[k] = direct_cand[k] && !ws2[k];
         any = any || ws2[k];
       }
@@ -1037,7 +1062,7 @@ int64_t cpu_winograd_min_width(int64_t out_height, int64_t out_width) {
 // (conv_winograd_s2.h) in the forward.
 bool cpu_winograd_s2(int64_t batch, int64_t height, int64_t width, int64_t in_width, int64_t out_width) {
   return conv::winograd_s2_shape(3, 3, 2, 1, height, width, 1, false, false) &&
-         conv::winograd_s2_takes(batch, in_width, out_width, true);
+         conv::winograd_s2_takes(batch, in_width, out_width);
 }
 
 TORCH_LIBRARY_FRAGMENT(fastsupernet, m) {

@@ -86,9 +86,9 @@ struct S2Gemm {
 
   static constexpr int64_t kPixels = kS2Images * kS2Tiles;
 
-  // Job fields of an M-row pass whose blocks reduce over at most `depth` channels; after the
-  // blocks, segments and panels are in place.
-  void finish(int64_t M, int64_t depth) {
+  // Job fields of an M-row pass; after the blocks, segments and panels are in place. Reduction
+  // index k = s * width + c (s < slots, c < width) reads the segment's channel s * stride + c.
+  void finish(int64_t M, int64_t slots, int64_t width, int64_t stride) {
     ConvJob<float>& g = job;
     g.N = 1;
     g.M = M;
@@ -108,7 +108,9 @@ struct S2Gemm {
     g.a = a.data();
     g.block_chunks = 1;
     g.blocks_per_chunk = g.num_blocks;
-    for (int64_t k = 0; k < depth; ++k) tap_off.push_back(k * kPixels);
+    for (int64_t sl = 0; sl < slots; ++sl) {
+      for (int64_t c = 0; c < width; ++c) tap_off.push_back((sl * stride + c) * kPixels);
+    }
     g.tap_off = tap_off.data();
     for (int64_t v = 0; v < kPixels; v += Blocking<float>::kLanes) {
       vec_src.push_back(v);

@@ -286,7 +286,7 @@ void plan_winograd_s2_grad(WinogradS2GradPlan& pl, const at::Tensor& weight, int
       }
     }
   });
-  gm.finish(P * (4 * in_w + 1), out_w);
+  gm.finish(P * (4 * in_w + 1), 1, out_w, out_w);
   pl.job.gemm = &gm.job;
 }
 

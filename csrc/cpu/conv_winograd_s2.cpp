@@ -209,12 +209,12 @@ FSN_TARGET FSN_INLINE Z epilogue(Z y, Z sc, Z sh, bool scale, bool shift, int ac
 
 // Output channel o of images [n0, n0 + count): Y = A^T M A per tile, the epilogue, and the
 // plane transposed back, two rows (16 values, 64 bytes) per image and store.
-FSN_TARGET void transform_output(const WinogradS2Job& j, int64_t n0, int count, int64_t o, const float* __restrict m,
-                                 float* __restrict ys) {
-  const bool scale = j.scale != nullptr, shift = j.shift != nullptr;
-  const Z sc = _mm512_set1_ps(scale ? j.scale[o] : 1.0f), sh = _mm512_set1_ps(shift ? j.shift[o] : 0.0f);
-  const Z slope = _mm512_set1_ps(j.slope);
-  const int64_t ms = s2_m_stride(j);
+FSN_TARGET void transform_output(const WinogradS2Job& j, const WinogradS2Output& c, int64_t n0, int count, int64_t o,
+                                 const float* __restrict m, float* __restrict ys) {
+  const bool scale = c.scale != nullptr, shift = c.shift != nullptr;
+  const Z sc = _mm512_set1_ps(scale ? c.scale[o] : 1.0f), sh = _mm512_set1_ps(shift ? c.shift[o] : 0.0f);
+  const Z slope = _mm512_set1_ps(c.slope);
+  const int64_t ms = s2_m_stride(c.out_w);
   for (int tile = 0; tile < kS2Tiles; ++tile) {
     const int ty = tile / 2, tx = tile % 2;
     Z y[4][4];
@@ -228,7 +228,7 @@ FSN_TARGET void transform_output(const WinogradS2Job& j, int64_t n0, int count, 
       }
     }
   }
-  float* out = j.out + (n0 * j.M + j.row0 + o) * 64;
+  float* out = j.out + (n0 * j.M + c.row0 + o) * 64;
   for (int hp = 0; hp < 4; ++hp) {  // rows 2 hp and 2 hp + 1
     Z r[16];
 #pragma GCC unroll 16
@@ -326,55 +326,45 @@ FSN_TARGET void transform_grad_output(const WinogradS2GradJob& j, int64_t n0, in
   }
 }
 
-// Chunks [begin, end) of kS2Images images: transform(n0, count) fills V, the GEMM makes M,
-// output(n0, count) writes from M.
-template <typename In, typename Out>
-FSN_TARGET void run_chunks(const ConvJob<float>& plan, int64_t N, int64_t begin, int64_t end, float* v, float* m,
-                           double* lanes, In&& transform, Out&& output) {
-  ConvJob<float> gemm = plan;
-  gemm.x = v;
-  gemm.out = m;
-  for (int64_t chunk = begin; chunk < end; ++chunk) {
-    const int64_t n0 = chunk * kS2Images;
-    const int count = static_cast<int>(std::min<int64_t>(kS2Images, N - n0));
-    transform(n0, count);
-    run_items_avx512(gemm, 0, 1, v, lanes);
-    output(n0, count);
-  }
-}
-
 }  // namespace
 
 bool winograd_s2_grad_run_avx512(const WinogradS2GradJob& j, int64_t begin, int64_t end, float* scratch,
                                  double* lanes) {
   const Scratch s = carve(scratch, 64, s2g_v_stride(j), s2g_m_stride(j));
-  run_chunks(
-      *j.gemm, j.N, begin, end, s.v, s.m, lanes,
-      [&](int64_t n0, int count) {
-        for (int64_t o = 0; o < j.out_w; ++o) {
-          stage_grad_plane(j, n0, count, o, s.staged);
-          transform_grad_input(j, o, s.staged, s.v);
-        }
-      },
-      [&](int64_t n0, int count) {
-        for (int64_t c = 0; c < j.in_w; ++c) transform_grad_output(j, n0, count, c, s.m, s.planes);
-      });
+  ConvJob<float> gemm = *j.gemm;
+  gemm.x = s.v;
+  gemm.out = s.m;
+  for (int64_t chunk = begin; chunk < end; ++chunk) {
+    const int64_t n0 = chunk * kS2Images;
+    const int count = static_cast<int>(std::min<int64_t>(kS2Images, j.N - n0));
+    for (int64_t o = 0; o < j.out_w; ++o) {
+      stage_grad_plane(j, n0, count, o, s.staged);
+      transform_grad_input(j, o, s.staged, s.v);
+    }
+    run_items_avx512(gemm, 0, 1, s.v, lanes);
+    for (int64_t c = 0; c < j.in_w; ++c) transform_grad_output(j, n0, count, c, s.m, s.planes);
+  }
   return true;
 }
 
 bool winograd_s2_run_avx512(const WinogradS2Job& j, int64_t begin, int64_t end, float* scratch, double* lanes) {
-  const Scratch s = carve(scratch, 256, s2_v_stride(j), s2_m_stride(j));
-  run_chunks(
-      *j.gemm, j.N, begin, end, s.v, s.m, lanes,
-      [&](int64_t n0, int count) {
-        for (int64_t c = 0; c < j.in_w; ++c) {
-          stage_plane(j, n0, count, c, s.staged);
-          transform_input(j, c, s.staged, s.v);
-        }
-      },
-      [&](int64_t n0, int count) {
-        for (int64_t o = 0; o < j.out_w; ++o) transform_output(j, n0, count, o, s.m, s.planes);
-      });
+  const Scratch s = carve(scratch, 256, s2_v_stride(j), s2_m_stride(j.max_out_w));
+  for (int64_t chunk = begin; chunk < end; ++chunk) {
+    const int64_t n0 = chunk * kS2Images;
+    const int count = static_cast<int>(std::min<int64_t>(kS2Images, j.N - n0));
+    for (int64_t c = 0; c < j.in_w; ++c) {
+      stage_plane(j, n0, count, c, s.staged);
+      transform_input(j, c, s.staged, s.v);
+    }
+    for (int64_t k = 0; k < j.num_outputs; ++k) {
+      const WinogradS2Output& cand = j.outputs[k];
+      ConvJob<float> gemm = *cand.gemm;
+      gemm.x = s.v;
+      gemm.out = s.m;
+      run_items_avx512(gemm, 0, 1, s.v, lanes);
+      for (int64_t o = 0; o < cand.out_w; ++o) transform_output(j, cand, n0, count, o, s.m, s.planes);
+    }
+  }
   if (j.stream_out) std::atomic_thread_fence(std::memory_order_seq_cst);  // order the streaming stores
   return true;
 }
@@ -400,7 +390,7 @@ namespace conv {
 
 int64_t winograd_s2_scratch_floats(const WinogradS2Job& j) {
   // xt, V, M, ys (each a whole number of vectors) + 16: the caller aligns the base to 64 bytes
-  return 256 * 16 + kS2Points * (s2_v_stride(j) + s2_m_stride(j)) + 64 * 16 + 16;
+  return 256 * 16 + kS2Points * (s2_v_stride(j) + s2_m_stride(j.max_out_w)) + 64 * 16 + 16;
 }
 
 int64_t winograd_s2_grad_scratch_floats(const WinogradS2GradJob& j) {

@@ -32,30 +32,41 @@ constexpr int64_t kS2MinImages = 64;
 inline constexpr double kWinogradS2G[5][2] = {
     {0.5, 0}, {0.5, 0.5}, {1.0 / 6, -1.0 / 6}, {1.0 / 6, 1.0 / 3}, {0, 1}};
 
-// One candidate of one call.
-struct WinogradS2Job {
-  // Input: x (unit column stride), N images of 16x16; the candidate reads channels [c0, + in_w).
-  const float* x = nullptr;
-  int64_t x_sN = 0, x_sC = 0, x_sH = 0;
-  int64_t N = 0;
-  int64_t c0 = 0, in_w = 0, out_w = 0;
-
-  // Output (N, M, 8, 8) contiguous; the candidate's rows [row0, + out_w); epilogue per row
-  // (scale, shift: its out_w values, or nullptr) then the activation (PReLU: slope).
-  float* out = nullptr;
-  int64_t M = 0, row0 = 0;
+// One candidate of a segment (below): its rows [row0, + out_w) of the output, epilogue per row
+// (scale, shift: its out_w values, or nullptr; the segment's activation, PReLU with slope),
+// and its GEMM: M[xi][o][pixel] = sum over its transformed channels ch = slot * in_w + c <
+// s2_phases(xi) in_w of U[xi][o][ch] V[xi][slot * W + c][pixel] (pixel = tile * 16 + image,
+// W the segment's width; a tap table maps ch to V's channel); rows xi * (out_w + 1) + o,
+// segment xi reads V from channel xi * (4 W + 1) on (s2_v_stride); x and out are set per chunk
+// (V and M in the thread's scratch).
+struct WinogradS2Output {
+  int64_t in_w = 0, out_w = 0, row0 = 0;
   const float* scale = nullptr;
   const float* shift = nullptr;
   float slope = 0.0f;
+  const ConvJob<float>* gemm = nullptr;
+};
+
+// Candidates of one call reading one input slice: x's channels [c0, + in_w) are transformed
+// once per chunk for all of them (each uses its first in_w channels: its values do not depend
+// on the others).
+struct WinogradS2Job {
+  // Input: x (unit column stride), N images of 16x16; channels [c0, + in_w), in_w the widest
+  // candidate's.
+  const float* x = nullptr;
+  int64_t x_sN = 0, x_sC = 0, x_sH = 0;
+  int64_t N = 0;
+  int64_t c0 = 0, in_w = 0;
+
+  // Output (N, M, 8, 8) contiguous.
+  float* out = nullptr;
+  int64_t M = 0;
   int activation = kActNone;
   bool stream_out = false;
 
-  // The GEMM of a chunk, one direct-kernel job: M[xi][o][pixel] = sum over the transformed
-  // channels ch = s2_slot(xi, 2p + q) in_w + c < s2_phases(xi) in_w of U[xi][o][ch]
-  // V[xi][ch][pixel] (pixel = tile * 16 + image); rows xi * (out_w + 1) + o, segment xi
-  // reads V from channel xi * (4 in_w + 1) on (s2_v_stride); x and out are set per chunk (V
-  // and M in the thread's scratch).
-  const ConvJob<float>* gemm = nullptr;
+  int64_t num_outputs = 0;
+  const WinogradS2Output* outputs = nullptr;
+  int64_t max_out_w = 0;
 };
 
 // The phase kernels other than K_00 are zero in their second column (K_01), row (K_10) or
@@ -80,7 +91,7 @@ inline int s2_slot(int xi, int pq) {
 // starts at channel xi * (4 in_w + 1), its rows at xi * (out_w + 1) (row xi * (out_w + 1) +
 // out_w is never written).
 inline int64_t s2_v_stride(const WinogradS2Job& j) { return (4 * j.in_w + 1) * 64; }
-inline int64_t s2_m_stride(const WinogradS2Job& j) { return (j.out_w + 1) * 64; }
+inline int64_t s2_m_stride(int64_t out_w) { return (out_w + 1) * 64; }
 
 // The input gradient of such a layer by the same transform (conv.cpp s2_input_grad_impl): grad x
 // in phase (p, q) is a 2x2 correlation of the output gradient g over 8x8 planes,
@@ -129,10 +140,10 @@ bool winograd_s2_grad_takes(int64_t N, int64_t H, int64_t W, int64_t g_sW);
 // CPU, and FASTSUPERNET_CPU_WINOGRAD not 0 (read at every call).
 bool winograd_s2_shape(int64_t kh, int64_t kw, int64_t stride, int64_t padding, int64_t H, int64_t W, int64_t x_sW,
                        bool residual, bool stats);
-// Whether a candidate of such a layer takes it: N >= kS2MinImages, in_w >= 16, out_w >= 32,
-// and no other candidate of the call reads its input slice (FASTSUPERNET_CPU_WINOGRAD=all:
-// every one).
-bool winograd_s2_takes(int64_t N, int64_t in_w, int64_t out_w, bool sole_reader);
+// Whether a candidate of such a layer takes it: N >= kS2MinImages, in_w >= 16 and out_w >= 32
+// (FASTSUPERNET_CPU_WINOGRAD=all: every one). Nothing else: its values never depend on the
+// other candidates of the call.
+bool winograd_s2_takes(int64_t N, int64_t in_w, int64_t out_w);
 
 // float32 values of one thread's scratch (staged input plane, V, M, staged output).
 int64_t winograd_s2_scratch_floats(const WinogradS2Job& job);
