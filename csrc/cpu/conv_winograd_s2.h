@@ -1,6 +1,7 @@
 // Plan of the stride-2 Winograd path of fastsupernet::multi_conv2d on CPU (float32, AVX-512):
 // a 3x3 stride-2 padding-1 layer on 16x16 inputs (8x8 outputs) as Winograd F(4x4, 2x2) on
-// the four stride phases of the input. Shared by the host code (conv.cpp) and the kernel
+// the four stride phases of the input, and the input gradient of such layers by the same
+// transform. Shared by the host code (conv.cpp, conv_input_grad.cpp) and the kernels
 // (conv_winograd_s2.cpp). Plain C++ (no torch), like conv_plan.h.
 //
 // The layer is y[i][j] = sum over the phases (p, q) of sum_(u, v < 2) P_pq[i + u][j + v]
@@ -85,15 +86,15 @@ inline int s2_slot(int xi, int pq) {
   return pq;
 }
 
-// Distance between the xi planes of V (4 in_w channels of 64 pixels) and of M (out_w rows of
-// 64): one channel or row more than they hold, so that the 25 planes a transform reads or
+// Distance between the xi planes of V (4 W channels of 64 pixels, W the segment's width) and
+// of M (out_w rows of 64): one channel or row more than they hold, so that the 25 planes a transform reads or
 // writes are not a power of two apart (which maps them to one L1 set). The GEMM's segment xi
-// starts at channel xi * (4 in_w + 1), its rows at xi * (out_w + 1) (row xi * (out_w + 1) +
+// starts at channel xi * (4 W + 1), its rows at xi * (out_w + 1) (row xi * (out_w + 1) +
 // out_w is never written).
 inline int64_t s2_v_stride(const WinogradS2Job& j) { return (4 * j.in_w + 1) * 64; }
 inline int64_t s2_m_stride(int64_t out_w) { return (out_w + 1) * 64; }
 
-// The input gradient of such a layer by the same transform (conv.cpp s2_input_grad_impl): grad x
+// The input gradient of such a layer by the same transform (conv_input_grad.cpp): grad x
 // in phase (p, q) is a 2x2 correlation of the output gradient g over 8x8 planes,
 // gx[c][2a + p][2b + q] = sum_o sum_(di, dj < 2) g[o][a + di][b + dj] K'_pq[di][dj] with
 // K'_pq[di][dj] = w[o][c][t_p(di)][t_q(dj)], t_0(0) = 1, t_1(0) = 2, t_1(1) = 0 (zero for
