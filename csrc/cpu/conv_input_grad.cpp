@@ -77,7 +77,7 @@ struct InputGradPlan {
   std::vector<int64_t> tap_off, vec_src, vec_dst, copy_rows;
   std::vector<int32_t> vec_len;
   std::vector<conv::PhaseRun> phase_runs;
-  int64_t g_c0 = 0, x_c0 = 0, in_w = 0, macs_per_image = 0;
+  int64_t g_c0 = 0, x_c0 = 0, in_w = 0;
 };
 
 template <typename T>
@@ -140,7 +140,6 @@ void plan_input_grad(InputGradPlan<T>& pl, const at::Tensor& g, const at::Tensor
       b.a_off = a_total;
       a_total += b.depth * b.rows;
       pl.blocks.push_back(b);
-      pl.macs_per_image += b.depth * b.rows * Ho * Wo;
     }
   }
   pl.a.assign(static_cast<size_t>(a_total + 4), T(0));  // + 4: as multi_conv2d_direct
@@ -298,9 +297,8 @@ void s2_input_grad_impl(const at::Tensor& g, const at::Tensor& weight, at::IntAr
   const int64_t N = g.size(0), Ho = g.size(2), Wo = g.size(3);
   const int64_t C = grad_x.size(1), H = grad_x.size(2), W = grad_x.size(3);
   if (N == 0) return;
-  // Candidates by Winograd (float32 on AVX-512, 16x16, wide enough), the others by the
-  // phases on the direct kernel; with several candidates per channel, the first kind adds
-  // after the second (a fixed order).
+  // Winograd (float32 16x16 on AVX-512, 64 images or more: then every candidate of the call)
+  // or the phases on the direct kernel.
   std::vector<InputGradPlan<T>> plans;
   std::vector<std::unique_ptr<WinogradS2GradPlan>> wplans;
   int64_t g_c0 = 0, scratch_n = 0, buf_n = 0, lanes_n = 0, macs = 0, wscratch_n = 0;
