@@ -106,6 +106,24 @@ def test_forward_streaming_stores_change_no_value(act, monkeypatch):
     assert torch.equal(streamed, {"none": z, "relu": z.relu(), "prelu": F.prelu(z, slope)}[act])
 
 
+@pytest.mark.parametrize("act", ["none", "relu", "prelu"])
+def test_backward_streaming_stores_change_no_value(act, monkeypatch):
+    """Train mode without a residual, grad_y of 16 MiB and more: pass 2 rebuilds gz and streams
+    grad_y out: the same bits as with FASTSUPERNET_CPU_STREAM_STORES=0 (gz stored by pass 1),
+    planes of an odd size included."""
+    y, g = _rand(16, 31, 97, 97, seed=31), _rand(16, 31, 97, 97, seed=32)
+    a, b = _rand(31, seed=33), _rand(31, seed=34)
+    mean, invstd = _rand(31, seed=35), _rand(31, seed=36).abs() + 0.5
+    assert y.numel() * 4 >= 16 << 20
+    slope = torch.tensor([0.25])
+    args = (g, y, a, b, None, act, slope if act == "prelu" else None, mean, invstd)
+    streamed = OPS.bn_act_backward(*args)
+    monkeypatch.setenv("FASTSUPERNET_CPU_STREAM_STORES", "0")
+    stored = OPS.bn_act_backward(*args)
+    for s_, t_ in zip(streamed, stored):
+        assert torch.equal(s_, t_)
+
+
 def test_forward_nan_propagates_through_relu(kernel):
     y = torch.tensor([float("nan"), -1.0, 2.0]).view(1, 3, 1, 1).expand(1, 3, 1, 9).contiguous()  # body + tail
     out = OPS.bn_act(y, torch.ones(3), torch.zeros(3), None, None, None, "relu", None)
