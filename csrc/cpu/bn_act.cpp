@@ -32,7 +32,6 @@
 
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -177,6 +176,17 @@ void forward_planes(const T* y, const T* res, const T* scale, const T* shift, co
 
 #ifdef FASTSUPERNET_HAVE_AVX2
 #define FSN_BN_HAVE_AVX2 1
+// 8 floats at p, bypassing the caches where `stream` and p is 32-byte aligned (outputs of
+// conv::kStreamOutBytes and more). Compiled for AVX2 without FMA like this file's other AVX2
+// code, so it cannot call Avx2Vec<float>::store_stream (AVX2 + FMA).
+__attribute__((target("avx2"))) inline void store8(float* p, __m256 v, bool stream) {
+  if (stream && (reinterpret_cast<uintptr_t>(p) & 31) == 0) {
+    _mm256_stream_ps(p, v);
+  } else {
+    _mm256_storeu_ps(p, v);
+  }
+}
+
 // The forward planes for float32 with AVX2 (the generic loop's PReLU select is not
 // vectorised): the same per-element arithmetic, 8 lanes at a time, then a scalar tail.
 template <Act A>
@@ -206,11 +216,7 @@ __attribute__((target("avx2"))) void forward_planes_avx2(const float* y, const f
       } else if constexpr (A == Act::kPrelu) {
         v = _mm256_blendv_ps(_mm256_mul_ps(vs, v), v, _mm256_cmp_ps(v, zero, _CMP_GT_OQ));
       }
-      if (stream && (reinterpret_cast<uintptr_t>(op + i) & 31) == 0) {
-        _mm256_stream_ps(op + i, v);
-      } else {
-        _mm256_storeu_ps(op + i, v);
-      }
+      store8(op + i, v, stream);
     }
     for (; i < HW; ++i) {
       float v = yp[i] * a;
@@ -326,6 +332,15 @@ void channel_pass1(const T* g, const T* y, const T* res, T a, T b, T slope, T m,
   sum_slope = sp;
 }
 
+// One element of pass 2: grad_y = gz * k1 + k0 - y * k2, each step rounded on its own.
+template <typename T>
+inline T pass2_element(T gz, T y, T k1, T k0, T k2) {
+  T v = gz * k1;
+  v = v + k0;
+  T w = y * k2;
+  return v - w;
+}
+
 // Pass 2 of channel c: grad_y = gz * k1 + k0 - y * k2 (in place over gz allowed).
 template <typename T>
 void channel_pass2(const T* gz, const T* y, T k1, T k0, T k2, T* gy, int64_t N, int64_t C, int64_t HW, int64_t c) {
@@ -335,12 +350,7 @@ void channel_pass2(const T* gz, const T* y, T k1, T k0, T k2, T* gy, int64_t N, 
     const T* yp = y + off;
     T* op = gy + off;
 #pragma omp simd
-    for (int64_t i = 0; i < HW; ++i) {
-      T v = zp[i] * k1;
-      v = v + k0;
-      T w = yp[i] * k2;
-      op[i] = v - w;
-    }
+    for (int64_t i = 0; i < HW; ++i) op[i] = pass2_element(zp[i], yp[i], k1, k0, k2);
   }
 }
 
@@ -359,10 +369,7 @@ void channel_pass2_recompute(const T* g, const T* y, T a, T b, T slope, T k1, T 
       double d0 = 0.0, d1 = 0.0, d2 = 0.0;
       T gz;
       pass1_element<A, false>(yp[i], T(0), gp[i], a, b, slope, T(1), gz, d0, d1, d2);
-      T v = gz * k1;
-      v = v + k0;
-      T w = yp[i] * k2;
-      op[i] = v - w;
+      op[i] = pass2_element(gz, yp[i], k1, k0, k2);
     }
   }
 }
@@ -439,12 +446,12 @@ __attribute__((target("avx2"))) void channel_pass1_avx2(const float* g, const fl
 }
 
 // channel_pass2_recompute for float32 with AVX2: the same per-element arithmetic, 8 lanes at a
-// time; with `stream`, aligned whole vectors of grad_y bypass the caches (as bn_act's forward).
+// time; aligned whole vectors of grad_y bypass the caches (it runs for large outputs only).
 template <Act A>
 __attribute__((target("avx2"))) void channel_pass2_recompute_avx2(const float* g, const float* y, float a, float b,
                                                                   float slope, float k1, float k0, float k2,
                                                                   float* gy, int64_t N, int64_t C, int64_t HW,
-                                                                  int64_t c, bool stream) {
+                                                                  int64_t c) {
   const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), vs = _mm256_set1_ps(slope);
   const __m256 v1 = _mm256_set1_ps(k1), v0 = _mm256_set1_ps(k0), v2 = _mm256_set1_ps(k2), zero = _mm256_setzero_ps();
   for (int64_t n = 0; n < N; ++n) {
@@ -463,21 +470,13 @@ __attribute__((target("avx2"))) void channel_pass2_recompute_avx2(const float* g
       } else if constexpr (A == Act::kPrelu) {
         gz = _mm256_blendv_ps(_mm256_mul_ps(vs, gv), gv, _mm256_cmp_ps(z, zero, _CMP_GT_OQ));
       }
-      const __m256 out = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(gz, v1), v0), _mm256_mul_ps(yv, v2));
-      if (stream && (reinterpret_cast<uintptr_t>(op + i) & 31) == 0) {
-        _mm256_stream_ps(op + i, out);
-      } else {
-        _mm256_storeu_ps(op + i, out);
-      }
+      store8(op + i, _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(gz, v1), v0), _mm256_mul_ps(yv, v2)), true);
     }
     for (; i < HW; ++i) {
       double d0 = 0.0, d1 = 0.0, d2 = 0.0;
       float gz;
       pass1_element<A, false>(yp[i], 0.0f, gp[i], a, b, slope, 1.0f, gz, d0, d1, d2);
-      float v = gz * k1;
-      v = v + k0;
-      float w = yp[i] * k2;
-      op[i] = v - w;
+      op[i] = pass2_element(gz, yp[i], k1, k0, k2);
     }
   }
 }
@@ -525,7 +524,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_ba
   at::Tensor gz = at::empty_like(y, at::MemoryFormat::Contiguous);
   at::Tensor gy = has_res ? at::empty_like(y, at::MemoryFormat::Contiguous) : gz;
   const bool recompute = train && !has_res && conv::stream_output(gy.nbytes());
-  const bool stream = recompute;
   at::Tensor grad_gamma = at::empty({C}, scale.options());
   at::Tensor grad_beta = at::empty({C}, scale.options());
   at::Tensor grad_slope = act == Act::kPrelu ? at::empty({1}, slope->options()) : at::empty({0}, scale.options());
@@ -594,7 +592,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_ba
             if constexpr (std::is_same_v<scalar_t, float>) {
               if (avx) {
                 channel_pass2_recompute_avx2<A>(gp, yp, ap[c], bp[c], s, ap[c], static_cast<float>(k0),
-                                                static_cast<float>(k2), op, N, C, HW, c, stream);
+                                                static_cast<float>(k2), op, N, C, HW, c);
                 return;
               }
             }
@@ -610,7 +608,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_ba
         gbp[c] = static_cast<scalar_t>(s1);
         slope_part[static_cast<size_t>(c)] = sp;
       }
-      if (stream) std::atomic_thread_fence(std::memory_order_seq_cst);  // order the streaming stores
+      if (recompute) std::atomic_thread_fence(std::memory_order_seq_cst);  // order the streaming stores
     });
   });
   if (act == Act::kPrelu) {

@@ -797,7 +797,6 @@ void multi_conv2d_winograd_s2(const at::Tensor& x, const at::Tensor& weight, at:
     WinogradS2Plan& pl = *plans.back();
     plan_winograd_s2(pl, weight, in_widths[k], out_widths[k], row_offsets[k], seg_w[seg_of[k]]);
     conv::WinogradS2Output& o = pl.output;
-    o.in_w = in_widths[k];
     o.out_w = out_widths[k];
     o.row0 = row_start[k];
     o.scale = scale.defined() ? scale.const_data_ptr<float>() + row_start[k] : nullptr;

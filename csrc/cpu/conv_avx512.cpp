@@ -100,13 +100,7 @@ struct Vec<float> : Avx2Vec<float> {
     static FSN_TARGET FSN_INLINE R set1(float v) { return _mm512_set1_ps(v); }
     static FSN_TARGET FSN_INLINE R load(const float* p) { return _mm512_loadu_ps(p); }
     static FSN_TARGET FSN_INLINE void store(float* p, R v) { _mm512_storeu_ps(p, v); }
-    static FSN_TARGET FSN_INLINE void store_stream(float* p, R v) {
-      if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) {
-        _mm512_stream_ps(p, v);
-      } else {
-        _mm512_storeu_ps(p, v);
-      }
-    }
+    static FSN_TARGET FSN_INLINE void store_stream(float* p, R v) { store_stream512(p, v); }
     static FSN_TARGET FSN_INLINE __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
     static FSN_TARGET FSN_INLINE R load_n(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
     static FSN_TARGET FSN_INLINE void store_n(float* p, R v, int n) { _mm512_mask_storeu_ps(p, mask(n), v); }

@@ -77,7 +77,7 @@ struct InputGradPlan {
   std::vector<int64_t> tap_off, vec_src, vec_dst, copy_rows;
   std::vector<int32_t> vec_len;
   std::vector<conv::PhaseRun> phase_runs;
-  int64_t g_c0 = 0, x_c0 = 0, in_w = 0;
+  int64_t x_c0 = 0, in_w = 0;
 };
 
 template <typename T>
@@ -86,7 +86,6 @@ void plan_input_grad(InputGradPlan<T>& pl, const at::Tensor& g, const at::Tensor
   constexpr int L = Blocking<T>::kLanes;
   constexpr int MR = Blocking<T>::kRows;
   const int64_t Ho = g.size(2), Wo = g.size(3);
-  pl.g_c0 = g_c0;
   pl.x_c0 = x_c0;
   pl.in_w = in_w;
   ConvJob<T>& job = pl.job;

@@ -35,8 +35,6 @@
 
 #include "cpu/isa_avx512.h"
 
-#include <immintrin.h>
-
 namespace fastsupernet {
 namespace conv {
 namespace {
@@ -236,8 +234,8 @@ FSN_TARGET void transform_output(const WinogradS2Job& j, const WinogradS2Output&
     transpose16(r);  // r[n] = image n's two rows
     for (int n = 0; n < count; ++n) {
       float* dst = out + n * j.M * 64 + 16 * hp;
-      if (j.stream_out && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
-        _mm512_stream_ps(dst, r[n]);
+      if (j.stream_out) {
+        store_stream512(dst, r[n]);
       } else {
         _mm512_storeu_ps(dst, r[n]);
       }

@@ -35,13 +35,13 @@ inline constexpr double kWinogradS2G[5][2] = {
 
 // One candidate of a segment (below): its rows [row0, + out_w) of the output, epilogue per row
 // (scale, shift: its out_w values, or nullptr; the segment's activation, PReLU with slope),
-// and its GEMM: M[xi][o][pixel] = sum over its transformed channels ch = slot * in_w + c <
+// and its GEMM (in_w its input width): M[xi][o][pixel] = sum over its transformed channels ch = slot * in_w + c <
 // s2_phases(xi) in_w of U[xi][o][ch] V[xi][slot * W + c][pixel] (pixel = tile * 16 + image,
 // W the segment's width; a tap table maps ch to V's channel); rows xi * (out_w + 1) + o,
 // segment xi reads V from channel xi * (4 W + 1) on (s2_v_stride); x and out are set per chunk
 // (V and M in the thread's scratch).
 struct WinogradS2Output {
-  int64_t in_w = 0, out_w = 0, row0 = 0;
+  int64_t out_w = 0, row0 = 0;
   const float* scale = nullptr;
   const float* shift = nullptr;
   float slope = 0.0f;
