@@ -5,8 +5,9 @@
     python benchmarks/bench_conv_cpu.py --interleaved "16x16 32->64 3x3 s2" [--pairs 60] [--backward]
 
 The last form times one layer of ``test_sliced`` (forward, folded BN + ReLU; with
-``--backward`` of ``test_sliced_forward_backward``) as alternating peer / ours calls in one process (each after a warm-up call of its own): on a machine whose
-speed drifts within minutes, the ratio of such pairs is the one to trust.
+``--backward`` of ``test_sliced_forward_backward``) as alternating peer / ours calls in one
+process (each after a warm-up call of its own): on a machine whose speed drifts within
+minutes, the ratio of such pairs is the one to trust.
 
 The peer sequence of one candidate is what a supernet forward does without the kernels::
 
@@ -86,14 +87,13 @@ def winograd_mult_ratio(in_width: int, out_hw: int, k: int, stride: int, out_wid
     (csrc/cpu/conv.cpp chooses)."""
     if not HAVE_EXT or k != 3:
         return 1.0
+    ops = torch.ops.fastsupernet
     if stride == 2:
-        ops = torch.ops.fastsupernet
         s2 = (out_width is not None and hasattr(ops, "_cpu_winograd_s2")  # (builds before it: never)
               and ops._cpu_winograd_s2(BATCH, 2 * out_hw, 2 * out_hw, in_width, out_width))
         return 81 / 144 if s2 else 1.0
     if stride != 1:
         return 1.0
-    ops = torch.ops.fastsupernet
     least, tile = ops._cpu_winograd_min_width(out_hw, out_hw), ops._cpu_winograd_tile(out_hw, out_hw)
     if least < 0 or in_width < least:
         return 1.0
