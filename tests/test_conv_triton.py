@@ -142,6 +142,10 @@ class Case:
         stats=True,
         dtype=torch.float32,
         seed=0,
+        weight_layout="contiguous",
+        c_max=None,
+        residual_layout=None,
+        spare_channels=1,
     ):
         gen = torch.Generator().manual_seed(seed)
         k = len(out_widths)
@@ -149,20 +153,22 @@ class Case:
         if packed_input:  # disjoint slices of a packed input
             self.in_offsets = [sum(in_widths[:i]) for i in range(k)]
             c_in = sum(in_widths)
-        else:  # every candidate reads the first in_width channels of the same input (plus a spare one)
+        else:  # every candidate reads the first in_width channels of the same input (plus spare ones)
             self.in_offsets = [0] * k
-            c_in = max(in_widths) + 1
+            c_in = max(in_widths) + spare_channels
         # packed weight, bigger than used: candidate i's rows start after a gap of i + 1 rows
         self.row_offsets, r = [], 0
         for i in range(k):
             r += i % 3 + 1
             self.row_offsets.append(r)
             r += out_widths[i]
-        self.rows, self.c_max = r + 2, max(in_widths) + 2
+        self.rows, self.c_max = r + 2, c_max or max(in_widths) + 2
         self.stride, self.padding, self.activation, self.stats, self.dtype = stride, padding, activation, stats, dtype
 
         self.x = _make_x(gen, n, c_in, h, w, layout, dtype)
         self.weight = _rand(gen, self.rows, self.c_max, ksize, ksize, dtype=dtype)
+        if weight_layout == "channels_last":
+            self.weight = self.weight.contiguous(memory_format=torch.channels_last)
         c_out = sum(out_widths)
         h_out = (h + 2 * padding - ksize) // stride + 1
         w_out = (w + 2 * padding - ksize) // stride + 1
@@ -170,9 +176,12 @@ class Case:
         self.scale = _rand(gen, c_out) if scale else None
         self.shift = _rand(gen, c_out) if shift else None
         self.residual = None
-        if residual:  # the other layout than x, or a strided slice
+        if residual:  # the other layout than x, or a strided slice; or residual_layout's
             res = _rand(gen, n, c_out + 2, h_out, w_out)[:, 1 : 1 + c_out]
-            if layout == "nchw":
+            if residual_layout is not None:
+                fmt = torch.channels_last if residual_layout == "channels_last" else torch.contiguous_format
+                res = res.contiguous(memory_format=fmt)
+            elif layout == "nchw":
                 res = res.contiguous(memory_format=torch.channels_last)
             elif layout == "channels_last":
                 res = res.contiguous()
@@ -278,6 +287,78 @@ def test_multi_conv2d_matches_oracle(shape):
     Case(**common).run_and_check()  # full epilogue, statistics
     if seed % 3 == 0:  # plain conv, no statistics
         Case(**common, scale=False, shift=False, residual=False, activation="none", stats=False).run_and_check()
+
+
+# ---------------------------------------------------------------------------- vector loads
+
+# (n, h, w, ksize, stride, padding, in_widths, out_widths, packed_input): every channel offset and
+# width a multiple of 4, channels_last tensors, so the kernel takes its 4-channel vector path
+VECTOR_SHAPES = [
+    (2, 5, 7, 3, 1, 1, (4, 8, 12), (8, 4, 16), True),
+    (1, 6, 5, 3, 2, 1, (8, 4), (4, 20), False),  # one image: the image stride never enters an address
+    (3, 4, 4, 1, 1, 0, (16, 4, 8), (4, 12, 4), True),
+    (2, 7, 6, 1, 2, 0, (4, 20), (8, 8), False),
+    (1, 1, 1, 3, 1, 1, (8,), (36,), False),  # a 1x1 image: only the centre tap; more than one BLOCK_N tile
+]
+
+
+@pytest.mark.parametrize("shape", VECTOR_SHAPES, ids=lambda s: f"n{s[0]}h{s[1]}w{s[2]}k{s[3]}s{s[4]}K{len(s[6])}")
+def test_vector_path_matches_oracle(shape, monkeypatch):
+    """The 4-channel vector loads and stores (VEC_X = VEC_W = 4) against the float64 oracle, with
+    the full epilogue (a channels_last residual) and statistics, then plain."""
+    n, h, w, ksize, stride, padding, in_widths, out_widths, packed = shape
+    seed = 100 + VECTOR_SHAPES.index(shape)
+    chosen = []
+    real = tc._vector_widths
+    monkeypatch.setattr(tc, "_vector_widths", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    common = dict(n=n, h=h, w=w, ksize=ksize, stride=stride, padding=padding, in_widths=in_widths,
+                  out_widths=out_widths, packed_input=packed, layout="channels_last", seed=seed,
+                  weight_layout="channels_last", c_max=max(in_widths) + 4, spare_channels=4)
+    Case(**common, residual_layout="channels_last").run_and_check()
+    Case(**common, scale=False, shift=False, residual=False, activation="none", stats=False).run_and_check()
+    assert chosen == [{"VEC_X": 4, "VEC_W": 4}] * 2
+
+
+@pytest.mark.parametrize("view", ["taps_transposed", "column_slice"])
+def test_weight_read_through_its_strides(view):
+    """The weight is read in place through any strides (the same values as a contiguous copy)."""
+    case = Case(n=2, h=5, w=4, in_widths=(3, 5), out_widths=(4, 2), layout="channels_last", seed=7)
+    w = case.weight
+    if view == "taps_transposed":  # strides (C * 9, 9, 1, 3)
+        case.weight = w.transpose(2, 3).contiguous().transpose(2, 3)
+    else:  # the columns of a wider weight
+        wide = _rand(torch.Generator().manual_seed(1), w.shape[0], w.shape[1] + 3, 3, 3)
+        wide[:, 2:2 + w.shape[1]] = w
+        case.weight = wide[:, 2:2 + w.shape[1]]
+    assert torch.equal(case.weight, w) and not case.weight.is_contiguous()
+    case.run_and_check()
+
+
+def test_vector_widths_rules():
+    """When the kernel may take 4 channels per vector: exactly where every address it forms is a
+    multiple of 4 elements (or the stride of a size-1 dimension, which never enters one)."""
+    cl = torch.channels_last
+    x = torch.zeros(2, 12, 3, 5).contiguous(memory_format=cl)
+    out = torch.zeros(2, 8, 3, 5).contiguous(memory_format=cl)
+    w3 = torch.zeros(8, 12, 3, 3).contiguous(memory_format=cl)
+    args = ([0, 4], [4, 8], [4, 4])  # in_offsets, in_widths, out_widths
+    vw = tc._vector_widths
+    assert vw(x, out, None, w3, *args) == {"VEC_X": 4, "VEC_W": 4}
+    assert vw(x, out, out, w3, *args) == {"VEC_X": 4, "VEC_W": 4}
+    assert vw(x, out, out.contiguous(), w3, *args)["VEC_X"] == 1  # an NCHW residual
+    assert vw(x.contiguous(), out.contiguous(), None, w3, *args)["VEC_X"] == 1  # NCHW activations
+    assert vw(x, out, None, w3, [0, 2], [4, 8], [4, 4])["VEC_X"] == 1  # an offset of 2
+    assert vw(x, out, None, w3, [0, 4], [4, 6], [4, 4]) == {"VEC_X": 1, "VEC_W": 1}  # a width of 6
+    assert vw(x, out, None, w3, [0, 4], [4, 8], [4, 6])["VEC_X"] == 1  # an output width of 6
+    odd = torch.zeros(2, 14, 3, 5).contiguous(memory_format=cl)[:, 1:13]  # pixel stride 14
+    assert vw(odd, out, None, w3, *args)["VEC_X"] == 1
+    one = torch.zeros(1, 14, 1, 1)[:, 1:13]  # one pixel: no pixel stride is ever used
+    assert vw(one, out[:1, :, :1, :1], None, w3, *args)["VEC_X"] == 4
+    assert vw(x, out, None, w3.contiguous(), *args)["VEC_W"] == 1  # (R, C, 3, 3): channels 9 apart
+    assert vw(x, out, None, torch.zeros(8, 10, 3, 3).contiguous(memory_format=cl), *args)["VEC_W"] == 1
+    assert vw(x, out, None, torch.zeros(8, 12, 1, 1), *args)["VEC_W"] == 4  # any 1x1 weight of 4k columns
+    assert tc._strides(x, 4) == (45, 1, 15, 3) and tc._strides(x, 1) == x.stride()
+    assert tc._strides(one, 4) == (0, 1, 0, 0)
 
 
 EPILOGUES = [
@@ -437,7 +518,6 @@ def _bad_calls():
         (call(x=torch.zeros(1, 8, 3, 3, device=DEVICE), in_widths=[2, 6]), r"in_widths\[1\].*columns of weight"),
         (call(x=x[0]), "x must be a 4-D"),
         (call(weight=w[:, :, :2, :2].contiguous()), "1x1 or 3x3"),
-        (call(weight=w.transpose(2, 3)), "weight must be contiguous"),
         (call(weight=w.double()), "weight has dtype"),
         (call(x=x.double(), weight=w.double()), "x has dtype"),
         (call(stride=0), "stride"),
@@ -470,7 +550,10 @@ def test_bad_arguments_raise_value_error(i):
 
 
 def test_kernel_compiles_for_hopper():
-    """The kernel compiles to a sm_90 cubin without a GPU (two configs, float32 and bfloat16)."""
+    """The kernel compiles to a sm_90 cubin without a GPU (two configs, float32 and bfloat16); and
+    where the channels are contiguous with the vector flags set (the ranking engine's bfloat16
+    calls), the 2-byte elements are copied as 8-byte vectors by cp.async (which pipelines), never
+    loaded one by one."""
     code = (
         "import inspect, triton\n"
         "from triton.backends.compiler import GPUTarget\n"
@@ -482,16 +565,27 @@ def test_kernel_compiles_for_hopper():
         "consts = [p for p, v in params.items() if v.annotation is not inspect.Parameter.empty]\n"
         "ptrs = {'scale_ptr': '*fp32', 'shift_ptr': '*fp32', 'slope_ptr': '*fp32', 'psum_ptr': '*fp64',\n"
         "        'psq_ptr': '*fp64', 'meta_ptr': '*i32'}\n"
-        "for dtype, precision, cfg in (('fp32', 'ieee', tc._CONFIGS[0]), ('bf16', 'ieee', tc._CONFIGS[4])):\n"
-        "    sig = {p: 'constexpr' if p in consts else ptrs.get(p, '*' + dtype) if p.endswith('_ptr') else 'i32'\n"
-        "           for p in params}\n"
+        "unit = ('stride_xc', 'stride_oc', 'stride_rc', 'stride_wc')  # contiguous channels: specialised to 1\n"
+        "for dtype, precision, cfg, vec in (('fp32', 'ieee', tc._CONFIGS[0], 1), ('bf16', 'ieee', tc._CONFIGS[4], 1),\n"
+        "                                   ('bf16', 'ieee', tc._CONFIGS[1], 4)):\n"
+        "    sig = {p: 'constexpr' if p in consts or (vec > 1 and p in unit) else ptrs.get(p, '*' + dtype)\n"
+        "           if p.endswith('_ptr') else 'i32' for p in params}\n"
         "    constexprs = dict(KSIZE=3, HAS_SCALE=True, HAS_SHIFT=True, HAS_RESIDUAL=True, ACTIVATION=2, STATS=True,\n"
-        "                      STATS_CHUNK=tc.STATS_CHUNK, INPUT_PRECISION=precision, CBLOCKS=0, **cfg.kwargs)\n"
-        "    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)\n"
+        "                      STATS_CHUNK=tc.STATS_CHUNK, INPUT_PRECISION=precision, CBLOCKS=0, VEC_X=vec,\n"
+        "                      VEC_W=vec, **cfg.kwargs)\n"
+        "    attrs = {}\n"
+        "    if vec > 1:\n"
+        "        constexprs.update({p: 1 for p in unit})\n"
+        "        attrs = {(i,): [['tt.divisibility', 16]] for i, p in enumerate(params) if p.endswith('_ptr')}\n"
+        "    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)\n"
         "    out = triton.compile(src, target=GPUTarget('cuda', 90, 32),\n"
         "                         options={'num_warps': cfg.num_warps, 'num_stages': cfg.num_stages})\n"
         "    assert out.asm['cubin']\n"
-        "    assert dtype == 'fp32' or 'wgmma' in out.asm['ptx'], 'bfloat16 without tensor cores'\n"
+        "    ptx = out.asm['ptx']\n"
+        "    assert dtype == 'fp32' or 'wgmma' in ptx, 'bfloat16 without tensor cores'\n"
+        "    if vec > 1:\n"
+        "        assert 'ld.global.b16' not in ptx, 'bfloat16 elements loaded one by one'\n"
+        "        assert ptx.count('cp.async.ca.shared.global') >= 2 and '], 0x8,' in ptx, 'no 8-byte cp.async'\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)

@@ -51,7 +51,12 @@ strided view such as a channel slice of a packed tensor, with no copy. channels_
 fast layout (the reduction runs along the channels, which are then contiguous); NCHW works at
 lower speed. ``out`` is allocated channels_last when ``x``'s channel stride is smaller than
 its width stride (channels_last, or a channel slice of a channels_last tensor), else NCHW
-(contiguous). ``weight`` must be contiguous.
+(contiguous). ``weight`` is read through its strides too; channels_last (channels contiguous,
+what the ranking engine passes) is its fast layout. Where channels are contiguous and every
+channel offset, width and other stride is a multiple of 4 (``_vector_widths``; the Track-1
+widths are), the kernel reads and writes 4 channels per vector (8 bytes in bfloat16, which can
+then be copied asynchronously and pipelined; element by element, 2-byte loads cannot), else one
+channel at a time.
 
 ``FASTSUPERNET_TRITON_CONFIG=I`` (read per call) runs configuration ``_CONFIGS[I]`` instead of
 autotuning (quick checks, tests, and each configuration checked alone).
@@ -99,12 +104,14 @@ def _conv_step(
     stride_xc,
     stride_xh,
     stride_xw,
+    stride_wc,
+    stride_wh,
+    stride_ww,
     r,  # filter tap row
     s,  # filter tap column
     c0,  # first input channel of the block
-    KSIZE: tl.constexpr,
-    BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """acc += A[:, (t, cs)] @ B[(t, cs), :] for the filter tap t = (r, s) and the input channels
     cs = c0 + [0, BLOCK_K) (those below in_width)."""
@@ -113,7 +120,8 @@ def _conv_step(
 
     a = tl.load(a_tile + (r * stride_xh + s * stride_xw + c0 * stride_xc), mask=inside[:, None] & valid_c[None, :],
                 other=0.0)
-    b = tl.load(b_tile + (c0 * (KSIZE * KSIZE) + r * KSIZE + s), mask=valid_c[:, None] & valid_j[None, :], other=0.0)
+    b = tl.load(b_tile + (c0 * stride_wc + r * stride_wh + s * stride_ww), mask=valid_c[:, None] & valid_j[None, :],
+                other=0.0)
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
@@ -130,7 +138,7 @@ _NO_ALIGNMENT_VARIANTS = ["stride_xw", "stride_ow", "stride_rh", "stride_rw"]
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED, do_not_specialize_on_alignment=_NO_ALIGNMENT_VARIANTS)
 def _multi_conv2d_kernel(
     x_ptr,  # (N, C_in, H, W), any strides
-    w_ptr,  # (R, C_max, KSIZE, KSIZE) contiguous
+    w_ptr,  # (R, C_max, KSIZE, KSIZE), any strides
     out_ptr,  # (N, C_out, H', W'), any strides
     scale_ptr,  # (C_out,)
     shift_ptr,  # (C_out,)
@@ -149,7 +157,6 @@ def _multi_conv2d_kernel(
     C_out,
     conv_stride,
     padding,
-    w_row_stride,  # C_max * KSIZE * KSIZE
     stride_xn,
     stride_xc,
     stride_xh,
@@ -162,6 +169,10 @@ def _multi_conv2d_kernel(
     stride_rc,
     stride_rh,
     stride_rw,
+    stride_wo,
+    stride_wc,
+    stride_wh,
+    stride_ww,
     num_chunks,  # cdiv(M, STATS_CHUNK)
     tune_m,  # autotuning keys (size buckets), unused by the kernel
     tune_n,
@@ -174,6 +185,8 @@ def _multi_conv2d_kernel(
     STATS: tl.constexpr,
     STATS_CHUNK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    VEC_X: tl.constexpr,  # x, out and residual: channel offsets, widths and pixel strides are multiples of VEC_X
+    VEC_W: tl.constexpr,  # weight: row and pixel strides are multiples of VEC_W
     CBLOCKS: tl.constexpr,  # 0: loop over the reduction at run time; > 0: CBLOCKS channel blocks per tap
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -193,6 +206,22 @@ def _multi_conv2d_kernel(
     out_width = tl.load(row + 2)
     row_offset = tl.load(row + 3)
     out_offset = tl.load(row + 4)
+    first = tl.multiple_of(first, BLOCK_N)  # the channel tiles start at multiples of BLOCK_N
+    # Divisibility the host has checked (_vector_widths): with it the compiler loads and stores
+    # VEC_X (VEC_W) consecutive channels as one vector, asynchronously where it pipelines. The
+    # strides then arrive divided by the vector width; multiplying them here is what tells the
+    # compiler they are multiples of it.
+    if VEC_X > 1:
+        in_offset = tl.multiple_of(in_offset, VEC_X)
+        in_width = tl.multiple_of(in_width, VEC_X)
+        out_offset = tl.multiple_of(out_offset, VEC_X)
+        out_width = tl.multiple_of(out_width, VEC_X)
+        stride_xn, stride_xh, stride_xw = stride_xn * VEC_X, stride_xh * VEC_X, stride_xw * VEC_X
+        stride_on, stride_oh, stride_ow = stride_on * VEC_X, stride_oh * VEC_X, stride_ow * VEC_X
+        stride_rn, stride_rh, stride_rw = stride_rn * VEC_X, stride_rh * VEC_X, stride_rw * VEC_X
+    if VEC_W > 1:
+        in_width = tl.multiple_of(in_width, VEC_W)
+        stride_wo, stride_wh, stride_ww = stride_wo * VEC_W, stride_wh * VEC_W, stride_ww * VEC_W
 
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels (n, oh, ow)
     valid_m = m < M
@@ -216,7 +245,7 @@ def _multi_conv2d_kernel(
     k = tl.arange(0, BLOCK_K)
     x_pix = n64 * stride_xn + (in_offset * stride_xc + ih0 * stride_xh + iw0 * stride_xw)
     a_tile = x_ptr + x_pix[:, None] + (k * stride_xc)[None, :]
-    b_tile = w_ptr + ((row_offset + j) * w_row_stride)[None, :] + (k * (KSIZE * KSIZE))[:, None]
+    b_tile = w_ptr + ((row_offset + j) * stride_wo)[None, :] + (k * stride_wc)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if CBLOCKS > 0:
         # compile-time trip counts, for the interpreter (whose run-time loop bounds trip numpy)
@@ -224,7 +253,8 @@ def _multi_conv2d_kernel(
             for s in range(KSIZE):
                 for cb in range(CBLOCKS):
                     acc = _conv_step(acc, a_tile, b_tile, h_lo, h_hi, w_lo, w_hi, valid_j, in_width, stride_xc,
-                                     stride_xh, stride_xw, r, s, cb * BLOCK_K, KSIZE, BLOCK_K, INPUT_PRECISION)
+                                     stride_xh, stride_xw, stride_wc, stride_wh, stride_ww, r, s, cb * BLOCK_K,
+                                     INPUT_PRECISION, BLOCK_K)
     else:
         # one loop over all (tap, channel block) steps, so that it pipelines
         num_cblocks = tl.cdiv(in_width, BLOCK_K)
@@ -234,7 +264,8 @@ def _multi_conv2d_kernel(
             s = tap - r * KSIZE
             c0 = (step - tap * num_cblocks) * BLOCK_K
             acc = _conv_step(acc, a_tile, b_tile, h_lo, h_hi, w_lo, w_hi, valid_j, in_width, stride_xc,
-                             stride_xh, stride_xw, r, s, c0, KSIZE, BLOCK_K, INPUT_PRECISION)
+                             stride_xh, stride_xw, stride_wc, stride_wh, stride_ww, r, s, c0, INPUT_PRECISION,
+                             BLOCK_K)
 
     # -- statistics of the conv output: float64 sums over chunks of STATS_CHUNK pixels
     if STATS:
@@ -394,6 +425,35 @@ def _metadata(in_offsets, in_widths, out_widths, row_offsets, device) -> _Metada
     return meta
 
 
+VECTOR = 4  # channels per vector load where the layout allows (8 bytes of bfloat16, 16 of float32)
+
+
+def _vector_widths(x, out, residual, weight, in_offsets, in_widths, out_widths) -> dict[str, int]:
+    """The kernel's ``VEC_X`` and ``VEC_W``: ``VECTOR`` where that many consecutive channels can be
+    loaded (stored) as one vector, else 1. Activations (x, out, residual) qualify when their
+    channels are contiguous and their other strides, and every candidate's channel offsets and
+    widths, are multiples of ``VECTOR``; the weight when its channels are contiguous (a
+    channels_last 3x3 weight, any 1x1 weight) and its other strides and the input widths are
+    multiples. The kernel takes these as promises, so they are checked exactly here."""
+    def channels_vector(t) -> bool:  # (the stride of a dimension of size 1 never enters an address)
+        dims = zip(range(4), t.stride(), t.shape)
+        return t.stride(1) == 1 and all(st % VECTOR == 0 for i, st, size in dims if i != 1 and size > 1)
+
+    widths_ok = all(v % VECTOR == 0 for v in (*in_widths, *in_offsets, *out_widths))
+    acts = [x, out] + ([residual] if residual is not None else [])
+    vec_x = VECTOR if widths_ok and all(channels_vector(t) for t in acts) else 1
+    vec_w = VECTOR if all(v % VECTOR == 0 for v in in_widths) and channels_vector(weight) else 1
+    return {"VEC_X": vec_x, "VEC_W": vec_w}
+
+
+def _strides(t: torch.Tensor, vec: int) -> tuple[int, ...]:
+    """``t``'s strides as the kernel takes them: with ``vec > 1`` every stride but the channels'
+    divided by ``vec`` (exact: ``_vector_widths`` checked it; 0 for a dimension of size 1)."""
+    if vec == 1:
+        return tuple(t.stride())
+    return tuple(st if i == 1 else (st // vec if size > 1 else 0) for i, (st, size) in enumerate(zip(t.stride(), t.shape)))
+
+
 def _bucket(v: int, lo: int = 16, hi: int | None = None) -> int:
     b = max(lo, triton.next_power_of_2(max(int(v), 1)))
     return b if hi is None else min(b, hi)
@@ -457,8 +517,6 @@ def _multi_conv2d(
     ksize = weight.shape[2]
     if weight.shape[3] != ksize or ksize not in (1, 3):
         raise ValueError(f"{fn}: weight must have a 1x1 or 3x3 kernel, got {tuple(weight.shape[2:])}")
-    if not weight.is_contiguous():
-        raise ValueError(f"{fn}: weight must be contiguous (strides {weight.stride()})")
     in_offsets = _int_list("in_offsets", fn, in_offsets)
     in_widths = _int_list("in_widths", fn, in_widths)
     out_widths = _int_list("out_widths", fn, out_widths)
@@ -556,6 +614,7 @@ def _multi_conv2d(
     # ---- launch
     meta = _metadata(in_offsets, in_widths, out_widths, row_offsets, x.device)
     res = residual if residual is not None else out
+    vec = _vector_widths(x, out, residual, weight, in_offsets, in_widths, out_widths)
     args = (
         x, weight, out,
         scale if scale is not None else out,
@@ -565,8 +624,9 @@ def _multi_conv2d(
         psum, psq,
         meta.tensor, meta.tiles_start, meta.tiles_len,
         m, h, w, w_out, h_out * w_out, c_out,
-        stride, padding, c_max * ksize * ksize,
-        *x.stride(), *out.stride(), *(res.stride() if residual is not None else (0, 0, 0, 0)),
+        stride, padding,
+        *_strides(x, vec["VEC_X"]), *_strides(out, vec["VEC_X"]),
+        *(_strides(res, vec["VEC_X"]) if residual is not None else (0, 0, 0, 0)), *_strides(weight, vec["VEC_W"]),
         num_chunks,
         _bucket(m, hi=_TUNE_M_CAP), _bucket(meta.max_out_width, hi=64), _bucket(meta.max_in_width, hi=64),
     )
@@ -579,6 +639,7 @@ def _multi_conv2d(
         STATS=bool(stats),
         STATS_CHUNK=STATS_CHUNK,
         INPUT_PRECISION=input_precision,
+        **vec,
     )
 
     def grid(meta_args):

@@ -414,9 +414,12 @@ def _affine(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.
 
 
 #: How the fast engine runs a level's convolutions: ``kernel``, one multi-candidate kernel call
-#: (``multi_conv2d``) per level; ``class``, one ``F.conv2d`` (cuDNN, oneDNN) per chunk of a
+#: (``multi_conv2d``) per level, the compiled kernel of the precision where built (Triton for
+#: bf16, and for tf32 without the CUDA tensor-core kernel); ``triton``, the same calls on the
+#: Triton kernel at every precision (fp32 exact, tf32, bf16; on CPU only under
+#: ``TRITON_INTERPRET=1``, for tests); ``class``, one ``F.conv2d`` (cuDNN, oneDNN) per chunk of a
 #: width class (an experiment for the GPU: ``benchmarks/gpu_class_conv.py``).
-CONV_ROUTES = ("kernel", "class")
+CONV_ROUTES = ("kernel", "triton", "class")
 #: Units per ``F.conv2d`` call of the ``class`` route (a short chunk is padded to this many).
 CLASS_CHUNK = 4
 
@@ -447,17 +450,27 @@ class FastEngine(Engine):
         self._mods = tree.layer_modules(self.model)
         self._sizes = tree.spatial_sizes(self.model, self.resolution)
         self._act_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        # bf16 needs bf16 weights (made once per engine, not per candidate); otherwise the parameters are read as is.
-        self._weights: dict[int, torch.Tensor] = {}
-        for conv, sc in self._mods:
-            for m in (conv, sc):
-                if m is not None:
-                    self._weights[id(m)] = m.weight.detach().to(self._act_dtype).contiguous()
         # tf32: the CUDA tensor-core kernel (multi_conv2d_tf32) where built, else Triton's tf32 dot; bf16: Triton
         self._tf32_cuda = dev.type == "cuda" and self.precision == "tf32" and has_kernel("multi_conv2d_tf32", "CUDA")
         self._triton = dev.type == "cuda" and self.precision in ("tf32", "bf16") and not self._tf32_cuda
         if self.conv_route == "class":  # F.conv2d under the precision's TF32 setting, NCHW
             self._tf32_cuda = self._triton = False
+        if self.conv_route == "triton":
+            from ..ops import triton_conv
+
+            if dev.type == "cpu" and not triton_conv._interpreted():
+                raise ValueError("conv_route 'triton' on CPU needs TRITON_INTERPRET=1 set before triton is imported "
+                                 "(the interpreter, for tests); on CUDA it runs compiled")
+            self._tf32_cuda, self._triton = False, True
+        # Weights in the dtype of the activations (bf16 copies are made once per engine, not per
+        # candidate). The Triton kernel reads them channels_last: input channels contiguous, so
+        # that 4 of them load as one vector; the compiled kernels read (R, C, k, k) contiguous.
+        fmt = torch.channels_last if self._triton else torch.contiguous_format
+        self._weights: dict[int, torch.Tensor] = {}
+        for conv, sc in self._mods:
+            for m in (conv, sc):
+                if m is not None:
+                    self._weights[id(m)] = m.weight.detach().to(self._act_dtype).contiguous(memory_format=fmt)
         self._fused_light = dev.type == "cuda" and _triton_available()
         # the compiled one-pass CPU version (float32 activations; bf16 runs the torch ops)
         self._compiled_light = (dev.type == "cpu" and self._act_dtype == torch.float32
@@ -905,8 +918,9 @@ def make_engine(name: str, model: Supernet, data: RankData, *, precision: str = 
     batch size is ``data.recal_batch`` (the protocol's, set by :func:`prepare_data`).
     ``memory_limit_bytes`` bounds the fast engine's working memory (default: half the free GPU
     memory, or 1 GiB on CPU); the reference engine needs one batch at a time and ignores it.
-    ``conv_route`` (fast engine, :data:`CONV_ROUTES`): ``kernel`` (default) or the ``class``
-    experiment (one ``F.conv2d`` per chunk of a width class; fp32 and tf32).
+    ``conv_route`` (fast engine, :data:`CONV_ROUTES`): ``kernel`` (default), ``triton`` (the
+    Triton kernel at every precision) or the ``class`` experiment (one ``F.conv2d`` per chunk of
+    a width class; fp32 and tf32).
     """
     if name not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {name!r}")
