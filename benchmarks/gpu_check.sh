@@ -170,8 +170,10 @@ if [[ -f tests/test_conv_triton.py ]]; then
 fi
 # (no xdist here: its worker start-up costs more than these tests gain)
 check 60 "${PYTHON}" -m pytest -q -p no:cacheprovider tests/test_ops.py -k "cuda or gpu or triton"
-check 90 "${PYTHON}" benchmarks/gpu_kernels.py
-check 60 "${PYTHON}" benchmarks/gpu_kernels.py --precision tf32
+# (triton_cl: the Triton kernel on channels_last tensors, its 4-channel vector path)
+check 120 "${PYTHON}" benchmarks/gpu_kernels.py
+check 90 "${PYTHON}" benchmarks/gpu_kernels.py --precision tf32
+check 90 "${PYTHON}" benchmarks/gpu_kernels.py --precision bf16
 check 45 "${PYTHON}" benchmarks/gpu_kernels.py --two-images
 # one width class of a deep ranking level: multi_conv2d vs one batched cuDNN conv (fp32 and tf32);
 # decides how the fast engine should run the levels where every node has one child
@@ -186,9 +188,10 @@ check 45 "${PYTHON}" benchmarks/gpu_train.py --reps 3 --budget-s 15
 # --- section: ranking
 # The fast ranking engine at the full protocol (5,000 + 10,000 images): fp32 throughput on the
 # first 1,000 official candidates (three groups under the 16 GiB limit, about 30 s on an H200)
-# and tf32 (the CUDA tensor-core kernel) on the first group of them (426), prefix-sharing ratios
-# and a projection for all 50,000; tf32/class: the engine's conv_route="class" experiment (one cuDNN
-# convolution per chunk of a width class) on the same first group; then tf32, tf32/class and bf16 vs
+# and, on the first group of them (426), bf16 (the Triton kernel, 4-channel vector loads),
+# tf32/triton (the same kernel's tf32 dot), tf32 (the CUDA tensor-core kernel), prefix-sharing
+# ratios and a projection for all 50,000; tf32/class: the engine's conv_route="class" experiment
+# (one cuDNN convolution per chunk of a width class) on the same first group; then tf32, tf32/class and bf16 vs
 # fp32 Kendall tau
 # (>= 0.98) on a briefly trained supernet, and fp32 fast vs reference. Triton runs one fixed tile
 # configuration here: autotuning compiles every configuration for each set of epilogue flags,
@@ -199,7 +202,7 @@ check 45 "${PYTHON}" benchmarks/gpu_train.py --reps 3 --budget-s 15
 section ranking
 RANK_LEFT=$((DEADLINE - SECONDS))
 check "${RANK_LEFT}" "${PYTHON}" benchmarks/gpu_rank.py --candidates 1000 --other-candidates 426 \
-  --precisions fp32,tf32,tf32/class --fidelity-runs tf32,tf32/class,bf16 \
+  --precisions fp32,bf16,tf32/triton,tf32,tf32/class --fidelity-runs tf32,tf32/class,bf16 \
   --fp32-s 20 --throughput-s 100 --tau-candidates 100 --tau-recal 512 --tau-eval 1000 --ref-candidates 10 \
   --deadline-s $((RANK_LEFT - 78)) --triton-config 2 --json "${LOG_DIR}/rank.json"
 # the fp32 kernel's two-image tiles in the engine (the 70 s kept above), in a process of its own: a

@@ -16,7 +16,9 @@
    warm-up (Triton's compile and autotuning; tf32 runs the CUDA tensor-core kernel where built);
    ``fp32/class`` and ``tf32/class`` time the engine's ``conv_route="class"`` experiment (one
    cuDNN convolution per chunk of a width class instead of ``multi_conv2d``), ``fp32/img2`` the
-   CUDA fp32 kernel with two images per pixel tile (``FASTSUPERNET_CUDA_CONV_IMAGES=2``).
+   CUDA fp32 kernel with two images per pixel tile (``FASTSUPERNET_CUDA_CONV_IMAGES=2``),
+   ``fp32/triton`` and ``tf32/triton`` the engine's ``conv_route="triton"`` (the Triton kernel
+   instead of the CUDA kernels; bf16 always runs it).
 2. Fidelity: a supernet trained for a few hundred steps on the bundled Fashion-MNIST subset
    (on the GPU, seconds), ``--tau-candidates`` random candidates (default 200) at the bundled
    data's protocol (1,200 recalibration images, 2,000 test images): Kendall tau of the
@@ -89,7 +91,7 @@ def _timed_score(engine, archs, groups, budget_s: float, dev) -> tuple[int, floa
     return len(done), time.perf_counter() - t0, done
 
 
-RUNS = ("fp32", "tf32", "bf16", "fp32/class", "tf32/class", "fp32/img2")
+RUNS = ("fp32", "tf32", "bf16", "fp32/class", "tf32/class", "fp32/img2", "fp32/triton", "tf32/triton")
 
 
 def _run_kind(entry: str) -> tuple[str, str]:
@@ -367,7 +369,8 @@ def main(argv=None) -> int:
                    help="skip the remaining precisions once fewer than ~15 s of this budget are left")
     p.add_argument("--precisions", default="fp32,tf32,bf16",
                    help="comma-separated runs of the throughput phase, in the order they are timed: fp32, tf32, "
-                        "bf16, or fp32/class, tf32/class (the fast engine's conv_route='class' experiment)")
+                        "bf16, or fp32/class, tf32/class (the fast engine's conv_route='class' experiment), "
+                        "fp32/triton, tf32/triton (conv_route='triton'), fp32/img2")
     p.add_argument("--fidelity-runs", default="tf32,bf16",
                    help="comma-separated runs whose Kendall tau vs fp32 the fidelity phase measures "
                         "(same names as --precisions)")

@@ -95,10 +95,7 @@ def _conv_step(
     acc,
     a_tile,  # (BLOCK_M, BLOCK_K) pointers to x[n, in_offset + c, oh * stride - padding, ow * stride - padding]
     b_tile,  # (BLOCK_K, BLOCK_N) pointers to weight[row_offset + j, c, 0, 0]
-    h_lo,  # (BLOCK_M,) padding - oh * stride: tap row r is inside x when h_lo <= r < h_hi
-    h_hi,  # (BLOCK_M,) H + padding - oh * stride (h_lo for absent pixels: never inside)
-    w_lo,  # (BLOCK_M,) likewise for the tap column s: w_lo <= s < w_hi
-    w_hi,
+    taps_in,  # (BLOCK_M,) bit r * KSIZE + s set where tap (r, s) lies inside x (else zero padding)
     valid_j,  # (BLOCK_N,) channel j exists in this candidate
     in_width,
     stride_xc,
@@ -110,13 +107,14 @@ def _conv_step(
     r,  # filter tap row
     s,  # filter tap column
     c0,  # first input channel of the block
+    KSIZE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """acc += A[:, (t, cs)] @ B[(t, cs), :] for the filter tap t = (r, s) and the input channels
     cs = c0 + [0, BLOCK_K) (those below in_width)."""
     valid_c = tl.arange(0, BLOCK_K) < in_width - c0
-    inside = (h_lo <= r) & (r < h_hi) & (w_lo <= s) & (s < w_hi)  # else zero padding
+    inside = ((taps_in >> (r * KSIZE + s)) & 1) != 0
 
     a = tl.load(a_tile + (r * stride_xh + s * stride_xw + c0 * stride_xc), mask=inside[:, None] & valid_c[None, :],
                 other=0.0)
@@ -238,10 +236,12 @@ def _multi_conv2d_kernel(
     # -- out[m, c_out] = sum over taps t and input channels c of A[m, (t, c)] * B[(t, c), j]
     ih0 = oh * conv_stride - padding  # tap (r, s) reads x[..., ih0 + r, iw0 + s]
     iw0 = ow * conv_stride - padding
-    h_lo = -ih0
-    h_hi = tl.where(valid_m, H - ih0, h_lo)  # an absent pixel has no tap inside x
-    w_lo = -iw0
-    w_hi = W - iw0
+    # the taps inside x, once per pixel: bit r * KSIZE + s (an absent pixel has none)
+    taps_in = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for tr in tl.static_range(KSIZE):
+        for ts in tl.static_range(KSIZE):
+            inside = valid_m & (0 <= ih0 + tr) & (ih0 + tr < H) & (0 <= iw0 + ts) & (iw0 + ts < W)
+            taps_in = taps_in | (inside.to(tl.int32) << (tr * KSIZE + ts))
     k = tl.arange(0, BLOCK_K)
     x_pix = n64 * stride_xn + (in_offset * stride_xc + ih0 * stride_xh + iw0 * stride_xw)
     a_tile = x_ptr + x_pix[:, None] + (k * stride_xc)[None, :]
@@ -252,8 +252,8 @@ def _multi_conv2d_kernel(
         for r in range(KSIZE):
             for s in range(KSIZE):
                 for cb in range(CBLOCKS):
-                    acc = _conv_step(acc, a_tile, b_tile, h_lo, h_hi, w_lo, w_hi, valid_j, in_width, stride_xc,
-                                     stride_xh, stride_xw, stride_wc, stride_wh, stride_ww, r, s, cb * BLOCK_K,
+                    acc = _conv_step(acc, a_tile, b_tile, taps_in, valid_j, in_width, stride_xc, stride_xh,
+                                     stride_xw, stride_wc, stride_wh, stride_ww, r, s, cb * BLOCK_K, KSIZE,
                                      INPUT_PRECISION, BLOCK_K)
     else:
         # one loop over all (tap, channel block) steps, so that it pipelines
@@ -263,8 +263,8 @@ def _multi_conv2d_kernel(
             r = tap // KSIZE
             s = tap - r * KSIZE
             c0 = (step - tap * num_cblocks) * BLOCK_K
-            acc = _conv_step(acc, a_tile, b_tile, h_lo, h_hi, w_lo, w_hi, valid_j, in_width, stride_xc,
-                             stride_xh, stride_xw, stride_wc, stride_wh, stride_ww, r, s, c0, INPUT_PRECISION,
+            acc = _conv_step(acc, a_tile, b_tile, taps_in, valid_j, in_width, stride_xc, stride_xh,
+                             stride_xw, stride_wc, stride_wh, stride_ww, r, s, c0, KSIZE, INPUT_PRECISION,
                              BLOCK_K)
 
     # -- statistics of the conv output: float64 sums over chunks of STATS_CHUNK pixels
@@ -308,6 +308,11 @@ _CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    # (appended: the indices above are FASTSUPERNET_TRITON_CONFIG's) narrow layers, inputs of
+    # at most 16 channels, where the pruning leaves only 64x16x16: twice the pixels per weight
+    # load and loop iteration (on sm_90 with vector loads, 68 multiply-adds per warp instruction
+    # of its reduction loop instead of 43: benchmarks/triton_sass.py)
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=4),
 ]
 
 
@@ -451,7 +456,8 @@ def _strides(t: torch.Tensor, vec: int) -> tuple[int, ...]:
     divided by ``vec`` (exact: ``_vector_widths`` checked it; 0 for a dimension of size 1)."""
     if vec == 1:
         return tuple(t.stride())
-    return tuple(st if i == 1 else (st // vec if size > 1 else 0) for i, (st, size) in enumerate(zip(t.stride(), t.shape)))
+    dims = enumerate(zip(t.stride(), t.shape))
+    return tuple(st if i == 1 else (st // vec if size > 1 else 0) for i, (st, size) in dims)
 
 
 def _bucket(v: int, lo: int = 16, hi: int | None = None) -> int:
