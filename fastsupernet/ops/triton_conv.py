@@ -324,7 +324,7 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 _TUNE_KEY = ["tune_m", "tune_n", "tune_k", "KSIZE", "HAS_SCALE", "HAS_SHIFT", "HAS_RESIDUAL", "ACTIVATION",
-             "STATS", "INPUT_PRECISION"]
+             "STATS", "INPUT_PRECISION", "VEC_X", "VEC_W"]
 # Pixel counts above this share one tuning bucket: every tile then has many programs to fill the
 # GPU, and the recalibration and evaluation batches of all three resolutions tune once.
 _TUNE_M_CAP = 8192
