@@ -334,6 +334,31 @@ def test_weight_read_through_its_strides(view):
     case.run_and_check()
 
 
+# (n, h, w, ksize, stride, padding, in_widths, out_widths, packed_input, vector)
+RUNTIME_LOOP_SHAPES = [
+    (2, 5, 6, 3, 1, 1, (36, 20, 4), (8, 20, 12), False, True),  # 3, 2 and 1 channel blocks per tap
+    (1, 6, 5, 3, 2, 1, (17, 3, 33), (5, 1, 3), True, False),
+    (2, 4, 5, 1, 2, 0, (40, 8), (12, 4), True, True),
+]
+
+
+@pytest.mark.parametrize("shape", RUNTIME_LOOP_SHAPES, ids=lambda s: f"k{s[3]}s{s[4]}-vec{int(s[9])}")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy on the interpreter's run-time loop bound
+def test_runtime_loop_matches_oracle(shape, monkeypatch):
+    """The reduction loop a GPU runs (run-time trip count, the tap of a step by a float reciprocal),
+    which the interpreter otherwise replaces by compile-time loops, against the oracle."""
+    if DEVICE == "cpu":
+        major, minor = (int(v) for v in __import__("numpy").__version__.split(".")[:2])
+        if (major, minor) >= (2, 3):
+            pytest.skip("the interpreter's run-time loops need numpy < 2.3")
+        monkeypatch.setattr(tc, "_INTERPRET_RUNTIME_LOOP", True)
+    n, h, w, ksize, stride, padding, in_widths, out_widths, packed, vector = shape
+    layout = dict(layout="channels_last", weight_layout="channels_last", c_max=max(in_widths) + 4,
+                  spare_channels=4, residual_layout="channels_last") if vector else dict(layout="slice")
+    Case(n=n, h=h, w=w, ksize=ksize, stride=stride, padding=padding, in_widths=in_widths, out_widths=out_widths,
+         packed_input=packed, seed=200 + RUNTIME_LOOP_SHAPES.index(shape), **layout).run_and_check()
+
+
 def test_vector_widths_rules():
     """When the kernel may take 4 channels per vector: exactly where every address it forms is a
     multiple of 4 elements (or the stride of a size-1 dimension, which never enters one)."""

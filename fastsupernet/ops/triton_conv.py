@@ -256,10 +256,13 @@ def _multi_conv2d_kernel(
                                      stride_xw, stride_wc, stride_wh, stride_ww, r, s, cb * BLOCK_K, KSIZE,
                                      INPUT_PRECISION, BLOCK_K)
     else:
-        # one loop over all (tap, channel block) steps, so that it pipelines
+        # one loop over all (tap, channel block) steps, so that it pipelines; the step's tap by a
+        # float reciprocal instead of an integer division (exact: (step + 0.5) / num_cblocks is at
+        # least 0.5 / num_cblocks from an integer, its float product off by < 2^-21 * KSIZE^2)
         num_cblocks = tl.cdiv(in_width, BLOCK_K)
+        inv_cblocks = 1.0 / num_cblocks.to(tl.float32)
         for step in range(0, KSIZE * KSIZE * num_cblocks):
-            tap = step // num_cblocks
+            tap = ((step + 0.5) * inv_cblocks).to(tl.int32)
             r = tap // KSIZE
             s = tap - r * KSIZE
             c0 = (step - tap * num_cblocks) * BLOCK_K
@@ -346,6 +349,8 @@ _multi_conv2d_tuned = triton.autotune(
 
 # The interpreter does not benchmark: it runs one fixed, small configuration.
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
+# Tests set this to run the GPU's run-time reduction loop in the interpreter too (numpy < 2.3 only).
+_INTERPRET_RUNTIME_LOOP = False
 
 assert all(c.kwargs["BLOCK_N"] in _BLOCK_N_CHOICES and c.kwargs["BLOCK_M"] % STATS_CHUNK == 0 for c in _CONFIGS)
 assert _INTERPRETER_CONFIG["BLOCK_N"] in _BLOCK_N_CHOICES and _INTERPRETER_CONFIG["BLOCK_M"] % STATS_CHUNK == 0
@@ -654,7 +659,7 @@ def _multi_conv2d(
     fixed = fixed_config()
     if _interpreted():
         cfg = _INTERPRETER_CONFIG if fixed is None else fixed.kwargs
-        cblocks = triton.cdiv(meta.max_in_width, cfg["BLOCK_K"])
+        cblocks = 0 if _INTERPRET_RUNTIME_LOOP else triton.cdiv(meta.max_in_width, cfg["BLOCK_K"])
         _multi_conv2d_kernel[grid(cfg)](*args, **flags, CBLOCKS=cblocks, **cfg)
     elif fixed is not None:
         with torch.cuda.device(x.device):
