@@ -313,8 +313,8 @@ _CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     # (appended: the indices above are FASTSUPERNET_TRITON_CONFIG's) narrow layers, inputs of
     # at most 16 channels, where the pruning leaves only 64x16x16: twice the pixels per weight
-    # load and loop iteration (on sm_90 with vector loads, 68 multiply-adds per warp instruction
-    # of its reduction loop instead of 43: benchmarks/triton_sass.py)
+    # load and loop iteration (on sm_90 with vector loads, 74 multiply-adds per warp instruction
+    # of its reduction loop instead of 49: benchmarks/triton_sass.py)
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=4),
 ]
 
