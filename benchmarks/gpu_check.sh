@@ -189,7 +189,8 @@ check 45 "${PYTHON}" benchmarks/gpu_train.py --reps 3 --budget-s 15
 # The fast ranking engine at the full protocol (5,000 + 10,000 images): fp32 throughput on the
 # first 1,000 official candidates (three groups under the 16 GiB limit, about 30 s on an H200)
 # and, on the first group of them (426), bf16 (the Triton kernel, 4-channel vector loads),
-# tf32/triton (the same kernel's tf32 dot), tf32 (the CUDA tensor-core kernel), prefix-sharing
+# fp32/triton_tf32x3 (the same kernel, fp32 as three TF32 products), tf32/triton (its tf32
+# dot), tf32 (the CUDA tensor-core kernel), prefix-sharing
 # ratios and a projection for all 50,000; tf32/class: the engine's conv_route="class" experiment
 # (one cuDNN convolution per chunk of a width class) on the same first group; then tf32, tf32/class and bf16 vs
 # fp32 Kendall tau
@@ -202,7 +203,8 @@ check 45 "${PYTHON}" benchmarks/gpu_train.py --reps 3 --budget-s 15
 section ranking
 RANK_LEFT=$((DEADLINE - SECONDS))
 check "${RANK_LEFT}" "${PYTHON}" benchmarks/gpu_rank.py --candidates 1000 --other-candidates 426 \
-  --precisions fp32,bf16,tf32/triton,tf32,tf32/class --fidelity-runs tf32,tf32/class,bf16 \
+  --precisions fp32,bf16,fp32/triton_tf32x3,tf32/triton,tf32,tf32/class \
+  --fidelity-runs tf32,bf16,fp32/triton_tf32x3,tf32/class \
   --fp32-s 20 --throughput-s 100 --tau-candidates 100 --tau-recal 512 --tau-eval 1000 --ref-candidates 10 \
   --deadline-s $((RANK_LEFT - 78)) --triton-config 2 --json "${LOG_DIR}/rank.json"
 # the fp32 kernel's two-image tiles in the engine (the 70 s kept above), in a process of its own: a

@@ -18,7 +18,8 @@
    cuDNN convolution per chunk of a width class instead of ``multi_conv2d``), ``fp32/img2`` the
    CUDA fp32 kernel with two images per pixel tile (``FASTSUPERNET_CUDA_CONV_IMAGES=2``),
    ``fp32/triton`` and ``tf32/triton`` the engine's ``conv_route="triton"`` (the Triton kernel
-   instead of the CUDA kernels; bf16 always runs it).
+   instead of the CUDA kernels; bf16 always runs it), ``fp32/triton_tf32x3`` its fp32 products
+   as three TF32 tensor-core products each (``conv_route="triton_tf32x3"``).
 2. Fidelity: a supernet trained for a few hundred steps on the bundled Fashion-MNIST subset
    (on the GPU, seconds), ``--tau-candidates`` random candidates (default 200) at the bundled
    data's protocol (1,200 recalibration images, 2,000 test images): Kendall tau of the
@@ -91,7 +92,8 @@ def _timed_score(engine, archs, groups, budget_s: float, dev) -> tuple[int, floa
     return len(done), time.perf_counter() - t0, done
 
 
-RUNS = ("fp32", "tf32", "bf16", "fp32/class", "tf32/class", "fp32/img2", "fp32/triton", "tf32/triton")
+RUNS = ("fp32", "tf32", "bf16", "fp32/class", "tf32/class", "fp32/img2", "fp32/triton", "tf32/triton",
+        "fp32/triton_tf32x3")
 
 
 def _run_kind(entry: str) -> tuple[str, str]:
@@ -370,7 +372,7 @@ def main(argv=None) -> int:
     p.add_argument("--precisions", default="fp32,tf32,bf16",
                    help="comma-separated runs of the throughput phase, in the order they are timed: fp32, tf32, "
                         "bf16, or fp32/class, tf32/class (the fast engine's conv_route='class' experiment), "
-                        "fp32/triton, tf32/triton (conv_route='triton'), fp32/img2")
+                        "fp32/triton, tf32/triton (conv_route='triton'), fp32/triton_tf32x3, fp32/img2")
     p.add_argument("--fidelity-runs", default="tf32,bf16",
                    help="comma-separated runs whose Kendall tau vs fp32 the fidelity phase measures "
                         "(same names as --precisions)")

@@ -1,6 +1,6 @@
 """What the Triton conv kernel compiles to on sm_90 (H100/H200), without a GPU (markdown table).
 
-    python benchmarks/triton_sass.py                      # every configuration, bf16 / tf32 / fp32
+    python benchmarks/triton_sass.py                      # every configuration, bf16 / tf32 / tf32x3 / fp32
     python benchmarks/triton_sass.py --configs 1 --dtypes bf16 --dump DIR   # also keep PTX and SASS
 
 Compiles ``fastsupernet.ops.triton_conv._multi_conv2d_kernel`` for ``sm_90`` the way a call of the
@@ -39,7 +39,8 @@ if not any(Path(p, "fastsupernet").is_dir() for p in sys.path[1:] if p):  # run 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastsupernet.ops import triton_conv as tc  # noqa: E402
 
-PRECISIONS = {"bf16": ("bf16", "ieee"), "tf32": ("fp32", "tf32"), "fp32": ("fp32", "ieee")}
+PRECISIONS = {"bf16": ("bf16", "ieee"), "tf32": ("fp32", "tf32"), "tf32x3": ("fp32", "tf32x3"),
+              "fp32": ("fp32", "ieee")}
 N, H, W, C_IN, C_OUT, C_MAX, KSIZE = 128, 32, 32, 128, 64, 64, 3
 _PTRS = {"scale_ptr": "*fp32", "shift_ptr": "*fp32", "slope_ptr": "*fp32", "psum_ptr": "*fp64", "psq_ptr": "*fp64",
          "meta_ptr": "*i32"}
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", default=",".join(str(i) for i in range(len(tc._CONFIGS))),
                     help="indices into the kernel's configuration list (default: all)")
-    ap.add_argument("--dtypes", default="bf16,tf32,fp32", help=f"of {sorted(PRECISIONS)}")
+    ap.add_argument("--dtypes", default="bf16,tf32,tf32x3,fp32", help=f"of {sorted(PRECISIONS)}")
     ap.add_argument("--dump", type=Path, default=None, help="keep each kernel's PTX, SASS and cubin in this folder")
     args = ap.parse_args(argv)
     if not _CUOBJDUMP.is_file():

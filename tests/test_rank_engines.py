@@ -523,23 +523,28 @@ def test_class_route_matches_reference_and_does_not_depend_on_the_others(trained
 
 
 # ----------------------------------------------------------------------------- the triton route
-def test_triton_route_matches_reference(monkeypatch):
+@pytest.mark.parametrize("route", ["triton", "triton_tf32x3"])
+def test_triton_route_matches_reference(monkeypatch, route):
     """conv_route="triton": every level through the Triton kernel (here its interpreter, on 4x4
     images), with channels_last weights and activations, so that the layers of Track-1 widths
     take the 4-channel vector path; agrees with the reference engine, and a network's logits do
-    not depend on the others in its group."""
+    not depend on the others in its group. "triton_tf32x3" asks the dot for three TF32 products
+    (which the interpreter computes in float32)."""
     triton_conv = pytest.importorskip("fastsupernet.ops.triton_conv")
     if not triton_conv._interpreted():
         pytest.skip("CPU tensors need Triton imported with TRITON_INTERPRET=1")
     monkeypatch.setenv(triton_conv.CONFIG_ENV_VAR, "4")  # large tiles: few interpreted programs
-    chosen = []
+    chosen, precisions = [], set()
     real = triton_conv._vector_widths
     monkeypatch.setattr(triton_conv, "_vector_widths", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    real_conv = triton_conv.multi_conv2d_triton
+    monkeypatch.setattr(triton_conv, "multi_conv2d_triton",
+                        lambda *a, **k: precisions.add(k.get("input_precision")) or real_conv(*a, **k))
     torch.manual_seed(0)
     model = _random_bn(Supernet(Track1Space(), in_channels=1, num_classes=10), 2)
     rd = prepare_data(load_data("fashion-mnist@4"), Protocol(recal_images=16, recal_batch=16, eval_images=8))
     archs = _archs(3, seed=4)
-    fast = FastEngine(model, rd, conv_route="triton")
+    fast = FastEngine(model, rd, conv_route=route)
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in fast._weights.values())
     got = fast._logits(archs, rd.eval_x)
     ref = make_engine("reference", model, rd)
@@ -550,6 +555,7 @@ def test_triton_route_matches_reference(monkeypatch):
         torch.testing.assert_close(got[k], want, rtol=RTOL, atol=2e-5 * float(want.abs().max()))
     # all but the stem (one input channel) read and write 4 channels per vector
     assert sum(c["VEC_X"] == 4 for c in chosen) >= len(chosen) * 3 // 4
+    assert precisions == {"tf32x3" if route == "triton_tf32x3" else "ieee"}
     assert torch.equal(fast._logits(archs[1:2], rd.eval_x)[0], got[1])
 
 
@@ -559,6 +565,8 @@ def test_triton_route_needs_the_interpreter_on_cpu(monkeypatch, fmnist):
     rd = prepare_data(fmnist, Protocol(recal_images=8, eval_images=8))
     with pytest.raises(ValueError, match="conv_route 'triton' on CPU needs TRITON_INTERPRET=1"):
         FastEngine(Supernet(Track1Space(), in_channels=1, num_classes=10), rd, conv_route="triton")
+    with pytest.raises(ValueError, match="conv_route 'triton_tf32x3' computes fp32 convolutions; precision 'tf32'"):
+        FastEngine(Supernet(Track1Space(), in_channels=1, num_classes=10), rd, "tf32", conv_route="triton_tf32x3")
 
 
 def test_class_route_bad_values(trained, fmnist):

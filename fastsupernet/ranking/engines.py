@@ -417,9 +417,11 @@ def _affine(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.
 #: (``multi_conv2d``) per level, the compiled kernel of the precision where built (Triton for
 #: bf16, and for tf32 without the CUDA tensor-core kernel); ``triton``, the same calls on the
 #: Triton kernel at every precision (fp32 exact, tf32, bf16; on CPU only under
-#: ``TRITON_INTERPRET=1``, for tests); ``class``, one ``F.conv2d`` (cuDNN, oneDNN) per chunk of a
-#: width class (an experiment for the GPU: ``benchmarks/gpu_class_conv.py``).
-CONV_ROUTES = ("kernel", "triton", "class")
+#: ``TRITON_INTERPRET=1``, for tests); ``triton_tf32x3`` (fp32 only), the same with each fp32
+#: product as three TF32 tensor-core products (Triton's ``tf32x3``: errors near fp32's, at
+#: tensor-core speed); ``class``, one ``F.conv2d`` (cuDNN, oneDNN) per chunk of a width class
+#: (an experiment for the GPU: ``benchmarks/gpu_class_conv.py``).
+CONV_ROUTES = ("kernel", "triton", "triton_tf32x3", "class")
 #: Units per ``F.conv2d`` call of the ``class`` route (a short chunk is padded to this many).
 CLASS_CHUNK = 4
 
@@ -442,6 +444,9 @@ class FastEngine(Engine):
             raise ValueError(f"conv_route must be one of {CONV_ROUTES}, got {conv_route!r}")
         if conv_route == "class" and self.precision == "bf16":
             raise ValueError("conv_route 'class' runs fp32 or tf32 convolutions; precision 'bf16' needs 'kernel'")
+        if conv_route == "triton_tf32x3" and self.precision != "fp32":
+            raise ValueError(f"conv_route 'triton_tf32x3' computes fp32 convolutions; precision {self.precision!r} "
+                             "needs 'kernel' or 'triton'")
         if not isinstance(class_chunk, int) or isinstance(class_chunk, bool) or class_chunk < 1:
             raise ValueError(f"class_chunk must be an int >= 1, got {class_chunk!r}")
         self.conv_route = conv_route
@@ -455,13 +460,16 @@ class FastEngine(Engine):
         self._triton = dev.type == "cuda" and self.precision in ("tf32", "bf16") and not self._tf32_cuda
         if self.conv_route == "class":  # F.conv2d under the precision's TF32 setting, NCHW
             self._tf32_cuda = self._triton = False
-        if self.conv_route == "triton":
+        if self.conv_route in ("triton", "triton_tf32x3"):
             from ..ops import triton_conv
 
             if dev.type == "cpu" and not triton_conv._interpreted():
-                raise ValueError("conv_route 'triton' on CPU needs TRITON_INTERPRET=1 set before triton is imported "
-                                 "(the interpreter, for tests); on CUDA it runs compiled")
+                raise ValueError(f"conv_route {self.conv_route!r} on CPU needs TRITON_INTERPRET=1 set before triton "
+                                 "is imported (the interpreter, for tests); on CUDA it runs compiled")
             self._tf32_cuda, self._triton = False, True
+        # the Triton dot's input precision for float32 operands (bf16 operands ignore it)
+        self._triton_precision = {"tf32": "tf32"}.get(
+            self.precision, "tf32x3" if self.conv_route == "triton_tf32x3" else "ieee")
         # Weights in the dtype of the activations (bf16 copies are made once per engine, not per
         # candidate). The Triton kernel reads them channels_last: input channels contiguous, so
         # that 4 of them load as one vector; the compiled kernels read (R, C, k, k) contiguous.
@@ -556,7 +564,7 @@ class FastEngine(Engine):
 
             out, s, q = multi_conv2d_triton(
                 x, weight, in_offsets, in_widths, out_widths, rows, stride, padding, scale, shift, residual,
-                activation, slope, stats, input_precision="tf32" if self.precision == "tf32" else "ieee",
+                activation, slope, stats, input_precision=self._triton_precision,
             )
             # the kernel keeps channels_last from x, except from a 1-channel image (ambiguous strides)
             out = out.contiguous(memory_format=torch.channels_last)
@@ -919,8 +927,9 @@ def make_engine(name: str, model: Supernet, data: RankData, *, precision: str = 
     ``memory_limit_bytes`` bounds the fast engine's working memory (default: half the free GPU
     memory, or 1 GiB on CPU); the reference engine needs one batch at a time and ignores it.
     ``conv_route`` (fast engine, :data:`CONV_ROUTES`): ``kernel`` (default), ``triton`` (the
-    Triton kernel at every precision) or the ``class`` experiment (one ``F.conv2d`` per chunk of
-    a width class; fp32 and tf32).
+    Triton kernel at every precision), ``triton_tf32x3`` (fp32 on the tensor cores, three TF32
+    products each) or the ``class`` experiment (one ``F.conv2d`` per chunk of a width class;
+    fp32 and tf32).
     """
     if name not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {name!r}")
