@@ -58,7 +58,8 @@ def _one_config_on_gpu(monkeypatch):
 
 U32 = 2.0**-24  # float32 unit roundoff
 # relative rounding of a product's inputs (tf32: 10-bit mantissa, truncation allowed for) ...
-IN_ROUNDING = {"ieee": 0.0, "tf32": 2.0**-9}
+# (tf32x3: the tails' TF32 rounding and the dropped tail x tail product, < 3 * 2^-20 with truncation)
+IN_ROUNDING = {"ieee": 0.0, "tf32": 2.0**-9, "tf32x3": 2.0**-18}
 # ... and of the stored output
 OUT_ROUNDING = {torch.float32: U32, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 LAYOUTS = ("nchw", "channels_last", "slice", "slice_cl")
@@ -442,6 +443,19 @@ def test_multi_conv2d_float16():
 def test_multi_conv2d_tf32_opt_in():
     case = Case(n=1, h=3, w=3, in_widths=(3, 6), out_widths=(5, 3), seed=12)
     case.run_and_check(input_precision="tf32")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "vector"])
+def test_multi_conv2d_tf32x3_opt_in(layout):
+    """Three TF32 products per float32 product (on a GPU; the interpreter computes float32): within
+    2^-18 of sum |products| plus the accumulation bound, vector path included."""
+    if layout == "vector":
+        case = Case(n=2, h=4, w=5, in_widths=(8, 4), out_widths=(4, 12), layout="channels_last",
+                    weight_layout="channels_last", c_max=12, spare_channels=4, residual_layout="channels_last",
+                    seed=14)
+    else:
+        case = Case(n=1, h=3, w=3, in_widths=(3, 6), out_widths=(5, 3), seed=15)
+    case.run_and_check(input_precision="tf32x3")
 
 
 def test_multi_conv2d_deterministic():
