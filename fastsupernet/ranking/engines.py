@@ -467,9 +467,6 @@ class FastEngine(Engine):
                 raise ValueError(f"conv_route {self.conv_route!r} on CPU needs TRITON_INTERPRET=1 set before triton "
                                  "is imported (the interpreter, for tests); on CUDA it runs compiled")
             self._tf32_cuda, self._triton = False, True
-        # the Triton dot's input precision for float32 operands (bf16 operands ignore it)
-        self._triton_precision = {"tf32": "tf32"}.get(
-            self.precision, "tf32x3" if self.conv_route == "triton_tf32x3" else "ieee")
         # Weights in the dtype of the activations (bf16 copies are made once per engine, not per
         # candidate). The Triton kernel reads them channels_last: input channels contiguous, so
         # that 4 of them load as one vector; the compiled kernels read (R, C, k, k) contiguous.
@@ -564,7 +561,7 @@ class FastEngine(Engine):
 
             out, s, q = multi_conv2d_triton(
                 x, weight, in_offsets, in_widths, out_widths, rows, stride, padding, scale, shift, residual,
-                activation, slope, stats, input_precision=self._triton_precision,
+                activation, slope, stats, input_precision=self._triton_input_precision(),
             )
             # the kernel keeps channels_last from x, except from a 1-channel image (ambiguous strides)
             out = out.contiguous(memory_format=torch.channels_last)
@@ -572,6 +569,12 @@ class FastEngine(Engine):
         return ops.multi_conv2d(x, weight, in_offsets, in_widths, out_widths, rows, stride=stride, padding=padding,
                                 scale=scale, shift=shift, residual=residual, activation=activation,
                                 prelu_slope=slope, stats=stats)
+
+    def _triton_input_precision(self) -> str:
+        """The Triton dot's input precision for float32 operands (bfloat16 ones ignore it)."""
+        if self.precision == "tf32":
+            return "tf32"
+        return "tf32x3" if self.conv_route == "triton_tf32x3" else "ieee"
 
     def _class_plan(self, weight, in_offsets, in_widths, out_widths, rows):
         """The level's width classes (input width, output width, weight rows), in order of first
