@@ -127,10 +127,13 @@ def _conv_step(
 # unit channel stride is what makes channels_last loads contiguous).
 _NOT_SPECIALIZED = ["tiles_start", "tiles_len", "M", "H", "W", "Wo", "HWo", "C_out", "padding", "num_chunks",
                     "tune_m", "tune_n", "tune_k"]
-# The pixel strides of channels_last tensors are their packed channel counts, which a ranking
-# run changes from group to group: a variant per "divisible by 16 or not" pattern would be
-# compiled (and autotuned) again and again, for alignment that packed widths rarely have.
-_NO_ALIGNMENT_VARIANTS = ["stride_xw", "stride_ow", "stride_rh", "stride_rw"]
+# The image, row and pixel strides of channels_last tensors are multiples of their packed
+# channel counts, which a ranking run changes from group to group: a variant per "divisible by
+# 16 or not" pattern would be compiled (and autotuned) again and again. What the loads need of
+# them, divisibility by the vector width, the VEC_X / VEC_W flags say instead; the channel
+# strides keep their specialisation (1: the contiguous dimension).
+_NO_ALIGNMENT_VARIANTS = ["stride_xn", "stride_xh", "stride_xw", "stride_on", "stride_oh", "stride_ow",
+                          "stride_rn", "stride_rh", "stride_rw", "stride_wo", "stride_wh", "stride_ww"]
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED, do_not_specialize_on_alignment=_NO_ALIGNMENT_VARIANTS)

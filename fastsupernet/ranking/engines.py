@@ -787,14 +787,17 @@ class FastEngine(Engine):
             else:
                 r = self._conv(block_in, w, sio, siw, sc_out, sc_rows, L.stride, 0, scale=t.sc_scale,
                                shift=t.sc_shift)
+        # in the activations' layout (channels_last for the Triton kernels: their residual loads
+        # are then vectors along the channels, and the recalibration pass copies nothing)
+        fmt = torch.channels_last if self._triton else torch.contiguous_format
         if t.id_src is not None:  # some (or all) units keep an identity shortcut
-            full = torch.zeros((block_in.shape[0], lv.channels, *block_in.shape[2:]), dtype=block_in.dtype,
-                               device=block_in.device)
+            full = torch.empty((block_in.shape[0], lv.channels, *block_in.shape[2:]), dtype=block_in.dtype,
+                               device=block_in.device, memory_format=fmt).zero_()
             full.index_copy_(1, t.id_dst, block_in.index_select(1, t.id_src))
             if r is not None:
                 full.index_copy_(1, t.sc_channels, r.to(full.dtype))
             r = full
-        return r.to(self._act_dtype).contiguous(), None, None
+        return r.to(self._act_dtype).contiguous(memory_format=fmt), None, None
 
     def _meta(self, plan: tree.TreePlan) -> list:
         meta = []
