@@ -5,6 +5,7 @@ through its whole code path and prints its tables."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,14 @@ def test_gpu_rank_a_failing_run_costs_only_itself(monkeypatch, capsys):
     assert "tf32/class: FAILED (RuntimeError: injected failure)" in out
     assert "fidelity: tf32/class FAILED" in out
     assert "Kendall tau tf32 vs fp32" in out and "\ntf32: " in out  # the runs after it
+
+
+def test_triton_variants_replay():
+    """benchmarks/triton_variants.py replays a ranking run's Triton launches on the CPU: every call
+    but the stem's (3 input channels) takes the vector path, in a handful of compile variants."""
+    out = _run("triton_variants.py", "--candidates", "4")
+    m = re.search(r"(\d+) multi_conv2d_triton calls .* (\d+) compile variants .* (\d+) of (\d+) calls on the "
+                  r"4-channel vector path", out)
+    assert m, out
+    calls, variants, vector, calls2 = (int(g) for g in m.groups())
+    assert calls == calls2 > 20 and vector == calls - 2 and 2 <= variants <= 16
