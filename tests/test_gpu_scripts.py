@@ -107,3 +107,20 @@ def test_triton_variants_replay():
     assert m, out
     calls, variants, vector, calls2 = (int(g) for g in m.groups())
     assert calls == calls2 > 20 and vector == calls - 2 and 2 <= variants <= 16
+
+
+def test_triton_sass_counts_the_vector_path():
+    """benchmarks/triton_sass.py compiles the Triton conv for sm_90 without a GPU; on the vector
+    path its bfloat16 reduction loop copies 8-byte vectors asynchronously and issues fewer
+    instructions than one channel at a time (a regression check on the compiled code)."""
+    pytest.importorskip("triton")
+    out = _run("triton_sass.py", "--configs", "1", "--dtypes", "bf16")
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[0] == "bf16":
+            rows[int(cells[2])] = cells
+    assert set(rows) == {1, 4}, out
+    assert "LDGSTS.E.64" in rows[4][5] and "U16" not in rows[4][5], rows[4]
+    assert int(rows[4][4]) * 2 < int(rows[1][4]), (rows[1], rows[4])
+    assert "stack" not in rows[4][3], rows[4]
