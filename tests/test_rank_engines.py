@@ -399,16 +399,19 @@ def _interpreted_triton():
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("case", ["plain-relu", "affine-residual-prelu", "residual-none"])
-def test_bn_act_kernel_matches_float64(layout, case):
+@pytest.mark.parametrize("shape", [(3, 5, 6, 7), (2, 8, 4, 5), (2, 68, 5, 7)], ids=lambda s: "x".join(map(str, s)))
+def test_bn_act_kernel_matches_float64(layout, case, shape):
+    """Odd sizes (one element at a time), rows of 4k elements (vectors), several tiles per row."""
     _interpreted_triton()
     from fastsupernet.ranking.triton_bn import bn_act
 
     g = torch.Generator().manual_seed(0)
-    y = torch.randn(3, 5, 6, 7, generator=g)
-    r = torch.randn(3, 5, 6, 7, generator=g)
+    y = torch.randn(*shape, generator=g)
+    r = torch.randn(*shape, generator=g)
+    c = shape[1]
     if layout == "channels_last":
         y, r = y.contiguous(memory_format=torch.channels_last), r.contiguous(memory_format=torch.channels_last)
-    s, t, rs, rt = (torch.randn(5, generator=g) for _ in range(4))
+    s, t, rs, rt = (torch.randn(c, generator=g) for _ in range(4))
     slope = torch.tensor([0.3])
     want = y.double() * s.double().view(1, -1, 1, 1) + t.double().view(1, -1, 1, 1)
     kw = {}

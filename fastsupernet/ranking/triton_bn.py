@@ -10,8 +10,9 @@ channel ``c``, in float32::
     v = relu(v) | prelu(v, slope[0]) | v
 
 and writes ``v`` in ``y``'s dtype: one read of ``y`` (and ``r``) and one write, instead of the
-four to six passes of separate PyTorch ops. ``y`` and ``r`` are dense NCHW or dense
-channels_last (``r`` is made to match ``y``). Every element runs the same code, so a value
+four to six passes of separate PyTorch ops; in 2-D tiles whose channel index comes from the
+column (channels_last) or the row (NCHW), and by 4-element vectors where the rows allow. ``y``
+and ``r`` are dense NCHW or dense channels_last (``r`` is made to match ``y``). Every element runs the same code, so a value
 does not depend on where its channel sits in the packed tensor.
 
 This module imports triton; the fast engine imports it only on CUDA. Under
@@ -26,29 +27,39 @@ import triton.language as tl
 __all__ = ["bn_act", "ACTIVATIONS"]
 
 ACTIVATIONS = ("none", "relu", "prelu")
-_BLOCK = 1024
+_BLOCK_ROWS = 32
+_BLOCK_COLS = 64
 
 
 @triton.jit
-def _bn_act_kernel(y_ptr, out_ptr, scale_ptr, shift_ptr, r_ptr, r_scale_ptr, r_shift_ptr, slope_ptr, total, C, HW,
+def _bn_act_kernel(y_ptr, out_ptr, scale_ptr, shift_ptr, r_ptr, r_scale_ptr, r_shift_ptr, slope_ptr, rows, cols, C,
                    CHANNELS_LAST: tl.constexpr, HAS_RES: tl.constexpr, RES_AFFINE: tl.constexpr, ACT: tl.constexpr,
-                   BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < total
+                   VEC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """A (BLOCK_ROWS, BLOCK_COLS) tile of the dense tensor seen as a (rows, cols) matrix: (pixels,
+    channels) for channels_last, (images x channels, pixels) for NCHW. The channel of an element
+    comes from its column or its row, so no element divides its flat index. ``cols`` arrives
+    divided by VEC (a divisor of it): multiplied here, it tells the compiler that rows start at
+    multiples of VEC elements, so VEC consecutive ones load as one vector."""
+    cols = cols * VEC
+    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    col = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    mask = (row < rows)[:, None] & (col < cols)[None, :]
+    offs = row.to(tl.int64)[:, None] * cols + col[None, :]
     if CHANNELS_LAST:
-        c = offs % C
+        c = col[None, :]  # (1, BLOCK_COLS)
+        c_mask = (col < cols)[None, :]
     else:
-        c = (offs // HW) % C
+        c = (row % C)[:, None]  # (BLOCK_ROWS, 1)
+        c_mask = (row < rows)[:, None]
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(scale_ptr + c, mask=mask, other=0.0)
-    t = tl.load(shift_ptr + c, mask=mask, other=0.0)
+    s = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
+    t = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
     v = y * s + t
     if HAS_RES:
         r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if RES_AFFINE:
-            rs = tl.load(r_scale_ptr + c, mask=mask, other=0.0)
-            rt = tl.load(r_shift_ptr + c, mask=mask, other=0.0)
+            rs = tl.load(r_scale_ptr + c, mask=c_mask, other=0.0)
+            rt = tl.load(r_shift_ptr + c, mask=c_mask, other=0.0)
             r = r * rs + rt
         v = v + r
     if ACT == 1:
@@ -100,18 +111,22 @@ def bn_act(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: 
     if total == 0:
         return y
     dummy = scale
-    grid = (triton.cdiv(total, _BLOCK),)
+    rows, cols = (n * h * w, c) if fmt == torch.channels_last else (n * c, h * w)
+    vec = 4 if cols % 4 == 0 else 1
+    grid = (triton.cdiv(rows, _BLOCK_ROWS), triton.cdiv(cols, _BLOCK_COLS))
     _bn_act_kernel[grid](
         y, y, scale.contiguous(), shift.contiguous(),
         residual if residual is not None else y,
         r_scale.contiguous() if r_scale is not None else dummy,
         r_shift.contiguous() if r_shift is not None else dummy,
         slope if slope is not None else dummy,
-        total, c, h * w,
+        rows, cols // vec, c,
         CHANNELS_LAST=fmt == torch.channels_last,
         HAS_RES=residual is not None,
         RES_AFFINE=r_scale is not None,
         ACT=ACTIVATIONS.index(activation),
-        BLOCK=_BLOCK,
+        VEC=vec,
+        BLOCK_ROWS=_BLOCK_ROWS,
+        BLOCK_COLS=_BLOCK_COLS,
     )
     return y
