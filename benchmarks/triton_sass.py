@@ -2,6 +2,7 @@
 
     python benchmarks/triton_sass.py                      # every configuration, bf16 / tf32 / tf32x3 / fp32
     python benchmarks/triton_sass.py --configs 1 --dtypes bf16 --dump DIR   # also keep PTX and SASS
+    python benchmarks/triton_sass.py --bn-act             # also the recalibration pass, per element
 
 Compiles ``fastsupernet.ops.triton_conv._multi_conv2d_kernel`` for ``sm_90`` the way a call of the
 ranking engine specialises it (a 3x3 layer of a channels_last activation with 128 packed channels
@@ -94,6 +95,51 @@ def compile_kernel(dtype: str, precision: str, config: int, vec: int):
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
+def bn_act_counts(dump: Path) -> None:
+    """Instructions per element of the recalibration pass (``fastsupernet.ranking.triton_bn``), bf16,
+    residual with its own BN, ReLU: the whole kernel over the elements one thread handles."""
+    from fastsupernet.ranking import triton_bn as tb
+
+    kernel = tb._bn_act_kernel
+    params = list(inspect.signature(kernel.fn).parameters.items())
+    names = [p for p, _ in params]
+    print("\n| recalibration pass (bf16) | vec | instructions per thread | elements per thread | per element | "
+          "global loads |")
+    print("|---|---|---|---|---|---|")
+    for layout, vec in (("channels_last", 1), ("channels_last", 4), ("NCHW", 1), ("NCHW", 4)):
+        sig, attrs = {}, {}
+        for i, (p, v) in enumerate(params):
+            if v.annotation is not inspect.Parameter.empty:
+                sig[p] = "constexpr"
+            elif p.endswith("_ptr"):
+                sig[p] = "*bf16" if p in ("y_ptr", "out_ptr", "r_ptr") else "*fp32"
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                sig[p] = "i32"
+                # divisible by 16 at batch 128 on 32x32..8x8 images: the rows, H*W (NCHW's cols),
+                # the element count (total, of the kernel before the 2-D tiles); not a packed
+                # channel count (channels_last's cols)
+                if p in ("rows", "total", "HW") or (p == "cols" and layout == "NCHW"):
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        consts = dict(CHANNELS_LAST=layout == "channels_last", HAS_RES=True, RES_AFFINE=True, ACT=1)
+        if "VEC" in names:
+            consts.update(VEC=vec, BLOCK_ROWS=tb._BLOCK_ROWS, BLOCK_COLS=tb._BLOCK_COLS)
+            per_thread = tb._BLOCK_ROWS * tb._BLOCK_COLS // (4 * 32)
+        elif vec == 1:
+            consts.update(BLOCK=tb._BLOCK)
+            per_thread = tb._BLOCK // (4 * 32)
+        else:
+            continue
+        out = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
+                             target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        cubin = dump / f"bn_act_{layout}_v{vec}.cubin"
+        cubin.write_bytes(out.asm["cubin"])
+        ops = [_opcode(m.group(1)) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);", _cuobjdump("-sass", cubin))]
+        loads = collections.Counter(op for op in ops if op.startswith("LDG"))
+        print(f"| {layout} | {vec} | {len(ops)} | {per_thread} | {len(ops) / per_thread:.1f} | "
+              f"{', '.join(f'{k} x{n}' for k, n in sorted(loads.items()))} |", flush=True)
+
+
 def _cuobjdump(flag: str, cubin: Path) -> str:
     return subprocess.run([str(_CUOBJDUMP), flag, str(cubin)], capture_output=True, text=True, check=True).stdout
 
@@ -123,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="indices into the kernel's configuration list (default: all)")
     ap.add_argument("--dtypes", default="bf16,tf32,tf32x3,fp32", help=f"of {sorted(PRECISIONS)}")
     ap.add_argument("--dump", type=Path, default=None, help="keep each kernel's PTX, SASS and cubin in this folder")
+    ap.add_argument("--bn-act", action="store_true", help="also the recalibration pass (triton_bn), per element")
     args = ap.parse_args(argv)
     if not _CUOBJDUMP.is_file():
         print(f"triton_sass: {_CUOBJDUMP} not found (Triton without its NVIDIA tools)", file=sys.stderr)
@@ -160,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{cfg.num_stages} | {vec} | {regs}{f' (stack {stack} B)' if stack != '0' else ''} | "
                       f"{len(loop) or 'n/a'} | {', '.join(f'{k} x{n}' for k, n in sorted(loads.items())) or '-'} | "
                       f"{per_instr} |", flush=True)
+    if args.bn_act:
+        bn_act_counts(dump)
     print(f"\n(PTX, SASS and cubins in {dump})")
     return 0
 
