@@ -13,7 +13,11 @@
 # (default: all cores), TORCH_CUDA_ARCH_LIST (default 9.0: H100/H200), GPU_CHECK_LIMIT_S,
 # GPU_CHECK_LOG_DIR (build log; default a fresh temporary directory), GPU_CHECK_KEEP_GOING=1
 # (a failed test or benchmark step is listed at the end instead of stopping the run; the device
-# and build sections still stop it, and the exit status is still 1).
+# and build sections still stop it, and the exit status is still 1), GPU_CHECK_RANK_RESERVE_S
+# (default: 40% of the limit): the steps before the ranking section leave this much of the
+# limit to it; a step the rest cannot fit is skipped and listed at the end (not a failure).
+# Within a section the steps run in order of what they tell: correctness first, then the kernel
+# tables, then the experiments.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -29,8 +33,10 @@ if [[ -z ${PYTHON:-} ]]; then
 fi
 KEEP_GOING=${GPU_CHECK_KEEP_GOING:-0}
 FAILURES=()
+SKIPPED=()
 TOTAL_LIMIT_S=${GPU_CHECK_LIMIT_S:-240}
 DEADLINE=$((SECONDS + TOTAL_LIMIT_S))
+RESERVE=${GPU_CHECK_RANK_RESERVE_S:-$((TOTAL_LIMIT_S * 2 / 5))}  # kept for the ranking section until it starts
 LOG_DIR=${GPU_CHECK_LOG_DIR:-$(mktemp -d)}
 SECTION=start
 TIMES=()
@@ -65,12 +71,20 @@ step() {
 }
 
 # check CAP CMD...: a test or benchmark step; with GPU_CHECK_KEEP_GOING=1 its failure is
-# recorded and the run goes on.
+# recorded and the run goes on. Before the ranking section it runs only in the time outside
+# that section's reserve, and is skipped (listed at the end) when less than 10 s of it is left.
 check() {
-  local rc=0
-  step "$@" || rc=$?
+  local cap=$1 rc=0 avail=$((DEADLINE - RESERVE - SECONDS))
+  shift
+  if ((avail < 10)); then
+    SKIPPED+=("${SECTION}: $*")
+    echo "gpu_check: skipped, the time left is the ranking section's (${RESERVE} s reserved): $*" >&2
+    return 0
+  fi
+  ((cap < avail)) || cap=${avail}
+  step "${cap}" "$@" || rc=$?
   if ((rc != 0)) && [[ ${KEEP_GOING} == 1 ]]; then
-    FAILURES+=("${SECTION}: ${*:2} (exit ${rc})")
+    FAILURES+=("${SECTION}: $* (exit ${rc})")
     echo "gpu_check: step failed (exit ${rc}), going on (GPU_CHECK_KEEP_GOING=1)" >&2
     return 0
   fi
@@ -161,8 +175,6 @@ if "${PYTHON}" -c 'import xdist' >/dev/null 2>&1; then
   ((workers < 2)) || XDIST=(-n "${workers}")
 fi
 check 60 "${PYTHON}" -m pytest -q -p no:cacheprovider tests/test_conv_cuda.py tests/test_conv_cuda_tf32.py
-# the fp32 kernel's two-image experiment, apart: a fault in it cannot take the tests above down
-check 30 "${PYTHON}" -m pytest -q -p no:cacheprovider tests/test_conv_cuda_two_images.py
 if [[ -f tests/test_conv_triton.py ]]; then
   # (the compile-only Triton check is for machines without a GPU; here the kernels really run)
   check 120 "${PYTHON}" -m pytest -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests/test_conv_triton.py \
@@ -172,12 +184,14 @@ fi
 check 60 "${PYTHON}" -m pytest -q -p no:cacheprovider tests/test_ops.py -k "cuda or gpu or triton"
 # (triton_cl: the Triton kernel on channels_last tensors, its 4-channel vector path)
 check 120 "${PYTHON}" benchmarks/gpu_kernels.py
-check 90 "${PYTHON}" benchmarks/gpu_kernels.py --precision tf32
 check 90 "${PYTHON}" benchmarks/gpu_kernels.py --precision bf16
-check 45 "${PYTHON}" benchmarks/gpu_kernels.py --two-images
+check 90 "${PYTHON}" benchmarks/gpu_kernels.py --precision tf32
 # one width class of a deep ranking level: multi_conv2d vs one batched cuDNN conv (fp32 and tf32);
 # decides how the fast engine should run the levels where every node has one child
 check 45 "${PYTHON}" benchmarks/gpu_class_conv.py
+# the fp32 kernel's two-image experiment, apart: a fault in it cannot take the steps above down
+check 30 "${PYTHON}" -m pytest -q -p no:cacheprovider tests/test_conv_cuda_two_images.py
+check 45 "${PYTHON}" benchmarks/gpu_kernels.py --two-images
 
 # --- section: training
 section training
@@ -201,6 +215,7 @@ check 45 "${PYTHON}" benchmarks/gpu_train.py --reps 3 --budget-s 15
 # fidelity may not fit in the default 240 s; GPU_CHECK_LIMIT_S=300 gives it a minute more).
 # tf32 / bf16 throughput, autotuned: python benchmarks/gpu_rank.py
 section ranking
+RESERVE=0
 RANK_LEFT=$((DEADLINE - SECONDS))
 check "${RANK_LEFT}" "${PYTHON}" benchmarks/gpu_rank.py --candidates 1000 --other-candidates 426 \
   --precisions fp32,bf16,fp32/triton_tf32x3,tf32/triton,tf32,tf32/class \
@@ -215,6 +230,9 @@ check "${RANK_LEFT}" "${PYTHON}" benchmarks/gpu_rank.py --candidates 426 --other
 
 section done
 printf '%s\n' "${TIMES[@]}"
+if ((${#SKIPPED[@]})); then
+  printf 'SKIPPED %s\n' "${SKIPPED[@]}"
+fi
 if ((${#FAILURES[@]})); then
   printf 'FAILED %s\n' "${FAILURES[@]}"
   echo "gpu_check: ${#FAILURES[@]} step(s) failed; ${SECONDS} s in all" >&2
