@@ -62,28 +62,36 @@ def _arg_values(vec: int) -> dict[str, int]:
     return v
 
 
+def specialisation(name: str, value: int) -> str:
+    """How a call specialises an integer argument of the conv kernel: '1' (a constant), 'D16'
+    (divisible by 16, where the kernel allows alignment variants) or '' (neither)."""
+    if name in tc._NOT_SPECIALIZED:
+        return ""
+    if value == 1:
+        return "1"
+    return "D16" if value % 16 == 0 and name not in getattr(tc, "_NO_ALIGNMENT_VARIANTS", ()) else ""
+
+
 def compile_kernel(dtype: str, precision: str, config: int, vec: int):
     """The kernel compiled for sm_90 as a call with these flags would specialise it."""
     kernel = tc._multi_conv2d_kernel
     params = list(inspect.signature(kernel.fn).parameters.items())
     names = [p for p, _ in params]
     values = _arg_values(vec)
-    skip_value = set(tc._NOT_SPECIALIZED)
-    skip_align = set(getattr(tc, "_NO_ALIGNMENT_VARIANTS", ()))
     sig, constexprs, attrs = {}, {}, {}
     for i, (p, v) in enumerate(params):
+        spec = specialisation(p, values[p]) if p in values else ""
         if v.annotation is not inspect.Parameter.empty:
             sig[p] = "constexpr"
         elif p.endswith("_ptr"):
             sig[p] = _PTRS.get(p, "*" + dtype)
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif values.get(p) == 1 and p not in skip_value:
+        elif spec == "1":
             sig[p] = "constexpr"
             constexprs[p] = 1
         else:
             sig[p] = "i32"
-            val = values.get(p)
-            if val is not None and val % 16 == 0 and p not in skip_value and p not in skip_align:
+            if spec == "D16":
                 attrs[(i,)] = [["tt.divisibility", 16]]
     cfg = tc._CONFIGS[config]
     constexprs.update(KSIZE=KSIZE, HAS_SCALE=True, HAS_SHIFT=True, HAS_RESIDUAL=False, ACTIVATION=1, STATS=False,

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"  # (set before triton is imported; nothing is interpreted here)
-
-import torch  # noqa: E402
+import torch
+from triton_sass import specialisation  # (benchmarks/, this script's folder; imports triton compiled)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from fastsupernet import Supernet  # noqa: E402
@@ -35,15 +33,6 @@ from fastsupernet.ops import triton_conv as tc  # noqa: E402
 from fastsupernet.ranking.engines import FastEngine, RankData  # noqa: E402
 
 _STRIDES = [f"stride_{t}{d}" for t in "xor" for d in "nchw"] + [f"stride_w{d}" for d in "ochw"]
-
-
-def _specialisation(name: str, value: int) -> str:
-    """Triton's specialisation of an integer argument: '1', 'D16' (divisible by 16) or ''."""
-    if name in tc._NOT_SPECIALIZED:
-        return ""
-    if value == 1:
-        return "1"
-    return "D16" if value % 16 == 0 and name not in tc._NO_ALIGNMENT_VARIANTS else ""
 
 
 class Recorder:
@@ -68,8 +57,8 @@ class Recorder:
                    *tc._strides(weight, vec["VEC_W"])]
         flags = (k, scale is not None, shift is not None, residual is not None, activation, bool(stats),
                  input_precision, vec["VEC_X"], vec["VEC_W"])
-        ints = (_specialisation("conv_stride", stride),) + tuple(
-            _specialisation(name, v) for name, v in zip(_STRIDES, strides))
+        ints = (specialisation("conv_stride", stride),) + tuple(
+            specialisation(name, v) for name, v in zip(_STRIDES, strides))
         self.variants[flags + ints] += 1
         self.tune_keys[(tc._bucket(n * h_out * w_out, hi=tc._TUNE_M_CAP), tc._bucket(max(ow), hi=64),
                         tc._bucket(max(iw), hi=64)) + flags] += 1

@@ -303,6 +303,13 @@ VECTOR_SHAPES = [
 ]
 
 
+def _vector_layout(c_max: int) -> dict:
+    """Case arguments for the 4-channel vector path: channels_last x, weight and residual, every
+    channel count a multiple of 4."""
+    return dict(layout="channels_last", weight_layout="channels_last", c_max=c_max, spare_channels=4,
+                residual_layout="channels_last")
+
+
 @pytest.mark.parametrize("shape", VECTOR_SHAPES, ids=lambda s: f"n{s[0]}h{s[1]}w{s[2]}k{s[3]}s{s[4]}K{len(s[6])}")
 def test_vector_path_matches_oracle(shape, monkeypatch):
     """The 4-channel vector loads and stores (VEC_X = VEC_W = 4) against the float64 oracle, with
@@ -313,9 +320,8 @@ def test_vector_path_matches_oracle(shape, monkeypatch):
     real = tc._vector_widths
     monkeypatch.setattr(tc, "_vector_widths", lambda *a: chosen.append(real(*a)) or chosen[-1])
     common = dict(n=n, h=h, w=w, ksize=ksize, stride=stride, padding=padding, in_widths=in_widths,
-                  out_widths=out_widths, packed_input=packed, layout="channels_last", seed=seed,
-                  weight_layout="channels_last", c_max=max(in_widths) + 4, spare_channels=4)
-    Case(**common, residual_layout="channels_last").run_and_check()
+                  out_widths=out_widths, packed_input=packed, seed=seed, **_vector_layout(max(in_widths) + 4))
+    Case(**common).run_and_check()
     Case(**common, scale=False, shift=False, residual=False, activation="none", stats=False).run_and_check()
     assert chosen == [{"VEC_X": 4, "VEC_W": 4}] * 2
 
@@ -354,8 +360,7 @@ def test_runtime_loop_matches_oracle(shape, monkeypatch):
             pytest.skip("the interpreter's run-time loops need numpy < 2.3")
         monkeypatch.setattr(tc, "_INTERPRET_RUNTIME_LOOP", True)
     n, h, w, ksize, stride, padding, in_widths, out_widths, packed, vector = shape
-    layout = dict(layout="channels_last", weight_layout="channels_last", c_max=max(in_widths) + 4,
-                  spare_channels=4, residual_layout="channels_last") if vector else dict(layout="slice")
+    layout = _vector_layout(max(in_widths) + 4) if vector else dict(layout="slice")
     Case(n=n, h=h, w=w, ksize=ksize, stride=stride, padding=padding, in_widths=in_widths, out_widths=out_widths,
          packed_input=packed, seed=200 + RUNTIME_LOOP_SHAPES.index(shape), **layout).run_and_check()
 
@@ -450,9 +455,7 @@ def test_multi_conv2d_tf32x3_opt_in(layout):
     """Three TF32 products per float32 product (on a GPU; the interpreter computes float32): within
     2^-18 of sum |products| plus the accumulation bound, vector path included."""
     if layout == "vector":
-        case = Case(n=2, h=4, w=5, in_widths=(8, 4), out_widths=(4, 12), layout="channels_last",
-                    weight_layout="channels_last", c_max=12, spare_channels=4, residual_layout="channels_last",
-                    seed=14)
+        case = Case(n=2, h=4, w=5, in_widths=(8, 4), out_widths=(4, 12), seed=14, **_vector_layout(12))
     else:
         case = Case(n=1, h=3, w=3, in_widths=(3, 6), out_widths=(5, 3), seed=15)
     case.run_and_check(input_precision="tf32x3")

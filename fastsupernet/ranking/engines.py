@@ -468,14 +468,14 @@ class FastEngine(Engine):
                                  "is imported (the interpreter, for tests); on CUDA it runs compiled")
             self._tf32_cuda, self._triton = False, True
         # Weights in the dtype of the activations (bf16 copies are made once per engine, not per
-        # candidate). The Triton kernel reads them channels_last: input channels contiguous, so
-        # that 4 of them load as one vector; the compiled kernels read (R, C, k, k) contiguous.
-        fmt = torch.channels_last if self._triton else torch.contiguous_format
+        # candidate), in their layout: channels_last for the Triton kernel (input channels
+        # contiguous, so that 4 of them load as one vector), (R, C, k, k) for the compiled ones.
         self._weights: dict[int, torch.Tensor] = {}
         for conv, sc in self._mods:
             for m in (conv, sc):
                 if m is not None:
-                    self._weights[id(m)] = m.weight.detach().to(self._act_dtype).contiguous(memory_format=fmt)
+                    self._weights[id(m)] = m.weight.detach().to(self._act_dtype).contiguous(
+                        memory_format=self._act_format)
         self._fused_light = dev.type == "cuda" and _triton_available()
         # the compiled one-pass CPU version (float32 activations; bf16 runs the torch ops)
         self._compiled_light = (dev.type == "cpu" and self._act_dtype == torch.float32
@@ -569,6 +569,12 @@ class FastEngine(Engine):
         return ops.multi_conv2d(x, weight, in_offsets, in_widths, out_widths, rows, stride=stride, padding=padding,
                                 scale=scale, shift=shift, residual=residual, activation=activation,
                                 prelu_slope=slope, stats=stats)
+
+    @property
+    def _act_format(self) -> torch.memory_format:
+        """The layout of the activations (and weights): channels_last for the Triton kernels,
+        whose loads then run along the channels; NCHW for the compiled kernels."""
+        return torch.channels_last if self._triton else torch.contiguous_format
 
     def _triton_input_precision(self) -> str:
         """The Triton dot's input precision for float32 operands (bfloat16 ones ignore it)."""
@@ -705,7 +711,7 @@ class FastEngine(Engine):
         """
         x = x.to(self._act_dtype)
         if self._triton:  # the Triton kernels' fast layout; every later activation keeps it
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=self._act_format)
         acts: dict[int, torch.Tensor] = {-1: x}
         eps = self.model.config.bn_eps
         for d, lv in enumerate(plan.levels):
@@ -789,7 +795,7 @@ class FastEngine(Engine):
                                shift=t.sc_shift)
         # in the activations' layout (channels_last for the Triton kernels: their residual loads
         # are then vectors along the channels, and the recalibration pass copies nothing)
-        fmt = torch.channels_last if self._triton else torch.contiguous_format
+        fmt = self._act_format
         if t.id_src is not None:  # some (or all) units keep an identity shortcut
             full = torch.empty((block_in.shape[0], lv.channels, *block_in.shape[2:]), dtype=block_in.dtype,
                                device=block_in.device, memory_format=fmt).zero_()
