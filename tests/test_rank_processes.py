@@ -16,6 +16,7 @@ import pytest
 from fastsupernet import io as fio
 from fastsupernet.ranking import existing_journals, journal_path, network_key
 
+from torchrun_cli import assert_succeeded, run_torchrun
 from rank_helpers import ROOT, candidates, cli_env, entries, journal_nets, one_json, rank_cmd, run_cli, write_candidates
 
 NETWORKS = 12
@@ -74,12 +75,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_output(uninterrupted, train
 def test_two_processes_give_the_output_of_one(uninterrupted, trained_checkpoint, tmp_path):
     cands, archs, full = uninterrupted
     two = tmp_path / "two.json"
-    r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "fastsupernet", *rank_cmd(trained_checkpoint, archs, two, "--engine", "reference")],
-        cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300,
-    )
-    assert r.returncode == 0, r.stderr
+    logs = tmp_path / "logs"
+    r = run_torchrun(rank_cmd(trained_checkpoint, archs, two, "--engine", "reference"), logs, env=cli_env(), cwd=ROOT)
+    assert_succeeded(r, logs)
     d = one_json(r.stdout)  # only rank 0 prints
     assert d["world_size"] == 2 and d["unique"] == NETWORKS and d["computed"] == NETWORKS
     assert d["candidates"] == NETWORKS + 1

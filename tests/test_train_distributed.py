@@ -3,7 +3,6 @@ gradients over the same two shards of every batch."""
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import yaml
 from fastsupernet import load_checkpoint
 from fastsupernet.training import train
 
+from torchrun_cli import assert_succeeded, run_torchrun
 from train_tiny import make_tiny_data, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,12 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _train_two_ranks(config: Path, out: Path) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node 2 -m fastsupernet train`` (gloo, 1 thread per rank); must succeed."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "fastsupernet", "train", "--config", str(config), "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    logs = out.parent / f"{out.name}-logs"
+    r = run_torchrun(["train", "--config", str(config), "--out", str(out)], logs, env=env)
+    assert_succeeded(r, logs)
     return r
 
 
