@@ -16,6 +16,7 @@ import numpy as np
 
 from . import io as fio
 from .space import Arch, ChannelSpace, get_space
+from .ranking.engines import CONV_ROUTES
 
 __all__ = ["main", "build_parser", "CLIError", "COMMANDS"]
 
@@ -261,7 +262,7 @@ def _add_rank(sub: argparse._SubParsersAction) -> None:
             "so --resume continues a killed run. Under torchrun every rank scores a shard and rank 0 "
             "writes OUT.json. Prints {out, candidates, unique, computed, resumed, seconds, "
             "candidates_per_s, macs_per_image_total, macs_per_image_computed, prefix_sharing_saved, "
-            "engine, precision, world_size}."
+            "engine, precision, conv_route, world_size}."
         ),
     )
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="trained supernet checkpoint")
@@ -275,6 +276,10 @@ def _add_rank(sub: argparse._SubParsersAction) -> None:
                    help="first M test images (default: the whole test split)")
     p.add_argument("--engine", choices=("fast", "reference"), default="fast", help="engine (default fast)")
     p.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32", help="arithmetic (default fp32)")
+    p.add_argument("--conv-route", choices=CONV_ROUTES, default="kernel",
+                   help="how the fast engine runs its convolutions on a GPU: kernel (default; the compiled kernel of "
+                        "the precision), triton (the Triton kernel at every precision), triton_tf32x3 (fp32 as three "
+                        "TF32 tensor-core products) or class (one cuDNN conv per width class)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its journal(s)")
     p.add_argument("--force", action="store_true", help="discard an earlier run's OUT.json and journals and start over")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -293,7 +298,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     res = rank(
         args.checkpoint, args.archs, args.out, data=args.data, recal_images=args.recal_images,
         recal_batch=args.recal_batch, eval_images=args.eval_images, engine=args.engine,
-        precision=args.precision, resume=args.resume, force=args.force, device=args.device,
+        precision=args.precision, conv_route=args.conv_route, resume=args.resume, force=args.force, device=args.device,
         memory_limit=memory, progress=not args.no_progress,
     )
     if int(os.environ.get("RANK", "0") or 0) == 0:

@@ -124,7 +124,54 @@ def test_bad_arch_in_mapping_and_bad_settings_are_refused(trained_checkpoint, tm
         rank(trained_checkpoint, [SPACE.largest()], out, engine="turbo", progress=False)
     with pytest.raises(RankError, match="no candidates"):
         rank(trained_checkpoint, {}, out, progress=False)
+    # conv routes: refused before anything is read or written, saying why
+    with pytest.raises(RankError, match="conv_route must be one of kernel, triton, triton_tf32x3, class, got 'cudnn'"):
+        rank(trained_checkpoint, [SPACE.largest()], out, conv_route="cudnn", progress=False)
+    with pytest.raises(RankError, match="conv_route 'class' is an option of the fast engine, not of 'reference'"):
+        rank(trained_checkpoint, [SPACE.largest()], out, engine="reference", conv_route="class", progress=False)
+    with pytest.raises(RankError, match="conv_route 'triton_tf32x3' computes fp32 convolutions; precision 'tf32'"):
+        rank(trained_checkpoint, [SPACE.largest()], out, precision="tf32", conv_route="triton_tf32x3",
+             progress=False)
+    if not _triton_interpreted():
+        with pytest.raises(RankError, match="conv_route 'triton' (on CPU needs TRITON_INTERPRET=1|needs triton)"):
+            rank(trained_checkpoint, [SPACE.largest()], out, device="cpu", conv_route="triton", progress=False)
     assert not out.exists() and not existing_journals(out)
+
+
+def _triton_interpreted() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_conv_route_is_recorded_and_resume_keeps_it(reference_run, trained_checkpoint, tmp_path):
+    """A non-default route changes the arithmetic: the output, the summary and the journal say
+    which ran, and resuming with another route is refused. The default route is not written
+    into the fingerprint, so journals of runs that had no route setting still resume."""
+    cands, out, _ = reference_run
+    routed = tmp_path / "class.json"
+    res = rank(trained_checkpoint, cands, routed, conv_route="class", progress=False, **TINY)
+    assert res.conv_route == "class" and res.to_json_dict()["conv_route"] == "class"
+    assert "conv route class" in res.summary_line()
+    assert fio.read_meta(routed)["conv_route"] == "class"
+    assert journal_header(journal_path(routed))["conv_route"] == "class"
+    ref = entries(out)
+    for cid, s in res.scores.items():  # the same function as the reference, up to rounding
+        assert abs(s.acc - ref[cid][1]) <= 2 / 128 + 1e-12
+        assert s.loss == pytest.approx(ref[cid][2], rel=1e-4, abs=1e-5)
+    with pytest.raises(JournalError, match=r"changed: conv_route\)"):
+        rank(trained_checkpoint, cands, routed, resume=True, progress=False, **TINY)
+    assert "conv_route" not in journal_header(journal_path(out))
+    assert fio.read_meta(out)["conv_route"] == "kernel"
+    # the command line takes it too
+    archs = write_candidates(tmp_path / "c.json", dict(list(cands.items())[:2]))
+    r = run_cli(rank_cmd(trained_checkpoint, archs, tmp_path / "cli.json", "--conv-route", "class"))
+    assert r.returncode == 0, r.stderr
+    assert one_json(r.stdout)["conv_route"] == "class"
+    r = run_cli(rank_cmd(trained_checkpoint, archs, tmp_path / "bad.json", "--engine", "reference",
+                         "--conv-route", "class"))
+    assert r.returncode == 2 and "is an option of the fast engine" in r.stderr
+    assert not (tmp_path / "bad.json").exists() and not existing_journals(tmp_path / "bad.json")
 
 
 def test_data_that_does_not_fit_the_checkpoint_is_refused(trained_checkpoint, tmp_path):

@@ -30,7 +30,7 @@ from ..checkpoint import Checkpoint, load_checkpoint
 from ..data import Dataset, load_data
 from ..journal import Journal, JournalError, existing_journals, journal_path
 from ..space import Arch, ChannelSpace
-from .engines import ENGINES, PRECISIONS, Protocol, make_engine, prepare_data
+from .engines import ENGINES, PRECISIONS, Protocol, check_conv_route, make_engine, prepare_data
 from ..distributed import ProcessGroup, process_group_from_env
 from .shard import plan_shards
 
@@ -69,6 +69,7 @@ class RankResult:
     world_size: int = 1
     engine: str = "fast"
     precision: str = "fp32"
+    conv_route: str = "kernel"
 
     @property
     def candidates_per_s(self) -> float:
@@ -97,6 +98,7 @@ class RankResult:
             "prefix_sharing_saved": round(self.prefix_sharing_saved, 4),
             "engine": self.engine,
             "precision": self.precision,
+            "conv_route": self.conv_route,
             "world_size": self.world_size,
         }
 
@@ -105,10 +107,11 @@ class RankResult:
         ratio = (
             self.macs_per_image_total / self.macs_per_image_computed if self.macs_per_image_computed > 0 else 1.0
         )
+        route = f", conv route {self.conv_route}" if self.conv_route != "kernel" else ""
         return (
             f"ranked {self.candidates} candidates ({self.unique} unique networks: {self.computed} computed, "
             f"{self.resumed} from the journal) in {self.seconds:.1f} s, {self.candidates_per_s:.2f} candidates/s "
-            f"({self.engine}, {self.precision}, {self.world_size} process{'es' if self.world_size > 1 else ''}); "
+            f"({self.engine}, {self.precision}{route}, {self.world_size} process{'es' if self.world_size > 1 else ''}); "
             f"prefix sharing saved {100 * self.prefix_sharing_saved:.1f}% of multiply-adds ({ratio:.2f}x)"
         )
 
@@ -251,6 +254,7 @@ def rank(
     eval_images: int | None = None,
     engine: str = "fast",
     precision: str = "fp32",
+    conv_route: str = "kernel",
     resume: bool = False,
     force: bool = False,
     device: str | torch.device | None = None,
@@ -264,7 +268,10 @@ def rank(
     checkpoint's data spec. The protocol (README, "Ranking"): the first ``recal_images`` of the
     seeded recalibration split (10% of the training set; all of it by default) in batches of
     ``recal_batch``, then top-1 accuracy and mean cross-entropy on the first ``eval_images`` test
-    images (all by default). Results stream to ``out + ".journal"``; ``resume=True`` continues
+    images (all by default). ``conv_route`` picks how the fast engine runs its convolutions on
+    a GPU (:data:`~fastsupernet.ranking.engines.CONV_ROUTES`; ``kernel``, the default, is the
+    fastest measured; ``triton`` and ``triton_tf32x3`` are the Triton kernel, README "Ranking").
+    Results stream to ``out + ".journal"``; ``resume=True`` continues
     an interrupted run with the same fingerprint, ``force=True`` discards an earlier run's
     output and journals. Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank scores a shard of
     whole prefix subtrees and rank 0 writes ``out``; every rank returns the merged result.
@@ -286,6 +293,10 @@ def rank(
     dev = _resolve_device(device, int(os.environ.get("LOCAL_RANK", "0") or 0))
     if precision == "bf16" and dev.type != "cuda":
         raise RankError(f"precision 'bf16' needs a CUDA device, got {dev} (use fp32 on CPU)")
+    try:
+        check_conv_route(engine, conv_route, precision, dev)
+    except ValueError as e:
+        raise RankError(str(e)) from None
     out = Path(out)
     if out.is_dir():
         raise RankError(f"{out} is a directory; expected the path of the submission file to write")
@@ -315,7 +326,8 @@ def rank(
     try:
         return _run(
             group=group, t0=t0, ckpt=ckpt, ckpt_path=ckpt_path, candidates=candidates, networks=networks, keys=keys,
-            spec=spec, dataset=dataset, protocol=protocol, engine=engine, precision=precision, resume=resume,
+            spec=spec, dataset=dataset, protocol=protocol, engine=engine, precision=precision,
+            conv_route=conv_route, resume=resume,
             force=force, device=dev, memory_limit=memory_limit,
             progress=progress, out=out,
         )
@@ -337,6 +349,7 @@ def _run(
     protocol: Protocol,
     engine: str,
     precision: str,
+    conv_route: str,
     resume: bool,
     force: bool,
     device: torch.device,
@@ -353,6 +366,8 @@ def _run(
         "precision": precision,
         "device": device.type,
     }
+    if conv_route != "kernel":  # the default route is left out: journals written before routes existed resume
+        fingerprint["conv_route"] = conv_route
     done = _load_previous(out, fingerprint, resume=resume, force=force, group=group)
 
     space = ckpt.space
@@ -379,7 +394,8 @@ def _run(
         if pending:
             model = ckpt.build_supernet(device)
             rank_data = prepare_data(dataset, protocol, device=device)
-            eng = make_engine(engine, model, rank_data, precision=precision, memory_limit_bytes=memory_limit)
+            eng = make_engine(engine, model, rank_data, precision=precision, memory_limit_bytes=memory_limit,
+                              conv_route=conv_route)
             archs = [networks[k] for k in pending]
             bar = _progress_bar(progress and group.rank == 0, len(mine), len(mine) - len(pending), group)
             try:
@@ -425,6 +441,7 @@ def _run(
         world_size=group.world_size,
         engine=engine,
         precision=precision,
+        conv_route=conv_route,
     )
     result.meta = {
         "command": "rank",
@@ -433,6 +450,7 @@ def _run(
         "data": fingerprint["data"],
         "engine": engine,
         "precision": precision,
+        "conv_route": conv_route,
         "device": device.type,
         "world_size": group.world_size,
         "counts": {

@@ -82,6 +82,8 @@ from .tree import prefix_sharing
 __all__ = [
     "ENGINES",
     "PRECISIONS",
+    "CONV_ROUTES",
+    "check_conv_route",
     "Protocol",
     "RankData",
     "prepare_data",
@@ -426,6 +428,30 @@ CONV_ROUTES = ("kernel", "triton", "triton_tf32x3", "class")
 CLASS_CHUNK = 4
 
 
+def check_conv_route(engine: str, route: str, precision: str, device: torch.device | str) -> None:
+    """``ValueError`` saying why ``route`` (:data:`CONV_ROUTES`) cannot run ``engine`` at
+    ``precision`` on ``device``; nothing when it can."""
+    if route not in CONV_ROUTES:
+        raise ValueError(f"conv_route must be one of {', '.join(CONV_ROUTES)}, got {route!r}")
+    if route == "kernel":
+        return
+    if engine != "fast":
+        raise ValueError(f"conv_route {route!r} is an option of the fast engine, not of {engine!r}")
+    if route == "class" and precision == "bf16":
+        raise ValueError("conv_route 'class' runs fp32 or tf32 convolutions; precision 'bf16' needs 'kernel'")
+    if route == "triton_tf32x3" and precision != "fp32":
+        raise ValueError(f"conv_route 'triton_tf32x3' computes fp32 convolutions; precision {precision!r} "
+                         "needs 'kernel' or 'triton'")
+    if route in ("triton", "triton_tf32x3"):
+        if not _triton_available():
+            raise ValueError(f"conv_route {route!r} needs triton (pip install triton)")
+        from ..ops import triton_conv
+
+        if torch.device(device).type == "cpu" and not triton_conv._interpreted():
+            raise ValueError(f"conv_route {route!r} on CPU needs TRITON_INTERPRET=1 set before triton is imported "
+                             "(the interpreter, for tests); on CUDA it runs compiled")
+
+
 def _ranges(starts: Sequence[int], lengths: Sequence[int]) -> list[int]:
     return [s + j for s, n in zip(starts, lengths) for j in range(n)]
 
@@ -440,13 +466,7 @@ class FastEngine(Engine):
         super().__init__(*args, **kw)
         self.eval_batch = eval_batch or self.recal_batch
         dev = self.data.device
-        if conv_route not in CONV_ROUTES:
-            raise ValueError(f"conv_route must be one of {CONV_ROUTES}, got {conv_route!r}")
-        if conv_route == "class" and self.precision == "bf16":
-            raise ValueError("conv_route 'class' runs fp32 or tf32 convolutions; precision 'bf16' needs 'kernel'")
-        if conv_route == "triton_tf32x3" and self.precision != "fp32":
-            raise ValueError(f"conv_route 'triton_tf32x3' computes fp32 convolutions; precision {self.precision!r} "
-                             "needs 'kernel' or 'triton'")
+        check_conv_route("fast", conv_route, self.precision, dev)
         if not isinstance(class_chunk, int) or isinstance(class_chunk, bool) or class_chunk < 1:
             raise ValueError(f"class_chunk must be an int >= 1, got {class_chunk!r}")
         self.conv_route = conv_route
@@ -461,11 +481,6 @@ class FastEngine(Engine):
         if self.conv_route == "class":  # F.conv2d under the precision's TF32 setting, NCHW
             self._tf32_cuda = self._triton = False
         if self.conv_route in ("triton", "triton_tf32x3"):
-            from ..ops import triton_conv
-
-            if dev.type == "cpu" and not triton_conv._interpreted():
-                raise ValueError(f"conv_route {self.conv_route!r} on CPU needs TRITON_INTERPRET=1 set before triton "
-                                 "is imported (the interpreter, for tests); on CUDA it runs compiled")
             self._tf32_cuda, self._triton = False, True
         # Weights in the dtype of the activations (bf16 copies are made once per engine, not per
         # candidate), in their layout: channels_last for the Triton kernel (input channels
@@ -947,9 +962,8 @@ def make_engine(name: str, model: Supernet, data: RankData, *, precision: str = 
         raise ValueError(f"engine must be one of {ENGINES}, got {name!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_conv_route(name, conv_route, precision, data.device)
     model.to(data.device)
     if name == "fast":
         return FastEngine(model, data, precision, memory_limit_bytes, conv_route=conv_route)
-    if conv_route != "kernel":
-        raise ValueError(f"conv_route {conv_route!r} is an option of the fast engine, not of {name!r}")
     return ReferenceEngine(model, data, precision, memory_limit_bytes)
