@@ -206,9 +206,9 @@ check 45 "${PYTHON}" benchmarks/gpu_train.py --reps 3 --budget-s 15
 # fp32/triton_tf32x3 (the same kernel, fp32 as three TF32 products), tf32/triton (its tf32
 # dot), tf32 (the CUDA tensor-core kernel), prefix-sharing
 # ratios and a projection for all 50,000; tf32/class: the engine's conv_route="class" experiment
-# (one cuDNN convolution per chunk of a width class) on the same first group; then tf32, tf32/class and bf16 vs
-# fp32 Kendall tau
-# (>= 0.98) on a briefly trained supernet, and fp32 fast vs reference. Triton runs one fixed tile
+# (one cuDNN convolution per chunk of a width class) on the same first group; then the Kendall
+# tau vs fp32 (>= 0.98) of fp32/triton_tf32x3, tf32/triton (never measured: first), bf16, tf32
+# and tf32/class on a briefly trained supernet, and fp32 fast vs reference. Triton runs one fixed tile
 # configuration here: autotuning compiles every configuration for each set of epilogue flags,
 # about a minute per precision on a fresh machine. Configuration 6 (128x16x16): of one tile for
 # every layer, the best by the static counts of benchmarks/triton_sass.py weighed by how much of
@@ -221,7 +221,7 @@ RESERVE=0
 RANK_LEFT=$((DEADLINE - SECONDS))
 check "${RANK_LEFT}" "${PYTHON}" benchmarks/gpu_rank.py --candidates 1000 --other-candidates 426 \
   --precisions fp32,bf16,fp32/triton_tf32x3,tf32/triton,tf32,tf32/class \
-  --fidelity-runs tf32,bf16,fp32/triton_tf32x3,tf32/class \
+  --fidelity-runs fp32/triton_tf32x3,tf32/triton,bf16,tf32,tf32/class \
   --fp32-s 20 --throughput-s 100 --tau-candidates 100 --tau-recal 512 --tau-eval 1000 --ref-candidates 10 \
   --deadline-s $((RANK_LEFT - 78)) --triton-config 6 --json "${LOG_DIR}/rank.json"
 # the fp32 kernel's two-image tiles in the engine (the 70 s kept above), in a process of its own: a

@@ -216,6 +216,35 @@ def _throughput_run(args, dev, model, data, sub, entry, precision, route, budget
     return row
 
 
+TARGET_50000_S = 600.0  # issue target: all 50,000 official candidates in 10 minutes
+
+
+def verdict(out: dict) -> dict | None:
+    """The fastest throughput run whose ranking agrees with fp32 (Kendall tau >= TAU_TARGET in
+    the fidelity phase; fp32 itself needs none), its projection against the 10-minute target and
+    the ``rank`` command that runs it; None when no run qualifies. A run whose tau was not
+    measured is listed as unchecked, never chosen."""
+    fid = out.get("fidelity", {})
+    ok, unchecked = [], []
+    for row in out.get("throughput", []):
+        if not math.isfinite(row.get("projected_50000_s", math.nan)):
+            continue
+        tau = 1.0 if row["run"] == "fp32" else fid.get(f"tau_{row['run']}_vs_fp32")
+        (unchecked if tau is None else ok if tau >= TAU_TARGET else []).append((row, tau))
+    if not ok:
+        return None
+    row, tau = min(ok, key=lambda rt: rt[0]["projected_50000_s"])
+    cmd = f"python -m fastsupernet rank --precision {row['precision']}"
+    if row["conv_route"] != "kernel":
+        cmd += f" --conv-route {row['conv_route']}"
+    if row["run"].endswith("/img2"):
+        cmd = "FASTSUPERNET_CUDA_CONV_IMAGES=2 " + cmd
+    return {"run": row["run"], "tau_vs_fp32": tau, "projected_50000_s": row["projected_50000_s"],
+            "meets_target": row["projected_50000_s"] <= TARGET_50000_S, "command": cmd,
+            "faster_but_unchecked": [r["run"] for r, _ in unchecked
+                                     if r["projected_50000_s"] < row["projected_50000_s"]]}
+
+
 def profile(model, data, archs, dev, precision: str = "fp32") -> list[dict]:
     """The fast engine on ``archs`` under torch.profiler: the GPU kernels that take its time."""
     from torch.profiler import ProfilerActivity
@@ -417,6 +446,14 @@ def main(argv=None) -> int:
         throughput(args, dev, out)
     if not args.skip_fidelity:
         ok = fidelity(args, dev, out)
+    best = verdict(out)
+    if best is not None:
+        out["verdict"] = best
+        print(f"gpu_rank: fastest run that ranks like fp32: {best['run']} (tau {best['tau_vs_fp32']:.4f}), "
+              f"PROJECTED all 50,000 in {best['projected_50000_s'] / 60:.1f} min (target {TARGET_50000_S / 60:.0f} "
+              f"min: {'met' if best['meets_target'] else 'NOT met'}); run it with: {best['command']}"
+              + (f"; faster, fidelity not measured: {', '.join(best['faster_but_unchecked'])}"
+                 if best["faster_but_unchecked"] else ""))
     out["seconds"] = time.perf_counter() - t0
     print(f"gpu_rank: done in {out['seconds']:.0f} s{'' if ok else ' (a fidelity target was MISSED)'}")
     if args.json:

@@ -124,3 +124,29 @@ def test_triton_sass_counts_the_vector_path():
     assert "LDGSTS.E.64" in rows[4][5] and "U16" not in rows[4][5], rows[4]
     assert int(rows[4][4]) * 2 < int(rows[1][4]), (rows[1], rows[4])
     assert "stack" not in rows[4][3], rows[4]
+
+
+def test_gpu_rank_verdict_picks_the_fastest_run_that_ranks_like_fp32(monkeypatch):
+    """The summary line of gpu_rank.py: the fastest throughput run whose Kendall tau vs fp32 met
+    the target, with the rank command that reproduces it; unmeasured fidelity never qualifies."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_rank
+
+    def row(run, secs):
+        precision, route = gpu_rank._run_kind(run)
+        return {"run": run, "precision": precision, "conv_route": route, "projected_50000_s": secs}
+
+    out = {"throughput": [row("fp32", 1200), row("bf16", 500), row("tf32/triton", 400), row("fp32/triton_tf32x3", 550),
+                          row("tf32", float("nan"))],
+           "fidelity": {"tau_bf16_vs_fp32": 0.97, "tau_fp32/triton_tf32x3_vs_fp32": 0.999}}
+    v = gpu_rank.verdict(out)
+    assert v["run"] == "fp32/triton_tf32x3" and v["meets_target"] and v["tau_vs_fp32"] == 0.999
+    assert v["command"] == "python -m fastsupernet rank --precision fp32 --conv-route triton_tf32x3"
+    assert v["faster_but_unchecked"] == ["tf32/triton"]  # bf16 missed its tau: not listed, not chosen
+    out["fidelity"] = {}
+    v = gpu_rank.verdict(out)
+    assert v["run"] == "fp32" and not v["meets_target"] and v["command"] == "python -m fastsupernet rank --precision fp32"
+    out["throughput"] = [row("fp32/img2", 590)]
+    assert gpu_rank.verdict(out) is None  # fp32/img2 is not fp32: its tau must be measured
+    out["fidelity"] = {"tau_fp32/img2_vs_fp32": 1.0}
+    assert gpu_rank.verdict(out)["command"].startswith("FASTSUPERNET_CUDA_CONV_IMAGES=2 python -m fastsupernet rank")
