@@ -94,7 +94,9 @@ def _setup_module():
 
 def test_setup_nvcc_flags_compile_every_cuda_source(tmp_path):
     """The flags setup.py gives nvcc for the torch build (not the CMake check above) compile every
-    .cu file: a gcc-only flag among them once broke the CUDA build on a GPU machine."""
+    .cu file: a gcc-only flag among them once broke the CUDA build on a GPU machine. Also for
+    sm_75 (the staging without cp.async, and the TF32 kernel's stub: it refuses to run below
+    sm_80) and sm_80 (A100), which users' TORCH_CUDA_ARCH_LIST may include."""
     nvcc = _require("nvcc", _find_nvcc())
     setup = _setup_module()
     assert "-g0" not in setup.nvcc_flags(True)
@@ -102,7 +104,8 @@ def test_setup_nvcc_flags_compile_every_cuda_source(tmp_path):
     assert sources
     for src in sources:
         cmd = [nvcc, "-c", str(src), "-o", str(tmp_path / (src.stem + ".o")), f"-I{ROOT / 'csrc'}", "-std=c++17",
-               "-gencode=arch=compute_90a,code=sm_90a", *setup.nvcc_flags(False)]
+               "-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80",
+               "-gencode=arch=compute_75,code=sm_75", *setup.nvcc_flags(False)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}"
 

@@ -476,7 +476,9 @@ class FastEngine(Engine):
         self._sizes = tree.spatial_sizes(self.model, self.resolution)
         self._act_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         # tf32: the CUDA tensor-core kernel (multi_conv2d_tf32) where built, else Triton's tf32 dot; bf16: Triton
-        self._tf32_cuda = dev.type == "cuda" and self.precision == "tf32" and has_kernel("multi_conv2d_tf32", "CUDA")
+        # (the kernel's mma.sync needs sm_80 or newer: older cards take the Triton route)
+        self._tf32_cuda = (dev.type == "cuda" and self.precision == "tf32" and has_kernel("multi_conv2d_tf32", "CUDA")
+                           and torch.cuda.get_device_capability(dev)[0] >= 8)
         self._triton = dev.type == "cuda" and self.precision in ("tf32", "bf16") and not self._tf32_cuda
         if self.conv_route == "class":  # F.conv2d under the precision's TF32 setting, NCHW
             self._tf32_cuda = self._triton = False
