@@ -150,3 +150,49 @@ def test_gpu_rank_verdict_picks_the_fastest_run_that_ranks_like_fp32(monkeypatch
     assert gpu_rank.verdict(out) is None  # fp32/img2 is not fp32: its tau must be measured
     out["fidelity"] = {"tau_fp32/img2_vs_fp32": 1.0}
     assert gpu_rank.verdict(out)["command"].startswith("FASTSUPERNET_CUDA_CONV_IMAGES=2 python -m fastsupernet rank")
+
+
+def test_gpu_ncu_dry_run():
+    """benchmarks/gpu_ncu.py makes its launches on CPU (the Triton variants through the interpreter)."""
+    pytest.importorskip("fastsupernet._C")
+    pytest.importorskip("triton")
+    out = _run("gpu_ncu.py", "--dry-run")
+    assert "5 launches" in out and "triton_cl_tf32x3 6x6 w<=8 K=3 [Triton interpreter, torch.float32, tf32x3]" in out
+
+
+NCU_CSV = '''==PROF== Connected to process 1
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","9","python3","h","void fastsupernet::cuda::multi_conv2d_kernel<float, 3, 1>(ConvParams<float>)","1","7","(32, 1, 1)","(4096, 128, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","ms","3.78"
+"0","9","python3","h","void fastsupernet::cuda::multi_conv2d_kernel<float, 3, 1>(ConvParams<float>)","1","7","(32, 1, 1)","(4096, 128, 1)","0","9.0","Occupancy","Achieved Occupancy","%","29.5"
+"0","9","python3","h","void fastsupernet::cuda::multi_conv2d_kernel<float, 3, 1>(ConvParams<float>)","1","7","(32, 1, 1)","(4096, 128, 1)","0","9.0","Command line profiler metrics","smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio","","2.5"
+"0","9","python3","h","void fastsupernet::cuda::multi_conv2d_kernel<float, 3, 1>(ConvParams<float>)","1","7","(32, 1, 1)","(4096, 128, 1)","0","9.0","Command line profiler metrics","smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio","","0.4"
+"0","9","python3","h","void fastsupernet::cuda::multi_conv2d_kernel<float, 3, 1>(ConvParams<float>)","1","7","(32, 1, 1)","(4096, 128, 1)","0","9.0","Command line profiler metrics","smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio","","1.25"
+"0","9","python3","h","void fastsupernet::cuda::multi_conv2d_kernel<float, 3, 1>(ConvParams<float>)","1","7","(32, 1, 1)","(4096, 128, 1)","0","9.0","Command line profiler metrics","smsp__average_warps_issue_stalled_wait_per_issue_active.ratio","","0.9"
+"0","9","python3","h","void fastsupernet::cuda::multi_conv2d_kernel<float, 3, 1>(ConvParams<float>)","1","7","(32, 1, 1)","(4096, 128, 1)","0","9.0","Command line profiler metrics","smsp__inst_executed_op_shared_ld.sum","inst","1,000"
+"0","9","python3","h","void fastsupernet::cuda::multi_conv2d_kernel<float, 3, 1>(ConvParams<float>)","1","7","(32, 1, 1)","(4096, 128, 1)","0","9.0","Command line profiler metrics","l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum","","2,000"
+"0","9","python3","h","void fastsupernet::cuda::multi_conv2d_kernel<float, 3, 1>(ConvParams<float>)","1","7","(32, 1, 1)","(4096, 128, 1)","0","9.0","Command line profiler metrics","l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum","","500"
+"0","9","python3","h","void fastsupernet::cuda::multi_conv2d_kernel<float, 3, 1>(ConvParams<float>)","1","7","(32, 1, 1)","(4096, 128, 1)","0","9.0","Command line profiler metrics","sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active","%","31.2"
+"1","9","python3","h","_multi_conv2d_kernel","1","7","(128, 1, 1)","(512, 64, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","us","812.5"
+'''
+
+
+def test_gpu_ncu_reads_ncu_details_csv(monkeypatch, capsys):
+    """The table gpu_ncu.py prints from ncu's --csv --page details output: a column per conv
+    launch, the shared-load wavefronts per instruction, the conflicts' share, the largest stalls."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_ncu
+
+    details = gpu_ncu.parse_details(NCU_CSV)
+    assert sorted(details) == [0, 1] and details[1]["kernel"] == "_multi_conv2d_kernel"
+    rows = dict(gpu_ncu.summary(details[0]["metrics"]))
+    assert rows["duration"] == "3.78 ms" and rows["achieved occupancy"] == "29.5%"
+    assert rows["shared-load wavefronts/instr"] == "2.00"
+    assert rows["shared-load bank conflicts"] == "500 (25% of wavefronts)"
+    assert rows["pipe_fma_cycles_active"] == "31.2%"
+    assert rows["largest stalls (cycles/issue)"] == "mio_throttle 2.50, long_scoreboard 1.25, wait 0.90"
+    gpu_ncu.print_table(["cuda 32x32", "triton 32x32"], details)
+    out = capsys.readouterr().out
+    assert out.startswith("| figure | cuda 32x32 | triton 32x32 |")
+    assert "| duration | 3.78 ms | 812.5 us |" in out and "| achieved occupancy | 29.5% | n/a |" in out
+    gpu_ncu.print_table(["only one label"], details)
+    assert "2 conv kernels profiled for 1 launches" in capsys.readouterr().out
