@@ -2,7 +2,9 @@
 
 Each rank's stderr goes to its own file under ``log_dir`` (torchrun's ``--redirects 2``), so when a
 rank dies the failure message shows that rank's own last words, not only torchrun's report of
-the exit code (which, on a 2-core machine, pushes the rank's message out of any short tail).
+the exit code (which pushes the rank's message out of any short tail). The ranks run with
+Python's fault handler on: a rank killed by a signal (SIGABRT, SIGSEGV) also prints where each
+of its threads was.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ def run_torchrun(args: Sequence[str], log_dir: Path, *, env: Mapping[str, str], 
     own stderr captured, each rank's stderr in ``log_dir``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "--log-dir", str(log_dir), "--redirects", "2", "-m", "fastsupernet", *args]
-    return subprocess.run(cmd, env=dict(env), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env={**env, "PYTHONFAULTHANDLER": "1"}, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def rank_stderr(log_dir: Path) -> dict[str, str]:
@@ -28,9 +31,15 @@ def rank_stderr(log_dir: Path) -> dict[str, str]:
 
 
 def failure_report(r: subprocess.CompletedProcess, log_dir: Path, tail: int = 2500) -> str:
-    """Exit code, each rank's stderr (last ``tail`` characters) and torchrun's own stderr."""
+    """Exit code, each rank's stderr (last ``tail`` characters, and the fault handler's report of
+    a fatal signal from its start, which its list of extension modules would push out of the
+    tail) and torchrun's own stderr."""
     parts = [f"torchrun exited with {r.returncode}"]
     for key, text in rank_stderr(log_dir).items():
+        fatal = text.find("Fatal Python error")
+        if fatal >= 0:
+            report = text[fatal:].split("\nExtension modules:")[0]
+            parts.append(f"--- {key} fault handler ---\n{report[:tail]}")
         parts.append(f"--- {key} stderr ---\n{text[-tail:]}")
     parts.append(f"--- torchrun stderr ---\n{r.stderr[-tail:]}")
     return "\n".join(parts)
