@@ -160,20 +160,29 @@ def test_gpu_ncu_dry_run():
     assert "5 launches" in out and "triton_cl_tf32x3 6x6 w<=8 K=3 [Triton interpreter, torch.float32, tf32x3]" in out
 
 
-NCU_CSV = '''==PROF== Connected to process 1
-"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
-"0","9","python3","h","void fastsupernet::cuda::multi_conv2d_kernel<float, 3, 1>(ConvParams<float>)","1","7","(32, 1, 1)","(4096, 128, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","ms","3.78"
-"0","9","python3","h","void fastsupernet::cuda::multi_conv2d_kernel<float, 3, 1>(ConvParams<float>)","1","7","(32, 1, 1)","(4096, 128, 1)","0","9.0","Occupancy","Achieved Occupancy","%","29.5"
-"0","9","python3","h","void fastsupernet::cuda::multi_conv2d_kernel<float, 3, 1>(ConvParams<float>)","1","7","(32, 1, 1)","(4096, 128, 1)","0","9.0","Command line profiler metrics","smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio","","2.5"
-"0","9","python3","h","void fastsupernet::cuda::multi_conv2d_kernel<float, 3, 1>(ConvParams<float>)","1","7","(32, 1, 1)","(4096, 128, 1)","0","9.0","Command line profiler metrics","smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio","","0.4"
-"0","9","python3","h","void fastsupernet::cuda::multi_conv2d_kernel<float, 3, 1>(ConvParams<float>)","1","7","(32, 1, 1)","(4096, 128, 1)","0","9.0","Command line profiler metrics","smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio","","1.25"
-"0","9","python3","h","void fastsupernet::cuda::multi_conv2d_kernel<float, 3, 1>(ConvParams<float>)","1","7","(32, 1, 1)","(4096, 128, 1)","0","9.0","Command line profiler metrics","smsp__average_warps_issue_stalled_wait_per_issue_active.ratio","","0.9"
-"0","9","python3","h","void fastsupernet::cuda::multi_conv2d_kernel<float, 3, 1>(ConvParams<float>)","1","7","(32, 1, 1)","(4096, 128, 1)","0","9.0","Command line profiler metrics","smsp__inst_executed_op_shared_ld.sum","inst","1,000"
-"0","9","python3","h","void fastsupernet::cuda::multi_conv2d_kernel<float, 3, 1>(ConvParams<float>)","1","7","(32, 1, 1)","(4096, 128, 1)","0","9.0","Command line profiler metrics","l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum","","2,000"
-"0","9","python3","h","void fastsupernet::cuda::multi_conv2d_kernel<float, 3, 1>(ConvParams<float>)","1","7","(32, 1, 1)","(4096, 128, 1)","0","9.0","Command line profiler metrics","l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum","","500"
-"0","9","python3","h","void fastsupernet::cuda::multi_conv2d_kernel<float, 3, 1>(ConvParams<float>)","1","7","(32, 1, 1)","(4096, 128, 1)","0","9.0","Command line profiler metrics","sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active","%","31.2"
-"1","9","python3","h","_multi_conv2d_kernel","1","7","(128, 1, 1)","(512, 64, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","us","812.5"
-'''
+_NCU_HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+               '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
+_CUDA_LAUNCH = ('"0","9","python3","h","void fastsupernet::cuda::multi_conv2d_kernel<float, 3, 1>(ConvParams<float>)",'
+                '"1","7","(32, 1, 1)","(4096, 128, 1)","0","9.0"')
+_TRITON_LAUNCH = '"1","9","python3","h","_multi_conv2d_kernel","1","7","(128, 1, 1)","(512, 64, 1)","0","9.0"'
+_CLI = "Command line profiler metrics"
+_CUDA_METRICS = [
+    ("GPU Speed Of Light Throughput", "Duration", "ms", "3.78"),
+    ("Occupancy", "Achieved Occupancy", "%", "29.5"),
+    (_CLI, "smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio", "", "2.5"),
+    (_CLI, "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio", "", "0.4"),
+    (_CLI, "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio", "", "1.25"),
+    (_CLI, "smsp__average_warps_issue_stalled_wait_per_issue_active.ratio", "", "0.9"),
+    (_CLI, "smsp__inst_executed_op_shared_ld.sum", "inst", "1,000"),
+    (_CLI, "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum", "", "2,000"),
+    (_CLI, "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum", "", "500"),
+    (_CLI, "sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active", "%", "31.2"),
+]
+NCU_CSV = "\n".join(
+    ["==PROF== Connected to process 1", _NCU_HEADER]
+    + [f'{_CUDA_LAUNCH},"{sec}","{name}","{unit}","{value}"' for sec, name, unit, value in _CUDA_METRICS]
+    + [f'{_TRITON_LAUNCH},"GPU Speed Of Light Throughput","Duration","us","812.5"']
+) + "\n"
 
 
 def test_gpu_ncu_reads_ncu_details_csv(monkeypatch, capsys):
