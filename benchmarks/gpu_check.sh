@@ -186,6 +186,12 @@ check 60 "${PYTHON}" -m pytest -q -p no:cacheprovider tests/test_ops.py -k "cuda
 check 120 "${PYTHON}" benchmarks/gpu_kernels.py
 check 90 "${PYTHON}" benchmarks/gpu_kernels.py --precision bf16
 check 90 "${PYTHON}" benchmarks/gpu_kernels.py --precision tf32
+# one width class of a deep ranking level: multi_conv2d vs one batched cuDNN conv (fp32 and tf32);
+# decides how the fast engine should run the levels where every node has one child
+check 45 "${PYTHON}" benchmarks/gpu_class_conv.py
+# the fp32 kernel's two-image experiment, apart: a fault in it cannot take the steps above down
+check 30 "${PYTHON}" -m pytest -q -p no:cacheprovider tests/test_conv_cuda_two_images.py
+check 45 "${PYTHON}" benchmarks/gpu_kernels.py --two-images
 # why the kernels take the time the tables show: Nsight Compute's counters for one launch of each
 # kernel on two Track-1 layers (occupancy, pipe use, shared-memory wavefronts, stall reasons)
 if command -v ncu >/dev/null 2>&1; then
@@ -193,12 +199,6 @@ if command -v ncu >/dev/null 2>&1; then
 else
   echo "gpu_check: ncu not on PATH: no hardware counters (benchmarks/gpu_ncu.py skipped)"
 fi
-# one width class of a deep ranking level: multi_conv2d vs one batched cuDNN conv (fp32 and tf32);
-# decides how the fast engine should run the levels where every node has one child
-check 45 "${PYTHON}" benchmarks/gpu_class_conv.py
-# the fp32 kernel's two-image experiment, apart: a fault in it cannot take the steps above down
-check 30 "${PYTHON}" -m pytest -q -p no:cacheprovider tests/test_conv_cuda_two_images.py
-check 45 "${PYTHON}" benchmarks/gpu_kernels.py --two-images
 
 # --- section: training
 section training
