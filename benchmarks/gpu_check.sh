@@ -215,11 +215,13 @@ check 45 "${PYTHON}" benchmarks/gpu_train.py --reps 3 --budget-s 15
 # ratios and a projection for all 50,000; tf32/class: the engine's conv_route="class" experiment
 # (one cuDNN convolution per chunk of a width class) on the same first group; then the Kendall
 # tau vs fp32 (>= 0.98) of fp32/triton_tf32x3, tf32/triton (never measured: first), bf16, tf32
-# and tf32/class on a briefly trained supernet, and fp32 fast vs reference. Triton runs one fixed tile
-# configuration here: autotuning compiles every configuration for each set of epilogue flags,
-# about a minute per precision on a fresh machine. Configuration 6 (128x16x16): of one tile for
-# every layer, the best by the static counts of benchmarks/triton_sass.py weighed by how much of
-# each tile the Track-1 widths fill (RESULTS.md; the H200 runs before used 2, 64x32x32). Last, with whatever time is left (the script
+# and tf32/class on a briefly trained supernet, and fp32 fast vs reference. Triton does not
+# autotune here (that compiles every configuration for each set of epilogue flags, about a
+# minute per precision on a fresh machine): FASTSUPERNET_TRITON_CONFIG=static picks one tile
+# per call from the sm_90 loop counts of benchmarks/triton_sass.py (for the first 100 official
+# candidates 20 compiles: 128x16x16 at 32x32, 128x32x32 and 128x64x32 deeper, where one fixed
+# 128x16x16 tile issues 2x-2.5x the instructions; the H200 runs before used 64x32x32 everywhere,
+# the static choice replay: benchmarks/triton_variants.py). Last, with whatever time is left (the script
 # skips what its deadline cannot fit: from the section times of the last H200 run, the bf16
 # fidelity may not fit in the default 240 s; GPU_CHECK_LIMIT_S=300 gives it a minute more).
 # tf32 / bf16 throughput, autotuned: python benchmarks/gpu_rank.py
@@ -230,7 +232,7 @@ check "${RANK_LEFT}" "${PYTHON}" benchmarks/gpu_rank.py --candidates 1000 --othe
   --precisions fp32,bf16,fp32/triton_tf32x3,tf32/triton,tf32,tf32/class \
   --fidelity-runs fp32/triton_tf32x3,tf32/triton,bf16,tf32,tf32/class \
   --fp32-s 20 --throughput-s 100 --tau-candidates 100 --tau-recal 512 --tau-eval 1000 --ref-candidates 10 \
-  --deadline-s $((RANK_LEFT - 78)) --triton-config 6 --json "${LOG_DIR}/rank.json"
+  --deadline-s $((RANK_LEFT - 78)) --triton-config static --json "${LOG_DIR}/rank.json"
 # the fp32 kernel's two-image tiles in the engine (the 70 s kept above), in a process of its own: a
 # fault in the experiment cannot cost the runs above
 RANK_LEFT=$((DEADLINE - SECONDS))

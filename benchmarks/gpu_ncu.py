@@ -18,8 +18,8 @@ utilisation, shared-memory load wavefronts per instruction and bank conflicts, w
 issued instruction and the three largest stall reasons. Variants: ``cuda`` (the fp32 CUDA
 kernel), ``cuda2img`` (its two-image tiles), ``tf32`` (the CUDA TF32 tensor-core kernel),
 ``triton_cl_tf32x3`` (the Triton kernel on channels_last fp32, each product three TF32 ones)
-and ``triton_cl_bf16`` (Triton, channels_last bfloat16), Triton with one fixed tile
-configuration (``--triton-config``, default 6). A variant that fails is reported and skipped.
+and ``triton_cl_bf16`` (Triton, channels_last bfloat16), Triton's tiles chosen per layer from
+its sm_90 loop counts (``--triton-config``, default ``static``) rather than autotuned. A variant that fails is reported and skipped.
 Exit status: 2 without a GPU or ncu, 1 when ncu fails, else 0.
 """
 from __future__ import annotations
@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--launch", action="store_true", help="(internal) the launches ncu profiles")
     p.add_argument("--manifest", type=Path, default=None, help="(internal) where --launch lists its launches")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
-    p.add_argument("--triton-config", default="6", help="fixed Triton tile configuration (FASTSUPERNET_TRITON_CONFIG)")
+    p.add_argument("--triton-config", default="static",
+                   help="Triton tiles (FASTSUPERNET_TRITON_CONFIG): 'static' (default, per layer) or an index")
     p.add_argument("--timeout-s", type=float, default=240.0, help="limit for the profiled run")
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]

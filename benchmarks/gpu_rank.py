@@ -207,7 +207,9 @@ def _throughput_run(args, dev, model, data, sub, entry, precision, route, budget
         from fastsupernet.ops.triton_conv import CONFIG_ENV_VAR
 
         fixed = os.environ.get(CONFIG_ENV_VAR, "")
-        tiles = f" (Triton tiles: {'fixed configuration ' + fixed if fixed else 'autotuned'})"
+        how = ("chosen per call from the sm_90 loop counts" if fixed == "static"
+               else f"fixed configuration {fixed}" if fixed else "autotuned")
+        tiles = f" (Triton tiles: {how})"
         row["triton_config"] = fixed or "autotune"
     print(f"{entry}{tiles}: {n_done}/{len(sub)} candidates x {images} images in {secs:.1f} s = "
           f"{n_done / secs:.2f} candidates/s, {row['tflops_effective']:.1f} TFLOP/s effective, "
@@ -406,8 +408,8 @@ def main(argv=None) -> int:
                    help="comma-separated runs whose Kendall tau vs fp32 the fidelity phase measures "
                         "(same names as --precisions)")
     p.add_argument("--triton-config", default=None,
-                   help="index of a fixed Triton tile configuration (FASTSUPERNET_TRITON_CONFIG) instead of "
-                        "autotuning: fewer compiles, e.g. for the quick fidelity check")
+                   help="Triton tiles instead of autotuning (FASTSUPERNET_TRITON_CONFIG): the index of one fixed "
+                        "configuration, or 'static' (per call, from the sm_90 loop counts): fewer compiles")
     p.add_argument("--profile", type=int, default=0, help="profile the fast engine on this many candidates")
     p.add_argument("--profile-precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                    help="the precision --profile runs (default fp32)")

@@ -10,7 +10,9 @@ run goes on exactly as it would: the constexpr flags (kernel size, epilogue, sta
 precision, ``VEC_X`` / ``VEC_W``) and, per integer argument, Triton's specialisation (equal to 1,
 or divisible by 16 where the kernel allows alignment variants). Each distinct set is one compile
 per tile configuration; each distinct autotuning key (size buckets and flags) one timing sweep.
-Also printed: how many calls take the 4-channel vector path. One recalibration and one
+Also printed: how many calls take the 4-channel vector path, and what
+``FASTSUPERNET_TRITON_CONFIG=static`` would compile (one configuration per call, chosen from the
+bf16 loop counts: distinct (variant, configuration) pairs, and the calls per configuration). One recalibration and one
 evaluation batch of 128 images (the shapes of every later batch are the same), randomly
 initialised Track-1 supernet, the engine's 16 GiB default GPU limit for the grouping.
 """
@@ -44,6 +46,8 @@ class Recorder:
         self.tune_keys: collections.Counter = collections.Counter()
         self.vector_calls = 0
         self.calls = 0
+        self.static_variants: set = set()
+        self.static_configs: collections.Counter = collections.Counter()
 
     def __call__(self, x, weight, io, iw, ow, ro, stride, padding, scale, shift, residual, activation, slope, stats,
                  *, input_precision: str = "ieee"):
@@ -60,6 +64,9 @@ class Recorder:
         ints = (specialisation("conv_stride", stride),) + tuple(
             specialisation(name, v) for name, v in zip(_STRIDES, strides))
         self.variants[flags + ints] += 1
+        chosen = tc.static_config(n * h_out * w_out, iw, ow, tc.LOOP_RATES["bf16"])
+        self.static_variants.add((flags + ints, chosen))
+        self.static_configs[chosen] += 1
         self.tune_keys[(tc._bucket(n * h_out * w_out, hi=tc._TUNE_M_CAP), tc._bucket(max(ow), hi=64),
                         tc._bucket(max(iw), hi=64)) + flags] += 1
         self.calls += 1
@@ -70,6 +77,11 @@ class Recorder:
         empty = torch.empty(0, dtype=torch.float64)
         y, s, q = result if stats else (result, empty, empty)
         return y.contiguous(memory_format=torch.channels_last), s, q
+
+
+def _tile(index: int) -> str:
+    kw = tc._CONFIGS[index].kwargs
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
           f"(one recalibration and one evaluation batch per group of candidates), {len(recorder.variants)} compile "
           f"variants (each compiled once per tile "
           f"configuration), {len(recorder.tune_keys)} autotuning keys, "
-          f"{recorder.vector_calls} of {recorder.calls} calls on the 4-channel vector path")
+          f"{recorder.vector_calls} of {recorder.calls} calls on the 4-channel vector path; "
+          f"FASTSUPERNET_TRITON_CONFIG=static: {len(recorder.static_variants)} compiles, calls per configuration "
+          + ", ".join(f"{i} ({_tile(i)}): {c}" for i, c in sorted(recorder.static_configs.items())))
     return 0
 
 

@@ -425,6 +425,36 @@ def test_every_config_matches_oracle(config, monkeypatch):
          activation="prelu", seed=40 + config).run_and_check()
 
 
+def test_static_config_fits_the_tile_to_the_widths():
+    """FASTSUPERNET_TRITON_CONFIG=static: the configuration issuing the fewest loop instructions
+    for the call's widths (padding to the tile counted), from the sm_90 loop counts."""
+    assert set(tc.LOOP_RATES) == {"bf16", "tf32", "tf32x3", "ieee"}
+    assert all(len(r) == len(tc._CONFIGS) for r in tc.LOOP_RATES.values())
+    bf16 = tc.LOOP_RATES["bf16"]
+    narrow, middle, wide = range(4, 17, 4), range(4, 33, 4), range(4, 65, 4)
+    # Track-1's three stages (widths 4..16 at 32x32, 4..32 at 16x16, 4..64 at 8x8; batch 256)
+    assert tc._CONFIGS[tc.static_config(256 * 32 * 32, narrow, narrow, bf16)].kwargs == {
+        "BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 16}
+    assert tc._CONFIGS[tc.static_config(256 * 16 * 16, middle, middle, bf16)].kwargs["BLOCK_N"] == 32
+    assert tc._CONFIGS[tc.static_config(256 * 8 * 8, wide, wide, bf16)].kwargs["BLOCK_N"] == 64
+    # every candidate exactly 64 wide: nothing is padded, the highest rate wins
+    assert tc.static_config(4096, [64] * 8, [64] * 8, bf16) == max(range(len(bf16)), key=lambda i: bf16[i])
+    # the rates decide: a table that favours the first configuration picks it
+    assert tc.static_config(4096, wide, wide, (1000,) + (1,) * (len(tc._CONFIGS) - 1)) == 0
+    # pixels are padded to BLOCK_M: with 64 pixels a 128-pixel tile (rate 97) computes twice what a
+    # 64-pixel one (rate 49) does and loses; with 128 pixels it wins
+    rates = bf16[:-1] + (97,)
+    assert tc._CONFIGS[tc.static_config(64, [16], [16], rates)].kwargs["BLOCK_M"] == 64
+    assert tc._CONFIGS[tc.static_config(128, [16], [16], rates)].kwargs["BLOCK_M"] == 128
+
+
+def test_static_config_matches_oracle(monkeypatch):
+    monkeypatch.setenv(tc.CONFIG_ENV_VAR, "static")
+    assert tc.fixed_config() is tc.STATIC
+    Case(n=2, h=9, w=9, in_widths=(40, 8, 36), out_widths=(64, 4, 20), layout="channels_last", activation="relu",
+         seed=49).run_and_check()
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="the autotuner runs only on a GPU")
 def test_autotuned_matches_oracle(monkeypatch):
     monkeypatch.setenv(tc.CONFIG_ENV_VAR, "autotune")

@@ -107,6 +107,11 @@ def test_triton_variants_replay():
     assert m, out
     calls, variants, vector, calls2 = (int(g) for g in m.groups())
     assert calls == calls2 > 20 and vector == calls - 2 and 2 <= variants <= 16
+    # FASTSUPERNET_TRITON_CONFIG=static: one configuration per call, a few per variant at most
+    m = re.search(r"FASTSUPERNET_TRITON_CONFIG=static: (\d+) compiles, calls per configuration (.*)", out)
+    assert m, out
+    per_config = {int(i): int(c) for i, c in re.findall(r"(\d+) \(\d+x\d+x\d+\): (\d+)", m.group(2))}
+    assert variants <= int(m.group(1)) <= 3 * variants and sum(per_config.values()) == calls
 
 
 def test_triton_sass_counts_the_vector_path():

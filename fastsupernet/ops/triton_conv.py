@@ -59,7 +59,12 @@ then be copied asynchronously and pipelined; element by element, 2-byte loads ca
 channel at a time.
 
 ``FASTSUPERNET_TRITON_CONFIG=I`` (read per call) runs configuration ``_CONFIGS[I]`` instead of
-autotuning (quick checks, tests, and each configuration checked alone).
+autotuning (quick checks, tests, and each configuration checked alone);
+``FASTSUPERNET_TRITON_CONFIG=static`` picks, per call and without timing anything, the
+configuration that issues the fewest instructions for that call's widths by the loop counts of
+the kernel compiled for sm_90 (:func:`static_config`): one compile per call kind instead of the
+autotuner's sweep, and tiles fitted to each layer (a single fixed tile is 2x-2.5x off on the
+16x16 and 8x8 layers by those counts).
 
 Under ``TRITON_INTERPRET=1`` the same kernel runs on CPU tensors through the interpreter
 (slow: for tests on small shapes), with one fixed small configuration instead of autotuning,
@@ -361,23 +366,58 @@ assert all(_BLOCK_N_CHOICES.index(b) == b // 32 for b in _BLOCK_N_CHOICES)
 
 
 CONFIG_ENV_VAR = "FASTSUPERNET_TRITON_CONFIG"
+STATIC = "static"
+
+# Multiply-adds per warp instruction of each configuration's reduction loop (index as _CONFIGS),
+# compiled for sm_90 on the 4-channel vector path, by operand kind: counted by
+# benchmarks/triton_sass.py (benchmarks/RESULTS.md, "The Triton conv kernel compiled for sm_90").
+# What the static choice weighs; tests check the table's shape, not the counts.
+LOOP_RATES = {
+    "bf16": (49, 132, 144, 256, 321, 405, 74),  # (also float16: the same mma shapes)
+    "tf32": (44, 120, 139, 234, 309, 377, 71),
+    "tf32x3": (24, 43, 57, 72, 97, 101, 32),
+    "ieee": (18, 24, 25, 26, 27, 27, 22),  # fp32 FMAs
+}
 
 
-def fixed_config() -> triton.Config | None:
-    """The configuration named by ``$FASTSUPERNET_TRITON_CONFIG`` (an index into ``_CONFIGS``),
-    or None (unset, empty or ``autotune``: autotuning on a GPU, the small fixed configuration
-    in the interpreter). A fixed configuration skips the autotuner's compile-and-time sweep of
-    every new shape bucket (tests, quick checks) and lets each configuration be checked alone."""
+def static_config(m: int, in_widths, out_widths, rates) -> int:
+    """The index into ``_CONFIGS`` that issues the fewest loop instructions for one call: per
+    configuration the multiply-adds it computes, padding included (pixels rounded up to
+    BLOCK_M, each candidate's output channels to BLOCK_N and input channels to BLOCK_K), over
+    its multiply-adds per warp instruction (``rates``, one of :data:`LOOP_RATES`). Memory
+    traffic and occupancy are not modelled: a first choice, not a measurement."""
+    best, best_cost = 0, None
+    for i, c in enumerate(_CONFIGS):
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        padded = sum(triton.cdiv(o, bn) * bn * triton.cdiv(a, bk) * bk for a, o in zip(in_widths, out_widths))
+        cost = triton.cdiv(m, bm) * bm * padded / rates[i]
+        if best_cost is None or cost < best_cost:
+            best, best_cost = i, cost
+    return best
+
+
+def _rates_of(dtype: torch.dtype, input_precision: str) -> tuple[int, ...]:
+    return LOOP_RATES["bf16" if dtype in (torch.bfloat16, torch.float16) else input_precision]
+
+
+def fixed_config() -> triton.Config | str | None:
+    """The configuration named by ``$FASTSUPERNET_TRITON_CONFIG``: ``_CONFIGS[I]`` for an index,
+    :data:`STATIC` for ``static`` (chosen per call, :func:`static_config`), or None (unset,
+    empty or ``autotune``: autotuning on a GPU, the small fixed configuration in the
+    interpreter). A fixed configuration skips the autotuner's compile-and-time sweep of every
+    new shape bucket (tests, quick checks) and lets each configuration be checked alone."""
     value = os.environ.get(CONFIG_ENV_VAR, "").strip().lower()
     if value in ("", "autotune"):
         return None
+    if value == STATIC:
+        return STATIC
     try:
         index = int(value)
     except ValueError:
         index = -1
     if not 0 <= index < len(_CONFIGS):
         raise ValueError(
-            f"environment variable {CONFIG_ENV_VAR}={value!r}: expected 'autotune' or an index "
+            f"environment variable {CONFIG_ENV_VAR}={value!r}: expected 'autotune', 'static' or an index "
             f"0..{len(_CONFIGS) - 1} into the Triton conv configurations"
         )
     return _CONFIGS[index]
@@ -415,6 +455,15 @@ class _Metadata:
         self.tensor = torch.tensor(flat, dtype=torch.int32).to(device)
         self.max_in_width = max(in_widths)
         self.max_out_width = max(out_widths)
+        self._widths = (tuple(in_widths), tuple(out_widths))
+        self._static: dict[tuple, int] = {}
+
+    def static_choice(self, m: int, rates: tuple[int, ...]) -> int:
+        """:func:`static_config` for these candidates, remembered per (pixels, rates)."""
+        key = (m, rates)
+        if key not in self._static:
+            self._static[key] = static_config(m, *self._widths, rates)
+        return self._static[key]
 
 
 # Metadata of recent candidate sets, per device: a repeated call makes no host-to-device copy.
@@ -660,6 +709,8 @@ def _multi_conv2d(
         return (triton.cdiv(m, meta_args["BLOCK_M"]) * meta.num_tiles[meta_args["BLOCK_N"]],)
 
     fixed = fixed_config()
+    if isinstance(fixed, str):  # STATIC (a Config's == compares with configs only)
+        fixed = _CONFIGS[meta.static_choice(m, _rates_of(x.dtype, input_precision))]
     if _interpreted():
         cfg = _INTERPRETER_CONFIG if fixed is None else fixed.kwargs
         cblocks = 0 if _INTERPRET_RUNTIME_LOOP else triton.cdiv(meta.max_in_width, cfg["BLOCK_K"])
