@@ -68,5 +68,18 @@ def process_group_from_env(device: str | torch.device | None, timeout_hours: flo
     backend = "nccl" if torch.device(device or "cpu").type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(torch.device(device).index if torch.device(device).index is not None else local_rank)
+    _import_dynamo()
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=timeout_hours))
     return ProcessGroup(dist.get_rank(), dist.get_world_size(), local_rank, owns_init=True)
+
+
+def _import_dynamo() -> None:
+    """Import ``torch._dynamo`` before the group exists. Imported while a group is alive (the
+    first optimizer step imports it), it keeps a reference to that group for good: the group's
+    threads (gloo's) then outlive ``destroy_process_group`` and run into the interpreter's exit,
+    which now and then aborts the process (SIGABRT) after all its work is done. Imported first,
+    it has no group to keep, and ``close`` really ends the group."""
+    try:
+        import torch._dynamo  # noqa: F401
+    except ImportError:  # a torch built without it has nothing to keep the group either
+        pass

@@ -39,6 +39,7 @@ def failure_report(r: subprocess.CompletedProcess, log_dir: Path, tail: int = 25
         fatal = text.find("Fatal Python error")
         if fatal >= 0:
             report = text[fatal:].split("\nExtension modules:")[0]
+            parts.append(f"--- {key} before the fault ---\n{text[max(0, fatal - tail):fatal]}")
             parts.append(f"--- {key} fault handler ---\n{report[:tail]}")
         parts.append(f"--- {key} stderr ---\n{text[-tail:]}")
     parts.append(f"--- torchrun stderr ---\n{r.stderr[-tail:]}")
