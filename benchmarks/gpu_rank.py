@@ -244,6 +244,8 @@ def verdict(out: dict) -> dict | None:
         cmd += f" --conv-route {row['conv_route']}"
     if row["run"].endswith("/img2"):
         cmd = "FASTSUPERNET_CUDA_CONV_IMAGES=2 " + cmd
+    if row.get("triton_config", "autotune") != "autotune":  # the Triton tiles the run was timed with
+        cmd = f"FASTSUPERNET_TRITON_CONFIG={row['triton_config']} " + cmd
     return {"run": row["run"], "tau_vs_fp32": tau, "projected_50000_s": row["projected_50000_s"],
             "meets_target": row["projected_50000_s"] <= TARGET_50000_S, "command": cmd,
             "faster_but_unchecked": [r["run"] for r, _ in unchecked

@@ -155,6 +155,11 @@ def test_gpu_rank_verdict_picks_the_fastest_run_that_ranks_like_fp32(monkeypatch
     assert gpu_rank.verdict(out) is None  # fp32/img2 is not fp32: its tau must be measured
     out["fidelity"] = {"tau_fp32/img2_vs_fp32": 1.0}
     assert gpu_rank.verdict(out)["command"].startswith("FASTSUPERNET_CUDA_CONV_IMAGES=2 python -m fastsupernet rank")
+    # a Triton run timed with static tiles is reproduced with them
+    out["throughput"] = [dict(row("tf32/triton", 300), triton_config="static")]
+    out["fidelity"] = {"tau_tf32/triton_vs_fp32": 0.999}
+    assert gpu_rank.verdict(out)["command"] == (
+        "FASTSUPERNET_TRITON_CONFIG=static python -m fastsupernet rank --precision tf32 --conv-route triton")
 
 
 def test_gpu_ncu_dry_run():
