@@ -182,7 +182,8 @@ if [[ -f tests/test_conv_triton.py ]]; then
 fi
 # (no xdist here: its worker start-up costs more than these tests gain)
 check 60 "${PYTHON}" -m pytest -q -p no:cacheprovider tests/test_ops.py -k "cuda or gpu or triton"
-# (triton_cl: the Triton kernel on channels_last tensors, its 4-channel vector path)
+# (triton_cl: the Triton kernel on channels_last tensors, its 4-channel vector path; in the fp32
+# table also triton_x3: the same with each product as three TF32 products, static tiles)
 check 120 "${PYTHON}" benchmarks/gpu_kernels.py
 check 90 "${PYTHON}" benchmarks/gpu_kernels.py --precision bf16
 check 90 "${PYTHON}" benchmarks/gpu_kernels.py --precision tf32

@@ -19,7 +19,11 @@ input, the table compares:
   n/a when that module is missing or fails);
 - triton_cl: the same Triton kernel on channels_last copies of x and the weight (made once per
   shape, outside the timing), the layout the ranking engine gives it: the channels are then
-  contiguous and, the Track-1 widths being multiples of 4, loaded 4 per vector (``VEC_X``).
+  contiguous and, the Track-1 widths being multiples of 4, loaded 4 per vector (``VEC_X``);
+- triton_x3 (fp32 only): triton_cl with ``input_precision="tf32x3"``, each fp32 product as three
+  TF32 tensor-core products (errors near fp32's: the ranking engine's ``conv_route=
+  "triton_tf32x3"``), its tiles chosen per shape from the sm_90 loop counts
+  (``FASTSUPERNET_TRITON_CONFIG=static``: one compile per shape, no autotuning sweep);
 
 Times are medians of CUDA-event timings (host timers on CPU) after a warm-up call. By default
 everything is float32 with TF32 off (cuDNN and matmul), so all columns compute the same fp32
@@ -177,6 +181,24 @@ def _channels_last(op: Callable) -> Callable:
     return run
 
 
+def _static_tiles(op: Callable) -> Callable:
+    """``op`` with the Triton tiles chosen per call from the loop counts (no autotuning)."""
+    from fastsupernet.ops.triton_conv import CONFIG_ENV_VAR, STATIC
+
+    def run(*args):
+        before = os.environ.get(CONFIG_ENV_VAR)
+        os.environ[CONFIG_ENV_VAR] = STATIC
+        try:
+            return op(*args)
+        finally:
+            if before is None:
+                del os.environ[CONFIG_ENV_VAR]
+            else:
+                os.environ[CONFIG_ENV_VAR] = before
+
+    return run
+
+
 def _reference_op() -> tuple[Callable | None, str]:
     from fastsupernet.ops import reference
 
@@ -227,8 +249,12 @@ def backends(device: str, precision: str = "fp32", two_images: bool = False) -> 
         if two_images:  # the fp32 kernel's two-image experiment next to the kernel itself, nothing else
             return [("cuda", op, why, True), ("cuda2img", _two_images(op) if op is not None else None, why, False)]
         tri_cl = _channels_last(tri) if tri is not None else None
-        return [("cuda", op, why, precision != "bf16"), ("triton", tri, why_t, False),
+        cols = [("cuda", op, why, precision != "bf16"), ("triton", tri, why_t, False),
                 ("triton_cl", tri_cl, why_t, False)]
+        if precision == "fp32":
+            x3, why_x3 = _triton_op("tf32x3")
+            cols.append(("triton_x3", _static_tiles(_channels_last(x3)) if x3 is not None else None, why_x3, False))
+        return cols
     op, why = _compiled_op("cpu")
     ref, why_r = _reference_op()
     return [("cpp", op, why, False), ("reference", ref, why_r, False)]

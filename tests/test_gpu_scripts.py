@@ -30,6 +30,29 @@ def test_gpu_kernels_dry_run():
     assert "| layer |" in out and "x loop" in out
 
 
+def test_gpu_kernels_triton_x3_column(monkeypatch):
+    """The fp32 table's triton_x3 column (channels_last, tf32x3, static tiles) computes the loop's
+    result: here through Triton's interpreter, as the GPU table would call it."""
+    pytest.importorskip("triton")
+    import torch
+
+    from fastsupernet.ops import triton_conv
+
+    if not triton_conv._interpreted():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest on machines without a GPU)")
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_kernels
+
+    cols = {c: fn for c, fn, _, _ in gpu_kernels.backends("cuda", "fp32")}
+    assert list(cols)[-1] == "triton_x3" and "triton_x3" not in {c for c, *_ in gpu_kernels.backends("cuda", "bf16")}
+    monkeypatch.delenv(triton_conv.CONFIG_ENV_VAR, raising=False)
+    case = gpu_kernels.make_case(6, 8, 3, 2, "cpu", seed=1)
+    out = cols["triton_x3"](*case.op_args())[0]
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert triton_conv.CONFIG_ENV_VAR not in os.environ  # the static tiles were for that call only
+    torch.testing.assert_close(out, torch.cat(gpu_kernels.peer_loop(case), 1), rtol=1e-4, atol=1e-4)
+
+
 def test_gpu_kernels_two_images_is_a_gpu_fp32_experiment():
     out = subprocess.run([sys.executable, str(BENCH / "gpu_kernels.py"), "--dry-run", "--two-images"],
                          capture_output=True, text=True, cwd=ROOT)
