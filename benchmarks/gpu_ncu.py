@@ -31,9 +31,11 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -235,6 +237,19 @@ def _ncu_command(ncu: str, report: Path, inner: list[str], metrics: bool) -> lis
     return cmd + inner
 
 
+def _run_group(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """``cmd`` in a process group of its own, all of it killed when ``timeout`` passes (ncu's
+    profiled child must not outlive this script and hold the GPU into the next step)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=max(timeout, 1.0))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        err += f"\ngpu_ncu: killed after {timeout:.0f} s"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def profile(args) -> int:
     ncu = shutil.which("ncu")
     if ncu is None:
@@ -244,9 +259,9 @@ def profile(args) -> int:
         manifest, report = Path(tmp) / "launches.json", Path(tmp) / "conv"
         inner = [sys.executable, str(Path(__file__).resolve()), "--launch", "--manifest", str(manifest),
                  "--variants", ",".join(args.variants), "--triton-config", args.triton_config]
+        deadline = time.monotonic() + args.timeout_s  # for both tries and the import
         for metrics in (True, False):  # a metric this ncu does not know fails the run: once more without them
-            proc = subprocess.run(_ncu_command(ncu, report, inner, metrics), capture_output=True, text=True,
-                                  timeout=args.timeout_s)
+            proc = _run_group(_ncu_command(ncu, report, inner, metrics), deadline - time.monotonic())
             print(proc.stdout[-3000:], end="")
             if proc.returncode == 0:
                 break
@@ -255,8 +270,7 @@ def profile(args) -> int:
         else:
             return 1
         rep = report.with_suffix(".ncu-rep")
-        out = subprocess.run([ncu, "--import", str(rep), "--csv", "--page", "details"], capture_output=True,
-                             text=True, timeout=120)
+        out = _run_group([ncu, "--import", str(rep), "--csv", "--page", "details"], deadline - time.monotonic())
         if out.returncode != 0:
             print(f"gpu_ncu: ncu --import failed:\n{out.stderr[-2000:]}", file=sys.stderr)
             return 1
@@ -273,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--triton-config", default="static",
                    help="Triton tiles (FASTSUPERNET_TRITON_CONFIG): 'static' (default, per layer) or an index")
-    p.add_argument("--timeout-s", type=float, default=240.0, help="limit for the profiled run")
+    p.add_argument("--timeout-s", type=float, default=240.0, help="limit for the profiled runs and the report")
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in VARIANTS]

@@ -238,3 +238,16 @@ def test_gpu_ncu_reads_ncu_details_csv(monkeypatch, capsys):
     assert "| duration | 3.78 ms | 812.5 us |" in out and "| achieved occupancy | 29.5% | n/a |" in out
     gpu_ncu.print_table(["only one label"], details)
     assert "2 conv kernels profiled for 1 launches" in capsys.readouterr().out
+
+
+def test_gpu_ncu_kills_a_run_past_its_time(monkeypatch):
+    """A profiled run that outlives its time is killed with everything it started."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import time
+
+    import gpu_ncu
+
+    t = time.monotonic()
+    r = gpu_ncu._run_group(["bash", "-c", "sleep 30 & sleep 30; echo never"], timeout=1.0)
+    assert time.monotonic() - t < 10 and r.returncode != 0 and "never" not in r.stdout
+    assert "killed after 1 s" in r.stderr
