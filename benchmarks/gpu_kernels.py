@@ -186,15 +186,8 @@ def _static_tiles(op: Callable) -> Callable:
     from fastsupernet.ops.triton_conv import CONFIG_ENV_VAR, STATIC
 
     def run(*args):
-        before = os.environ.get(CONFIG_ENV_VAR)
-        os.environ[CONFIG_ENV_VAR] = STATIC
-        try:
+        with env_setting(CONFIG_ENV_VAR, STATIC):
             return op(*args)
-        finally:
-            if before is None:
-                del os.environ[CONFIG_ENV_VAR]
-            else:
-                os.environ[CONFIG_ENV_VAR] = before
 
     return run
 
@@ -214,18 +207,24 @@ IMAGES_VAR = "FASTSUPERNET_CUDA_CONV_IMAGES"
 
 
 @contextlib.contextmanager
-def two_image_tiles():
-    """The CUDA fp32 kernel's two-image tiles (csrc/cuda/conv.cu) inside the block, the previous
-    setting after it (also used by gpu_rank.py)."""
-    before = os.environ.get(IMAGES_VAR)
-    os.environ[IMAGES_VAR] = "2"
+def env_setting(name: str, value: str):
+    """Environment variable ``name`` set to ``value`` inside the block, as before after it (the
+    kernels read their experiment switches per call; also used by gpu_rank.py and gpu_ncu.py)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if before is None:
-            del os.environ[IMAGES_VAR]
+            del os.environ[name]
         else:
-            os.environ[IMAGES_VAR] = before
+            os.environ[name] = before
+
+
+def two_image_tiles():
+    """The CUDA fp32 kernel's two-image tiles (csrc/cuda/conv.cu) inside the block, the previous
+    setting after it (also used by gpu_rank.py)."""
+    return env_setting(IMAGES_VAR, "2")
 
 
 def _two_images(op: Callable) -> Callable:

@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpu_kernels import make_case, two_image_tiles  # noqa: E402
+from gpu_kernels import env_setting, make_case, two_image_tiles  # noqa: E402
 
 LAYERS = [(32, 16), (8, 64)]
 K = 128
@@ -92,15 +92,8 @@ def _variant_call(name: str, case, device: str, triton_config: str) -> tuple[Cal
     rest = list(args[2:])
 
     def tri():
-        before = os.environ.get(CONFIG_ENV_VAR)
-        os.environ[CONFIG_ENV_VAR] = triton_config
-        try:
+        with env_setting(CONFIG_ENV_VAR, triton_config):
             return multi_conv2d_triton(x, w, *rest, input_precision=precision)
-        finally:
-            if before is None:
-                del os.environ[CONFIG_ENV_VAR]
-            else:
-                os.environ[CONFIG_ENV_VAR] = before
 
     return tri, f"Triton {'interpreter' if device != 'cuda' else 'kernel'}, {dtype}, {precision}"
 

@@ -235,7 +235,10 @@ def verdict(out: dict) -> dict | None:
         if not math.isfinite(row.get("projected_50000_s", math.nan)):
             continue
         tau = 1.0 if row["run"] == "fp32" else fid.get(f"tau_{row['run']}_vs_fp32")
-        (unchecked if tau is None else ok if tau >= TAU_TARGET else []).append((row, tau))
+        if tau is None:
+            unchecked.append((row, tau))
+        elif tau >= TAU_TARGET:
+            ok.append((row, tau))
     if not ok:
         return None
     row, tau = min(ok, key=lambda rt: rt[0]["projected_50000_s"])

@@ -15,11 +15,12 @@ from typing import Mapping, Sequence
 
 
 def run_torchrun(args: Sequence[str], log_dir: Path, *, env: Mapping[str, str], cwd: Path | None = None,
-                 nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node nproc -m fastsupernet *args``; stdout and torchrun's
-    own stderr captured, each rank's stderr in ``log_dir``."""
+                 nproc: int = 2, timeout: float = 300, script: Path | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node nproc -m fastsupernet *args`` (or ``script *args``);
+    stdout and torchrun's own stderr captured, each rank's stderr in ``log_dir``."""
+    target = [str(script)] if script is not None else ["-m", "fastsupernet"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "--log-dir", str(log_dir), "--redirects", "2", "-m", "fastsupernet", *args]
+           "--log-dir", str(log_dir), "--redirects", "2", *target, *args]
     return subprocess.run(cmd, env={**env, "PYTHONFAULTHANDLER": "1"}, cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
 

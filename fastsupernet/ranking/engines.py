@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..ops.conv import _out_hw
 from ..ops._extension import has_kernel
+from ..ops.dispatch import _triton_installed
 from ..data import Dataset, normalize
 from ..space import Arch
 from ..supernet import Supernet
@@ -398,12 +399,6 @@ class _LevelTensors:
     sc_shift: torch.Tensor | None = None
 
 
-def _triton_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
-
-
 def _affine(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``y * scale + shift`` per channel, as two rounded steps (no FMA), in place on ``y`` when float32.
 
@@ -443,7 +438,7 @@ def check_conv_route(engine: str, route: str, precision: str, device: torch.devi
         raise ValueError(f"conv_route 'triton_tf32x3' computes fp32 convolutions; precision {precision!r} "
                          "needs 'kernel' or 'triton'")
     if route in ("triton", "triton_tf32x3"):
-        if not _triton_available():
+        if not _triton_installed():
             raise ValueError(f"conv_route {route!r} needs triton (pip install triton)")
         from ..ops import triton_conv
 
@@ -493,7 +488,7 @@ class FastEngine(Engine):
                 if m is not None:
                     self._weights[id(m)] = m.weight.detach().to(self._act_dtype).contiguous(
                         memory_format=self._act_format)
-        self._fused_light = dev.type == "cuda" and _triton_available()
+        self._fused_light = dev.type == "cuda" and _triton_installed()
         # the compiled one-pass CPU version (float32 activations; bf16 runs the torch ops)
         self._compiled_light = (dev.type == "cpu" and self._act_dtype == torch.float32
                                 and ops.resolve_backend(dev, None, "multi_conv2d") == "cpp"
