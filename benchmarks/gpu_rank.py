@@ -236,7 +236,7 @@ def verdict(out: dict) -> dict | None:
             continue
         tau = 1.0 if row["run"] == "fp32" else fid.get(f"tau_{row['run']}_vs_fp32")
         if tau is None:
-            unchecked.append((row, tau))
+            unchecked.append(row)
         elif tau >= TAU_TARGET:
             ok.append((row, tau))
     if not ok:
@@ -251,8 +251,7 @@ def verdict(out: dict) -> dict | None:
         cmd = f"FASTSUPERNET_TRITON_CONFIG={row['triton_config']} " + cmd
     return {"run": row["run"], "tau_vs_fp32": tau, "projected_50000_s": row["projected_50000_s"],
             "meets_target": row["projected_50000_s"] <= TARGET_50000_S, "command": cmd,
-            "faster_but_unchecked": [r["run"] for r, _ in unchecked
-                                     if r["projected_50000_s"] < row["projected_50000_s"]]}
+            "faster_but_unchecked": [r["run"] for r in unchecked if r["projected_50000_s"] < row["projected_50000_s"]]}
 
 
 def profile(model, data, archs, dev, precision: str = "fp32") -> list[dict]:
